@@ -1,0 +1,259 @@
+"""Typed, frozen configuration loaded from TOML; every problem reported at once.
+
+Owns: the config shape of the contract (sections, keys, types, defaults, bounds), the
+checks across keys (unique feed names, known exchanges and channels, venue-specific
+checks delegated to the exchange codec classes), and `ConfigError`.
+
+Must not: open sockets, create directories or pick exit codes (cli.py does that).
+
+Validation goes key by key with msgspec so that `ingestd check` lists every problem in
+the file, each as `<file>: <key>: <what is wrong>`, instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+CHANNELS = ("trades", "quotes", "book")
+Channel = Literal["trades", "quotes", "book"]
+
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """An invalid config: `problems` holds one line per problem (file, key, what)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class StorageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    root: str
+    flush_interval_s: PosFloat = 1.0
+    # Rows buffered per table and partition before a flush regardless of age.
+    flush_max_rows: PosInt = 200_000
+    compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
+
+
+class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    fsync_interval_s: PosFloat = 0.2
+
+
+class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    capacity: PosInt = 100_000
+    when_full: Literal["block", "drop_newest"] = "block"
+
+
+class ServiceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    shutdown_timeout_s: PosFloat = 10.0
+
+
+class HealthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:8080"
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class FeedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    exchange: str
+    symbols: tuple[str, ...]
+    channels: tuple[Channel, ...]
+    url: str | None = None
+    rest_url: str | None = None
+    stale_after_s: PosFloat | None = None
+    reconnect_min_delay_s: PosFloat = 0.5
+    reconnect_max_delay_s: PosFloat = 30.0
+    breaker_failures: PosInt = 5
+    breaker_cooldown_s: PosFloat = 30.0
+    rotate_after_s: PosFloat | None = None
+    max_frame_bytes: PosInt = 16 * 1024 * 1024
+    # Venue-specific choices; each codec documents and validates the values it accepts.
+    trade_stream: str | None = None
+    book_depth: PosInt | None = None
+
+
+class Config(msgspec.Struct, frozen=True):
+    storage: StorageConfig
+    journal: JournalConfig
+    queue: QueueConfig
+    service: ServiceConfig
+    health: HealthConfig
+    log: LogConfig
+    feeds: tuple[FeedConfig, ...]
+    source: str = "<memory>"
+
+    def feed(self, name: str) -> FeedConfig:
+        for f in self.feeds:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "storage": StorageConfig,
+    "journal": JournalConfig,
+    "queue": QueueConfig,
+    "service": ServiceConfig,
+    "health": HealthConfig,
+    "log": LogConfig,
+}
+
+
+def _describe(err: msgspec.ValidationError) -> str:
+    # msgspec says e.g. "Expected `float` >= 0.0, got `-1` - at `$[0]`"; drop the locator.
+    text = str(err)
+    return text.split(" - at `", 1)[0]
+
+
+def _convert_struct(kind: type[S], raw: Any, where: str, problems: list[str]) -> S | None:
+    """Check `raw` against `kind` field by field, appending one line per problem."""
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: expected a table, got {type(raw).__name__}")
+        return None
+    fields = {f.name: f for f in msgspec.structs.fields(kind)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{where}.{key}: unknown key (known keys: {known})")
+    values: dict[str, Any] = {}
+    ok = True
+    for name, field in fields.items():
+        if name not in raw:
+            if field.required:
+                problems.append(f"{where}.{name}: required key is missing")
+                ok = False
+            continue
+        try:
+            values[name] = msgspec.convert(raw[name], field.type, strict=True)
+        except msgspec.ValidationError as e:
+            problems.append(f"{where}.{name}: {_describe(e)}")
+            ok = False
+    if not ok:
+        return None
+    return kind(**values)
+
+
+def _check_listen(listen: str) -> str | None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        return "expected HOST:PORT, e.g. 127.0.0.1:8080"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"port {port!r} is not a number in 0..65535"
+    return None
+
+
+def _check_feed(feed: FeedConfig, where: str, problems: list[str]) -> None:
+    # Imported here: the exchange registry imports codecs, which import this module.
+    from ingestd.exchanges import CODECS
+
+    codec = CODECS.get(feed.exchange)
+    if codec is None:
+        known = ", ".join(sorted(CODECS))
+        problems.append(f"{where}.exchange: unknown exchange {feed.exchange!r} (known: {known})")
+    if not feed.name or not feed.name.replace("-", "").replace("_", "").isalnum():
+        problems.append(f"{where}.name: {feed.name!r} must be non-empty letters, digits, - or _")
+    if not feed.symbols:
+        problems.append(f"{where}.symbols: at least one symbol is required")
+    if len(set(feed.symbols)) != len(feed.symbols):
+        problems.append(f"{where}.symbols: duplicate symbols")
+    for sym in feed.symbols:
+        if not sym or len(sym) > 64 or not sym.isprintable() or any(c.isspace() for c in sym):
+            problems.append(f"{where}.symbols: {sym!r} is not a valid symbol")
+    if not feed.channels:
+        problems.append(f"{where}.channels: at least one channel is required")
+    if len(set(feed.channels)) != len(feed.channels):
+        problems.append(f"{where}.channels: duplicate channels")
+    for key in ("url", "rest_url"):
+        value = getattr(feed, key)
+        if value is None:
+            continue
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        allowed = ("ws", "wss") if key == "url" else ("http", "https")
+        if scheme not in allowed:
+            problems.append(f"{where}.{key}: {value!r} must start with "
+                            + " or ".join(f"{s}://" for s in allowed))
+    if feed.reconnect_min_delay_s > feed.reconnect_max_delay_s:
+        problems.append(f"{where}.reconnect_min_delay_s: must not exceed reconnect_max_delay_s")
+    if codec is not None:
+        for problem in codec.check_feed(feed):
+            problems.append(f"{where}.{problem}")
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
+    """Validate a decoded TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    prefix = f"{source}: "
+    for key in data:
+        if key not in _SECTIONS and key != "feeds":
+            known = ", ".join([*sorted(_SECTIONS), "feeds"])
+            problems.append(f"{key}: unknown section (known: {known})")
+    sections: dict[str, Any] = {}
+    for name, kind in _SECTIONS.items():
+        if name not in data:
+            if name == "storage":
+                problems.append("storage.root: required key is missing")
+                continue
+            sections[name] = kind()
+            continue
+        sections[name] = _convert_struct(kind, data[name], name, problems)
+    if sections.get("health") is not None:
+        bad = _check_listen(sections["health"].listen)
+        if bad:
+            problems.append(f"health.listen: {bad}")
+
+    raw_feeds = data.get("feeds")
+    feeds: list[FeedConfig] = []
+    if raw_feeds is None:
+        problems.append("feeds: at least one [[feeds]] entry is required")
+    elif not isinstance(raw_feeds, list):
+        problems.append("feeds: expected an array of tables ([[feeds]])")
+    else:
+        if not raw_feeds:
+            problems.append("feeds: at least one [[feeds]] entry is required")
+        seen: set[str] = set()
+        for i, raw in enumerate(raw_feeds):
+            name = raw.get("name") if isinstance(raw, Mapping) else None
+            where = f"feeds[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+            feed = _convert_struct(FeedConfig, raw, where, problems)
+            if feed is None:
+                continue
+            if feed.name in seen:
+                problems.append(f"{where}.name: duplicate feed name {feed.name!r}")
+            seen.add(feed.name)
+            _check_feed(feed, where, problems)
+            feeds.append(feed)
+
+    if problems:
+        raise ConfigError([prefix + p for p in problems])
+    return Config(feeds=tuple(feeds), source=source, **sections)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; raise ConfigError on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{p}: invalid TOML: {e}"]) from None
+    return parse_config(data, source=str(p))

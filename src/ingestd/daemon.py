@@ -1,0 +1,160 @@
+"""The daemon: start-up, main loop and shutdown of one ingestd process.
+
+Owns: the queue, the writer task, one reader task per feed, signal handling (first
+SIGTERM/SIGINT drains within `shutdown_timeout_s`; a second one forces exit), and the
+order of shutdown: stop readers (each hands on what it received), then the writer drains
+the queue and commits every buffered row.
+
+Must not: parse argv or choose exit codes for config errors (cli.py), or decode frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import structlog
+
+from ingestd import __version__
+from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
+from ingestd.config import Config
+from ingestd.feed.intake import Intake
+from ingestd.feed.reader import FeedReader
+from ingestd.sink.writer import STOP, QueueItem, Writer
+from ingestd.stats import FeedStats, QueueStats, WriterStats
+
+log = structlog.get_logger("ingestd.daemon")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_FORCED = 130
+
+
+class UnusableRoot(Exception):
+    """The output directory cannot be created or written."""
+
+
+def check_root(root: Path) -> None:
+    """Create `root` if needed and prove we can write, fsync and delete a file in it."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".ingestd-probe-{uuid.uuid4().hex}"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise UnusableRoot(f"storage.root: {root}: not a usable output directory: "
+                           f"{e.strerror or e}") from None
+
+
+class Daemon:
+    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.root = Path(cfg.storage.root)
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(cfg.queue.capacity)
+        self.queue_stats = QueueStats(cfg.queue.capacity)
+        self.writer_stats = WriterStats()
+        self.intake = Intake(self.queue, cfg.queue.when_full, self.queue_stats)
+        self.writer = Writer(self.root, self.queue,
+                             flush_interval_s=cfg.storage.flush_interval_s,
+                             flush_max_rows=cfg.storage.flush_max_rows,
+                             compression=cfg.storage.compression,
+                             clock=clock, stats=self.writer_stats)
+        self.readers: dict[str, FeedReader] = {}
+        self.feed_stats: dict[str, FeedStats] = {}
+        self.state = "starting"
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self.exit_code = EXIT_OK
+
+    @staticmethod
+    def root_of(cfg: Config) -> Path:
+        return Path(cfg.storage.root)
+
+    # ---- control ---------------------------------------------------------------------------
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            log.info("shutdown_requested", reason=reason)
+            self.state = "stopping"
+            self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            self.request_stop(name)
+            return
+        log.error("forced_exit", signal=name, buffered_rows=self.writer_stats.buffered_rows,
+                  queued=self.queue.qsize())
+        os._exit(EXIT_FORCED)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    # ---- run -------------------------------------------------------------------------------
+    async def run(self, install_signals: bool = True) -> int:
+        check_root(self.root)
+        await asyncio.to_thread(self.writer.open)
+        log.info("starting", version=__version__, root=str(self.root),
+                 feeds=[f.name for f in self.cfg.feeds],
+                 stale_staging_removed=self.writer.stale_staging_removed)
+        writer_task = asyncio.create_task(self.writer.run(), name="writer")
+        for feed in self.cfg.feeds:
+            stats = FeedStats(feed.name, feed.exchange)
+            self.feed_stats[feed.name] = stats
+            reader = FeedReader(feed, self.intake, clock=self.clock, stats=stats,
+                                seq=SeqAllocator(self.clock.time_ns()))
+            self.readers[feed.name] = reader
+            reader.start()
+        if install_signals:
+            self._install_signals()
+        self.state = "ok"
+        stop_wait = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({stop_wait, writer_task},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if writer_task in done:
+            # The writer must never end on its own: that is a fatal error.
+            exc = writer_task.exception()
+            log.error("writer_failed", error=repr(exc))
+            self.exit_code = EXIT_FATAL
+            self.request_stop("writer failed")
+        stop_wait.cancel()
+        try:
+            await asyncio.wait_for(self._shutdown(writer_task),
+                                   timeout=self.cfg.service.shutdown_timeout_s)
+        except TimeoutError:
+            log.error("shutdown_timeout", timeout_s=self.cfg.service.shutdown_timeout_s,
+                      buffered_rows=self.writer_stats.buffered_rows,
+                      queued=self.queue.qsize())
+            self.exit_code = EXIT_FATAL
+        finally:
+            if install_signals:
+                self._remove_signals()
+        log.info("stopped", exit_code=self.exit_code,
+                 rows_written=dict(self.writer_stats.rows_written),
+                 files_written=self.writer_stats.files_written)
+        return self.exit_code
+
+    async def _shutdown(self, writer_task: asyncio.Task[None]) -> None:
+        tasks = []
+        for reader in self.readers.values():
+            reader.stop()
+            if reader.task is not None:
+                tasks.append(reader.task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not writer_task.done():
+            await self.queue.put(STOP)
+            await writer_task

@@ -1,0 +1,20 @@
+"""Registry of exchange codecs: contract exchange id -> codec class.
+
+Owns: the mapping used by config validation, the reader and the simulator.
+Must not: hold any state or import anything that does I/O.
+"""
+
+from __future__ import annotations
+
+from ingestd.exchanges.base import Codec
+from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
+
+CODECS: dict[str, type[Codec]] = {
+    cls.exchange: cls
+    for cls in (
+        BinanceSpot,
+        BinanceUsdm,
+    )
+}
+
+__all__ = ["CODECS", "Codec"]

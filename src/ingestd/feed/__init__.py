@@ -1,0 +1,1 @@
+"""Per-feed connection management: backoff, REST fetches, intake, and the reader task."""

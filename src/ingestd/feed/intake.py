@@ -1,0 +1,39 @@
+"""The entry of the bounded queue between readers and the writer.
+
+Owns: the `when_full` policy - "block" waits for room (backpressure reaches the socket),
+"drop_newest" drops the message and counts it - and queue statistics.
+
+Must not: look inside items or buffer anything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ingestd.sink.writer import QueueItem
+from ingestd.stats import QueueStats
+
+DROP_QUEUE_FULL = "queue_full"
+
+
+class Intake:
+    def __init__(self, queue: asyncio.Queue[QueueItem], when_full: str,
+                 stats: QueueStats) -> None:
+        self.queue = queue
+        self.block = when_full == "block"
+        self.stats = stats
+
+    async def put(self, item: QueueItem) -> bool:
+        """Hand one item on; False if it was dropped (counted)."""
+        q = self.queue
+        try:
+            q.put_nowait(item)
+        except asyncio.QueueFull:
+            if not self.block:
+                self.stats.dropped[DROP_QUEUE_FULL] += 1
+                return False
+            await q.put(item)
+        depth = q.qsize()
+        if depth > self.stats.peak_depth:
+            self.stats.peak_depth = depth
+        return True

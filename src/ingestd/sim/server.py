@@ -1,0 +1,221 @@
+"""The simulator's server: one venue's WebSocket and REST API on 127.0.0.1, with faults.
+
+Owns: the listening socket (port 0 by default), routing plain HTTP GETs to the venue's
+REST handler and upgrades to its WebSocket protocol, pacing of served frames
+(`rate_msgs_s`), the record of every frame sent per connection (so tests can prove
+nothing is missing or doubled), and injected faults (`Faults`).
+
+Must not: know any venue's message formats (sim/venues/ does), or be imported by the
+daemon's hot path (the daemon only ever sees it as a remote server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ingestd.sim.venues import VENUES, Venue
+
+
+@dataclass
+class Faults:
+    """What the simulator does wrong, on purpose."""
+
+    # Refuse WebSocket handshakes with this HTTP status (e.g. 503, 429), optionally only the
+    # first `refuse_first_n` of them (0: all), sending `Retry-After` if set.
+    handshake_status: int | None = None
+    refuse_first_n: int = 0
+    retry_after_s: float | None = None
+    # Close each connection after this many data frames ("clean": close frame 1001;
+    # "reset": TCP RST; "no_close_frame": FIN without a close frame).
+    close_every_n_frames: int | None = None
+    close_mode: str = "clean"
+
+
+@dataclass(slots=True)
+class Sent:
+    conn_id: int
+    frame: bytes
+
+
+class SimConn:
+    """One client connection as a venue plug-in sees it."""
+
+    def __init__(self, server: SimServer, ws: ServerConnection, conn_id: int) -> None:
+        self.server = server
+        self.ws = ws
+        self.conn_id = conn_id
+        self.data_frames_sent = 0
+
+    @property
+    def path(self) -> str:
+        req = self.ws.request
+        return req.path if req is not None else "/"
+
+    async def send_control(self, frame: bytes | str) -> None:
+        """An ack/pong/status frame: not paced, not counted as data."""
+        await self.ws.send(frame, text=True)
+
+    async def send(self, frame: bytes) -> None:
+        """One data frame, recorded; applies the close-every-N fault."""
+        faults = self.server.faults
+        await self.ws.send(frame, text=True)
+        self.data_frames_sent += 1
+        if self.server.record:
+            self.server.sent.append(Sent(self.conn_id, frame))
+        n = faults.close_every_n_frames
+        if n and self.data_frames_sent % n == 0:
+            await self.break_connection(faults.close_mode)
+
+    async def send_stream(self, frames: Iterable[bytes]) -> None:
+        """Data frames at the server's rate (as fast as possible when the rate is None)."""
+        rate = self.server.rate_msgs_s
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i, frame in enumerate(frames):
+            if rate:
+                due = t0 + i / rate
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self.send(frame)
+
+    async def recv(self) -> str | bytes:
+        return await self.ws.recv()
+
+    async def break_connection(self, mode: str) -> None:
+        transport: Any = self.ws.transport
+        if mode == "reset":
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                import socket
+                import struct
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        elif mode == "no_close_frame":
+            transport.close()
+        else:
+            await self.ws.close(1001, "simulated restart")
+        raise ConnectionClosed(None, None)
+
+    async def idle(self) -> None:
+        """Serve nothing more; answer control messages via `on_message` until closed."""
+        await self.ws.wait_closed()
+
+
+class SimServer:
+    def __init__(self, exchange: str, *, rate_msgs_s: float | None = None,
+                 faults: Faults | None = None, record: bool = True,
+                 host: str = "127.0.0.1", port: int = 0, **venue_options: Any) -> None:
+        self.exchange = exchange
+        self.venue: Venue = VENUES[exchange](**venue_options)
+        self.rate_msgs_s = rate_msgs_s
+        self.faults = faults or Faults()
+        self.record = record
+        self.host = host
+        self.port = port
+        self.sent: list[Sent] = []
+        self.handshakes = 0
+        self.connections = 0
+        self.rest_requests: list[str] = []
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self._conns: set[ServerConnection] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> SimServer:
+        self._server = await serve(self._handler, self.host, self.port,
+                                   process_request=self._process_request,
+                                   compression=None, max_size=2**24, ping_interval=None)
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> SimServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def sent_by_conn(self) -> dict[int, list[bytes]]:
+        by: dict[int, list[bytes]] = {}
+        for s in self.sent:
+            by.setdefault(s.conn_id, []).append(s.frame)
+        return by
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        upgrade = request.headers.get("Upgrade", "")
+        if upgrade.lower() != "websocket":
+            return self._rest(request)
+        self.handshakes += 1
+        f = self.faults
+        if f.handshake_status and (not f.refuse_first_n or self.handshakes <= f.refuse_first_n):
+            headers = Headers()
+            if f.retry_after_s is not None:
+                headers["Retry-After"] = str(int(f.retry_after_s) if f.retry_after_s >= 1
+                                             else f.retry_after_s)
+            headers["Content-Type"] = "text/plain"
+            return Response(f.handshake_status, "Refused", headers, b"simulated refusal\n")
+        return None
+
+    def _rest(self, request: Request) -> Response:
+        parts = urlsplit(request.path)
+        self.rest_requests.append(request.path)
+        answer = self.venue.rest(parts.path, parse_qs(parts.query))
+        headers = Headers()
+        if answer is None:
+            headers["Content-Type"] = "text/plain"
+            return Response(404, "Not Found", headers, b"not found\n")
+        status, body = answer
+        headers["Content-Type"] = "application/json"
+        headers["Content-Length"] = str(len(body))
+        return Response(status, "OK" if status == 200 else "Error", headers, body)
+
+    # ---- WebSocket -------------------------------------------------------------------------
+    async def _handler(self, ws: ServerConnection) -> None:
+        conn = SimConn(self, ws, next(self._ids))
+        self.connections += 1
+        self._conns.add(ws)
+        try:
+            await self.venue.session(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._conns.discard(ws)
+
+
+def merge_streams(streams: list[list[bytes]]) -> list[bytes]:
+    """Interleave recorded per-stream sequences by their relative position in each.
+
+    Each sequence keeps its own order; sequences of different lengths spread evenly.
+    """
+    keyed = [((i + 0.5) / len(seq), j, i, frame)
+             for j, seq in enumerate(streams) for i, frame in enumerate(seq)]
+    keyed.sort(key=lambda k: (k[0], k[1], k[2]))
+    return [k[3] for k in keyed]
+
+
+__all__ = ["Faults", "SimConn", "SimServer", "merge_streams"]

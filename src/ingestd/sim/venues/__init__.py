@@ -1,0 +1,16 @@
+"""Registry of simulated venues: contract exchange id -> Venue class."""
+
+from __future__ import annotations
+
+from ingestd.sim.venues.base import Venue
+from ingestd.sim.venues.binance import BinanceSpotVenue, BinanceUsdmVenue
+
+VENUES: dict[str, type[Venue]] = {
+    cls.exchange: cls
+    for cls in (
+        BinanceSpotVenue,
+        BinanceUsdmVenue,
+    )
+}
+
+__all__ = ["VENUES", "Venue"]

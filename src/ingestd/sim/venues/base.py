@@ -1,0 +1,29 @@
+"""The shape of a simulated venue: its REST answers and its WebSocket session protocol.
+
+Owns: the `Venue` interface that sim/server.py drives.
+Must not: open sockets (the server does) or invent market data: served frames come from
+recordings (sim/recorded.py), byte for byte.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ingestd.sim.server import SimConn
+
+
+class Venue(ABC):
+    exchange: ClassVar[str]
+    # A feed (the `[[feeds]]` keys other than name/exchange/url) that shows this venue's
+    # recorded data in `ingestd demo`.
+    demo_feed: ClassVar[dict[str, object]] = {}
+
+    def rest(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes] | None:
+        """Answer a REST GET: (status, JSON body), or None for 404."""
+        return None
+
+    @abstractmethod
+    async def session(self, conn: SimConn) -> None:
+        """Run one WebSocket connection: handle subscriptions, serve frames, answer pings."""

@@ -1,0 +1,123 @@
+"""Simulated Binance spot and USD-M: combined streams, SUBSCRIBE, REST depth snapshots.
+
+Owns: serving the recorded `@trade`, `@aggTrade`, `@bookTicker` and `@depth@100ms`
+frames of the streams a client asks for (in the URL, `/stream?streams=a/b`, or with a
+`SUBSCRIBE` message, acknowledged as Binance does), `/api/v3/depth` (`/fapi/v1/depth`)
+answered with the recorded snapshot of that symbol, and the `!serverShutdown` event.
+
+Must not: change a recorded frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from ingestd.sim import recorded
+from ingestd.sim.venues.base import Venue
+
+if TYPE_CHECKING:
+    from ingestd.sim.server import SimConn
+
+
+class BinanceSpotVenue(Venue):
+    exchange: ClassVar[str] = "binance"
+    data_dir: ClassVar[str] = "binance_spot"
+    depth_path: ClassVar[str] = "/api/v3/depth"
+    stream_files: ClassVar[tuple[str, ...]] = (
+        "trade.jsonl", "aggTrade.jsonl", "bookTicker.jsonl", "depthUpdate.jsonl")
+    # depth_snapshot_rest.jsonl holds bodies only; their symbols, in order, per the fixture
+    # README's provenance (the REST URLs they were fetched from).
+    snapshot_symbols: ClassVar[tuple[str, ...]] = ("NKNUSDT", "BLZETH", "LRCBTC", "RUNEEUR")
+    demo_feed: ClassVar[dict[str, object]] = {
+        # Books and quotes of the 2021-10-12 capture; trades of the 2021-04-05 capture,
+        # which recorded @aggTrade (the default @trade stream has only single frames).
+        "symbols": ["NKNUSDT", "BLZETH", "LRCBTC", "RUNEEUR", "ZILUSDT", "DENTUSDT",
+                    "MANAUSDT"],
+        "channels": ["trades", "quotes", "book"],
+        "trade_stream": "aggTrade",
+    }
+    shutdown_frame: ClassVar[bytes] = (
+        b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1770123456789}}')
+
+    def __init__(self, shutdown_after_frames: int | None = None) -> None:
+        self.by_stream: dict[str, list[bytes]] = {}
+        for name in self.stream_files:
+            for frame in recorded.frames(self.data_dir, name):
+                stream = orjson.loads(frame).get("stream")
+                if isinstance(stream, str):
+                    self.by_stream.setdefault(stream, []).append(frame)
+        bodies = recorded.frames(self.data_dir, "depth_snapshot_rest.jsonl")
+        self.snapshots = dict(zip(self.snapshot_symbols, bodies, strict=True))
+        self.shutdown_after_frames = shutdown_after_frames
+
+    def streams_available(self) -> list[str]:
+        return sorted(self.by_stream)
+
+    def rest(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes] | None:
+        if path != self.depth_path:
+            return None
+        symbol = (query.get("symbol") or [""])[0]
+        body = self.snapshots.get(symbol)
+        if body is None:
+            return 400, b'{"code":-1121,"msg":"Invalid symbol."}'
+        return 200, body
+
+    async def session(self, conn: SimConn) -> None:
+        from ingestd.sim.server import merge_streams
+
+        query = parse_qs(urlsplit(conn.path).query)
+        requested = [s for s in (query.get("streams") or [""])[0].split("/") if s]
+        serving: list[asyncio.Task[None]] = []
+
+        async def serve(streams: list[str]) -> None:
+            frames = merge_streams([self.by_stream.get(s, []) for s in streams])
+            if self.shutdown_after_frames is not None:
+                frames = frames[:self.shutdown_after_frames]
+            await conn.send_stream(frames)
+            if self.shutdown_after_frames is not None:
+                await conn.send_control(self.shutdown_frame)
+
+        if requested:
+            serving.append(asyncio.create_task(serve(requested)))
+        try:
+            while True:
+                msg = await conn.recv()
+                try:
+                    req = orjson.loads(msg)
+                except orjson.JSONDecodeError:
+                    await conn.send_control(b'{"code":3,"msg":"Invalid JSON"}')
+                    continue
+                if not isinstance(req, dict):
+                    await conn.send_control(b'{"code":2,"msg":"Invalid request"}')
+                    continue
+                method, rid = req.get("method"), req.get("id")
+                if method == "SUBSCRIBE" and isinstance(req.get("params"), list):
+                    await conn.send_control(orjson.dumps({"result": None, "id": rid}))
+                    serving.append(asyncio.create_task(serve(list(req["params"]))))
+                elif method == "LIST_SUBSCRIPTIONS":
+                    await conn.send_control(orjson.dumps({"result": requested, "id": rid}))
+                else:
+                    await conn.send_control(
+                        orjson.dumps({"code": 2, "msg": f"Invalid request: {method}",
+                                      "id": rid}))
+        finally:
+            for t in serving:
+                t.cancel()
+            await asyncio.gather(*serving, return_exceptions=True)
+
+
+class BinanceUsdmVenue(BinanceSpotVenue):
+    exchange: ClassVar[str] = "binance-usdm"
+    data_dir: ClassVar[str] = "binance_usdm"
+    depth_path: ClassVar[str] = "/fapi/v1/depth"
+    snapshot_symbols: ClassVar[tuple[str, ...]] = ("SUSHIUSDT", "AKROUSDT", "KEEPUSDT",
+                                                   "CTKUSDT")
+    demo_feed: ClassVar[dict[str, object]] = {
+        "symbols": ["SUSHIUSDT", "AKROUSDT", "KEEPUSDT", "CTKUSDT"],
+        "channels": ["trades", "quotes", "book"],
+        "trade_stream": "aggTrade",
+    }

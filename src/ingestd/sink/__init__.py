@@ -1,0 +1,1 @@
+"""The sink: batching rows, committing Parquet files atomically, the writer task."""

@@ -1,0 +1,97 @@
+"""Buffers rows per (table, exchange, UTC date) and decides when a buffer is due.
+
+Owns: the in-memory row buffers between the queue and Parquet, the flush policy (row
+limit or age, age measured on an injected monotonic clock), and the partition date of a
+row (the UTC date of its `ts_recv`).
+
+Must not: do I/O or touch asyncio; it is driven by sink/writer.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+NS_PER_DAY = 86_400 * 1_000_000_000
+TS_RECV_INDEX = 2  # position of ts_recv in every row tuple (see schema.py)
+
+PartitionKey = tuple[str, str, int]  # (table, exchange, day number since the epoch)
+
+
+def day_to_date(day: int) -> str:
+    return datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(slots=True)
+class Buffer:
+    key: PartitionKey
+    opened_mono: float
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Batch:
+    """A buffer taken out for commit."""
+
+    table: str
+    exchange: str
+    date: str
+    rows: list[tuple[Any, ...]]
+
+
+class Batcher:
+    def __init__(self, flush_interval_s: float, flush_max_rows: int) -> None:
+        self.flush_interval_s = flush_interval_s
+        self.flush_max_rows = flush_max_rows
+        self._buffers: dict[PartitionKey, Buffer] = {}
+        self.buffered_rows = 0
+
+    def add(self, table: str, exchange: str, rows: list[tuple[Any, ...]],
+            now_mono: float) -> Buffer | None:
+        """Append rows; return the buffer if it reached the row limit (caller takes it)."""
+        first_day = rows[0][TS_RECV_INDEX] // NS_PER_DAY
+        last_day = rows[-1][TS_RECV_INDEX] // NS_PER_DAY
+        if first_day != last_day:
+            full = None
+            for row in rows:
+                full = self.add(table, exchange, [row], now_mono) or full
+            return full
+        key = (table, exchange, first_day)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = Buffer(key, now_mono)
+        buf.rows.extend(rows)
+        self.buffered_rows += len(rows)
+        return buf if len(buf.rows) >= self.flush_max_rows else None
+
+    def take(self, key: PartitionKey) -> Batch:
+        buf = self._buffers.pop(key)
+        self.buffered_rows -= len(buf.rows)
+        table, exchange, day = key
+        return Batch(table, exchange, day_to_date(day), buf.rows)
+
+    def due(self, now_mono: float) -> list[PartitionKey]:
+        """Keys of buffers older than the flush interval, oldest first."""
+        limit = now_mono - self.flush_interval_s
+        due = [b for b in self._buffers.values() if b.opened_mono <= limit]
+        due.sort(key=lambda b: b.opened_mono)
+        return [b.key for b in due]
+
+    def keys(self) -> list[PartitionKey]:
+        return sorted(self._buffers, key=lambda k: self._buffers[k].opened_mono)
+
+    def next_deadline(self) -> float | None:
+        if not self._buffers:
+            return None
+        return min(b.opened_mono for b in self._buffers.values()) + self.flush_interval_s
+
+    def restore(self, batch: Batch, key: PartitionKey, now_mono: float) -> None:
+        """Put a batch whose commit failed back in front of anything buffered since."""
+        buf = self._buffers.get(key)
+        if buf is None:
+            self._buffers[key] = Buffer(key, now_mono, list(batch.rows))
+        else:
+            buf.rows[:0] = batch.rows
+            buf.opened_mono = min(buf.opened_mono, now_mono)
+        self.buffered_rows += len(batch.rows)

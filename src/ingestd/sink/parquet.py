@@ -1,0 +1,169 @@
+"""Turns a batch of row tuples into one committed Parquet file. Blocking: worker thread only.
+
+Owns: row tuples -> Arrow table (in bulk, column by column), the file naming scheme, and
+the commit protocol: write to `<root>/.staging/`, fsync the file, rename it atomically
+into `<root>/<table>/exchange=<id>/date=<YYYY-MM-DD>/`, fsync the directory. Only
+complete, fsync'd files ever appear under a table directory.
+
+Must not: be called on the event loop, or decide when to flush.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ingestd.schema import SCHEMAS
+from ingestd.sink.batcher import Batch
+
+STAGING_DIR = ".staging"
+_SAFE_PARTITION = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    path: Path
+    rows: int
+    bytes: int
+
+
+def to_arrow(table: str, exchange: str, rows: list[tuple[Any, ...]]) -> pa.Table:
+    """Transpose row tuples into typed Arrow columns (plus the constant `exchange`)."""
+    schema = SCHEMAS[table]
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in range(len(schema) - 1)]
+    arrays = [pa.repeat(pa.scalar(exchange, pa.string()), len(rows))]
+    for fld, col in zip(list(schema)[1:], columns, strict=True):
+        arrays.append(pa.array(col, type=fld.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def partition_dir(root: Path, table: str, exchange: str, date: str) -> Path:
+    if not _SAFE_PARTITION.match(exchange) or not _SAFE_PARTITION.match(date):
+        raise ValueError(f"unsafe partition value: {exchange!r} / {date!r}")
+    return root / table / f"exchange={exchange}" / f"date={date}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: Path, root: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entries changed so the new dirs are durable."""
+    if path.is_dir():
+        return
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        _fsync_dir(d.parent)
+
+
+def unique_name(batch: Batch) -> str:
+    """`<first ts_recv ns>-<random>.parquet`: sortable by time, never colliding."""
+    first_ts = min(row[2] for row in batch.rows)
+    return f"{first_ts:019d}-{uuid.uuid4().hex}.parquet"
+
+
+def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
+           metadata: dict[str, str] | None = None) -> Committed:
+    """Write `batch` as one Parquet file and atomically publish it. Raises OSError on failure
+    (the staging file is removed; nothing becomes visible). `staging` is this process's
+    own directory under `<root>/.staging/` (see `Staging`)."""
+    table = to_arrow(batch.table, batch.exchange, batch.rows)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    name = unique_name(batch)
+    tmp = staging / (name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression=None if compression == "none" else compression,
+                           row_group_size=1_000_000)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        final_dir = partition_dir(root, batch.table, batch.exchange, batch.date)
+        _ensure_dir(final_dir, root)
+        final = final_dir / name
+        os.rename(tmp, final)
+        _fsync_dir(final_dir)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Committed(final, len(batch.rows), size)
+
+
+class Staging:
+    """This process's staging directory, `<root>/.staging/<random>/`, held by an flock.
+
+    Several daemons may write one root: each stages in its own directory, and start-up
+    removes only directories whose owner is gone (their lock can be taken).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.base = root / STAGING_DIR
+        self.path = self.base / uuid.uuid4().hex
+        self._lock_fd: int | None = None
+
+    def open(self) -> int:
+        """Create and lock our directory; remove dead owners' leftovers. Returns how many
+        stale staging files were removed."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for d in self.base.iterdir():
+            if d.is_dir():
+                fd = _try_lock(d)
+                if fd is None:
+                    continue  # a live daemon's staging directory
+                removed += sum(1 for p in d.iterdir() if p.name.endswith(".tmp"))
+                shutil.rmtree(d, ignore_errors=True)
+                os.close(fd)
+            elif d.is_file() and d.name.endswith(".tmp"):
+                d.unlink(missing_ok=True)
+                removed += 1
+        self.path.mkdir()
+        self._lock_fd = _try_lock(self.path)
+        if self._lock_fd is None:
+            raise OSError(f"cannot lock {self.path}")
+        return removed
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _try_lock(d: Path) -> int | None:
+    """flock `<d>/.lock` without waiting; the fd (kept open to hold it) or None if held."""
+    lock = d / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

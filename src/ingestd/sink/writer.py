@@ -1,0 +1,235 @@
+"""The writer task: drains the queue into the batcher and commits Parquet off the loop.
+
+Owns: consuming queue items (one per received message), the flush timer, handing due
+batches to a single worker thread (so commits of one process are serialized and the loop
+never blocks on encoding or fsync), retrying failed commits with backoff without losing
+or reordering rows, keeping rejected frames raw under `<root>/.rejects/`, and the drain
+at shutdown.
+
+Must not: parse frames, or block the event loop (all file I/O happens in the worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from ingestd.clock import Clock
+from ingestd.exchanges.base import Output
+from ingestd.schema import BOOK, EVENTS, QUOTES, TRADES
+from ingestd.sink.batcher import NS_PER_DAY, Batch, Batcher, PartitionKey, day_to_date
+from ingestd.sink.parquet import Committed, Staging, commit
+from ingestd.stats import WriterStats
+
+log = structlog.get_logger("ingestd.writer")
+
+REJECTS_DIR = ".rejects"
+MAX_INFLIGHT_COMMITS = 4
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A frame a codec could not decode, kept raw for inspection."""
+
+    feed: str
+    exchange: str
+    ts_recv_ns: int
+    reason: str
+    frame: bytes
+
+
+# Queue items: (feed, exchange, Output) for decoded messages, Reject for bad frames, STOP.
+RowsItem = tuple[str, str, Output]
+QueueItem = RowsItem | Reject | None
+STOP: QueueItem = None
+
+
+def write_rejects(root: Path, rejects: list[Reject]) -> None:
+    """Append rejected frames as JSON lines (blocking; worker thread)."""
+    by_dir: dict[Path, list[bytes]] = {}
+    for r in rejects:
+        date = day_to_date(r.ts_recv_ns // NS_PER_DAY)
+        d = root / REJECTS_DIR / f"exchange={r.exchange}" / f"date={date}"
+        try:
+            text: dict[str, Any] = {"frame": r.frame.decode("utf-8")}
+        except UnicodeDecodeError:
+            text = {"frame_b64": base64.b64encode(r.frame).decode()}
+        line = orjson.dumps({"feed": r.feed, "ts_recv": r.ts_recv_ns, "reason": r.reason,
+                             **text}) + b"\n"
+        by_dir.setdefault(d, []).append(line)
+    for d, lines in by_dir.items():
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl", "ab") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Writer:
+    def __init__(self, root: Path, queue: asyncio.Queue[QueueItem], *, flush_interval_s: float,
+                 flush_max_rows: int, compression: str, clock: Clock,
+                 stats: WriterStats | None = None) -> None:
+        self.root = root
+        self.queue = queue
+        self.clock = clock
+        self.compression = compression
+        self.stats = stats or WriterStats()
+        self.batcher = Batcher(flush_interval_s, flush_max_rows)
+        self.staging = Staging(root)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ingestd-writer")
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._rejects: list[Reject] = []
+        self._retry_at_mono = 0.0
+        self._retry_delay_s = RETRY_MIN_S
+        self._tick_s = min(0.05, flush_interval_s / 4)
+        self._max_buffered = max(4 * flush_max_rows, 1_000_000)
+        self._idle = asyncio.Event()
+        self.stale_staging_removed = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Blocking start-up work (before the loop serves): staging dir, leftovers."""
+        self.stale_staging_removed = self.staging.open()
+
+    async def run(self) -> None:
+        """Consume until STOP, then commit everything buffered and return."""
+        ticker = asyncio.create_task(self._tick(), name="writer-ticker")
+        try:
+            await self._consume()
+        finally:
+            ticker.cancel()
+        await self._drain()
+
+    async def _consume(self) -> None:
+        q = self.queue
+        while True:
+            item = await q.get()
+            while True:
+                if item is None:
+                    return
+                self._accept(item)
+                try:
+                    item = q.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            self.stats.last_progress_mono = self.clock.monotonic()
+            if len(self._inflight) >= MAX_INFLIGHT_COMMITS:
+                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            while self.batcher.buffered_rows > self._max_buffered:
+                # Commits are failing: stop taking rows so the queue applies backpressure.
+                await asyncio.sleep(self._tick_s)
+                self._flush_due(force=True)
+
+    def _accept(self, item: RowsItem | Reject) -> None:
+        if isinstance(item, Reject):
+            self._rejects.append(item)
+            return
+        _, exchange, out = item
+        now = self.clock.monotonic()
+        add = self.batcher.add
+        for table, rows in ((TRADES, out.trades), (QUOTES, out.quotes), (BOOK, out.book),
+                            (EVENTS, out.events)):
+            if rows:
+                full = add(table, exchange, rows, now)
+                if full is not None:
+                    self._start_commit(full.key)
+        self.stats.buffered_rows = self.batcher.buffered_rows
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            self._flush_due()
+            self.stats.last_progress_mono = self.clock.monotonic()
+
+    def _flush_due(self, force: bool = False) -> None:
+        now = self.clock.monotonic()
+        if now < self._retry_at_mono:
+            return
+        keys = self.batcher.keys() if force else self.batcher.due(now)
+        for key in keys:
+            self._start_commit(key)
+        if self._rejects:
+            rejects, self._rejects = self._rejects, []
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._executor, write_rejects, self.root, rejects)
+            self._inflight.add(fut)
+            fut.add_done_callback(lambda f, n=len(rejects): self._rejects_done(f, n))
+
+    def _rejects_done(self, fut: asyncio.Future[None], n: int) -> None:
+        self._inflight.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("rejects_write_failed", error=str(exc), count=n)
+        else:
+            self.stats.rejects_written += n
+
+    def _start_commit(self, key: PartitionKey) -> None:
+        if self.clock.monotonic() < self._retry_at_mono:
+            return
+        batch = self.batcher.take(key)
+        started = self.clock.monotonic()
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._executor, commit, self.root, self.staging.path, batch, self.compression)
+        self._inflight.add(fut)
+        fut.add_done_callback(lambda f: self._commit_done(f, batch, key, started))
+
+    def _commit_done(self, fut: asyncio.Future[Committed], batch: Batch, key: PartitionKey,
+                     started_mono: float) -> None:
+        self._inflight.discard(fut)
+        now = self.clock.monotonic()
+        st = self.stats
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            # Nothing became visible: put the rows back (in order) and retry later.
+            self.batcher.restore(batch, key, now)
+            st.flush_errors += 1
+            st.healthy = False
+            st.last_error = f"{type(exc).__name__}: {exc}" if exc else "cancelled"
+            self._retry_at_mono = now + self._retry_delay_s
+            log.error("commit_failed", table=batch.table, exchange=batch.exchange,
+                      rows=len(batch.rows), error=st.last_error,
+                      retry_in_s=round(self._retry_delay_s, 3))
+            self._retry_delay_s = min(RETRY_MAX_S, self._retry_delay_s * 2)
+            return
+        done = fut.result()
+        if not st.healthy:
+            log.info("commit_recovered", table=batch.table, exchange=batch.exchange)
+        st.healthy = True
+        self._retry_delay_s = RETRY_MIN_S
+        st.rows_written[batch.table] += done.rows
+        st.files_written += 1
+        st.bytes_written += done.bytes
+        st.last_commit_mono = now
+        st.flush_seconds_total += now - started_mono
+        st.buffered_rows = self.batcher.buffered_rows
+
+    async def _drain(self) -> None:
+        """Commit every buffered row; keeps retrying failed commits until cancelled."""
+        while True:
+            self._retry_at_mono = min(self._retry_at_mono, self.clock.monotonic())
+            self._flush_due(force=True)
+            if self._inflight:
+                await asyncio.wait(set(self._inflight))
+            if not self.batcher.buffered_rows and not self._inflight and not self._rejects:
+                break
+            await asyncio.sleep(self._retry_delay_s)
+        self._executor.shutdown(wait=False)  # nothing is pending any more
+        self.staging.close()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
