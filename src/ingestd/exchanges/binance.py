@@ -275,6 +275,9 @@ class BinanceSpot(Codec):
     def _bridges(self, diff: _Diff, snapshot_id: int) -> bool:
         return diff.first_id <= snapshot_id + 1 <= diff.last_id
 
+    def _too_old(self, snapshot_id: int, first_buffered: _Diff) -> bool:
+        return snapshot_id + 1 < first_buffered.first_id
+
     def _continues(self, diff: _Diff, prev_last_id: int) -> bool:
         return diff.first_id == prev_last_id + 1
 
@@ -310,7 +313,7 @@ class BinanceSpot(Codec):
             out.request(self._snapshot_request(sym, state))
             return out
         buffered = state.buffer
-        if buffered and last_id < buffered[0].first_id:
+        if buffered and self._too_old(last_id, buffered[0]):
             # Older than the first buffered diff: it cannot be bridged. Fetch again.
             state.awaiting_snapshot = True
             out.request(self._snapshot_request(sym, state))
@@ -375,6 +378,9 @@ class BinanceUsdm(BinanceSpot):
 
     def _bridges(self, diff: _Diff, snapshot_id: int) -> bool:
         return diff.first_id <= snapshot_id <= diff.last_id
+
+    def _too_old(self, snapshot_id: int, first_buffered: _Diff) -> bool:
+        return snapshot_id < first_buffered.first_id
 
     def _continues(self, diff: _Diff, prev_last_id: int) -> bool:
         return diff.prev_id == prev_last_id
