@@ -4,6 +4,8 @@
     ingestd check --config PATH      validate a config (every problem listed)
     ingestd demo [--seconds S] [--root DIR]
                                      run against the built-in exchange simulator
+    ingestd sim --exchange ID [--port P]
+                                     serve one simulated exchange until interrupted
     ingestd --version
 
 Exit codes: 0 clean shutdown; 78 (EX_CONFIG) invalid config or unusable output root,
@@ -25,7 +27,7 @@ EX_FATAL = 1
 EX_USAGE = 2
 EX_CONFIG = 78
 
-COMMANDS = ("run", "check", "demo")
+COMMANDS = ("run", "check", "demo", "sim")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="output root (default: ./demo-data)")
     demo.add_argument("--exchange", action="append", default=None,
                       help="exchange id to include (repeatable; default: all simulated)")
+    sim = sub.add_parser("sim", help="serve one simulated exchange (recorded frames) locally")
+    sim.add_argument("--exchange", required=True, help="exchange id, e.g. binance")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9100)
+    sim.add_argument("--rate", type=float, default=200.0, help="frames per second (0: max)")
     return p
 
 
@@ -64,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "demo":
         from ingestd.demo import run_demo
         return run_demo(seconds=args.seconds, root=args.root, exchanges=args.exchange)
+    if command == "sim":
+        from ingestd.sim.cli import serve_forever
+        return _run_loop(serve_forever(args.exchange, args.host, args.port, args.rate or None))
     if not args.config:
         print("ingestd: --config PATH is required (see ingestd --help)", file=sys.stderr)
         return EX_USAGE

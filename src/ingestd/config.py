@@ -227,8 +227,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
             problems.append("feeds: at least one [[feeds]] entry is required")
         seen: set[str] = set()
         for i, raw in enumerate(raw_feeds):
-            name = raw.get("name") if isinstance(raw, Mapping) else None
-            where = f"feeds[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+            label = raw.get("name") if isinstance(raw, Mapping) else None
+            where = f"feeds[{i}]" + (f" ({label})" if isinstance(label, str) else "")
             feed = _convert_struct(FeedConfig, raw, where, problems)
             if feed is None:
                 continue

@@ -345,7 +345,7 @@ def test_arbitrary_bytes_never_raise(blob: bytes) -> None:
                        st.lists(st.text(max_size=4), max_size=3)))
 def test_mutated_real_frames_never_raise_or_emit_bad_rows(idx: int, path: list[int],
                                                           value: Any) -> None:
-    c = codec(BinanceSpot, SPOT_BOOK + ["ZILUSDT", "DENTUSDT", "BTCUSDT"],
+    c = codec(BinanceSpot, [*SPOT_BOOK, "ZILUSDT", "DENTUSDT", "BTCUSDT"],
               ["trades", "quotes", "book"])
     # Put the book in sync first so mutated diffs reach the apply path.
     c.parse(frames("binance_spot", "depthUpdate.jsonl")[0], 1, 1)

@@ -19,7 +19,6 @@ import time
 from contextlib import suppress
 
 import structlog
-import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -29,7 +28,7 @@ from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Codec, Output, RestRequest
 from ingestd.feed.backoff import Backoff
 from ingestd.feed.intake import Intake
-from ingestd.feed.rest import http_get
+from ingestd.feed.rest import USER_AGENT, http_get
 from ingestd.logs import RateLimit
 from ingestd.schema import EV_CONNECTED, EV_DISCONNECTED, EV_GAP, EV_RESYNC
 from ingestd.sink.writer import Reject
@@ -106,7 +105,8 @@ class FeedReader:
                 task.uncancel()
         finally:
             st.state = "stopped"
-        self.log.info("feed_stopped")
+        self.log.info("feed_stopped", messages=st.messages, reconnects=st.reconnects,
+                      gaps=st.gaps, parse_errors=sum(st.parse_errors.values()))
 
     async def _interruptible_sleep(self, delay_s: float) -> None:
         self._interruptible = True
@@ -131,7 +131,7 @@ class FeedReader:
                 max_size=self.feed.max_frame_bytes,
                 max_queue=1024,
                 compression=None,
-                user_agent_header=f"ingestd websockets/{websockets.__version__}",
+                user_agent_header=USER_AGENT,
                 proxy=None,
             )
         except InvalidStatus as e:
@@ -153,7 +153,8 @@ class FeedReader:
             for msg in self.codec.subscribe_messages():
                 await ws.send(msg)
             if self.codec.keepalive_interval_s:
-                keepalive = asyncio.create_task(self._keepalive(ws, self.codec.keepalive_interval_s))
+                keepalive = asyncio.create_task(
+                    self._keepalive(ws, self.codec.keepalive_interval_s))
             await self._stream(ws)
         except ConnectionClosed as e:
             reason = _close_reason(e)

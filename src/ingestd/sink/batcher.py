@@ -78,7 +78,7 @@ class Batcher:
         due.sort(key=lambda b: b.opened_mono)
         return [b.key for b in due]
 
-    def keys(self) -> list[PartitionKey]:
+    def partitions(self) -> list[PartitionKey]:
         return sorted(self._buffers, key=lambda k: self._buffers[k].opened_mono)
 
     def next_deadline(self) -> float | None:

@@ -157,7 +157,7 @@ class Writer:
         now = self.clock.monotonic()
         if now < self._retry_at_mono:
             return
-        keys = self.batcher.keys() if force else self.batcher.due(now)
+        keys = self.batcher.partitions() if force else self.batcher.due(now)
         for key in keys:
             self._start_commit(key)
         if self._rejects:
@@ -165,7 +165,8 @@ class Writer:
             fut = asyncio.get_running_loop().run_in_executor(
                 self._executor, write_rejects, self.root, rejects)
             self._inflight.add(fut)
-            fut.add_done_callback(lambda f, n=len(rejects): self._rejects_done(f, n))
+            count = len(rejects)
+            fut.add_done_callback(lambda f: self._rejects_done(f, count))
 
     def _rejects_done(self, fut: asyncio.Future[None], n: int) -> None:
         self._inflight.discard(fut)
