@@ -76,7 +76,7 @@ def _summary(root: Path) -> None:
         df = (pl.scan_parquet(f"{root}/{table}/**/*.parquet", hive_partitioning=True)
               .group_by("exchange").agg(pl.len().alias("rows")).sort("exchange").collect())
         for ex, rows in df.iter_rows():
-            n = sum(1 for f in files if f"exchange={ex}" in str(f))
+            n = sum(1 for f in files if f.parent.parent.name == f"exchange={ex}")
             print(f"{table:<8} {ex:<14} {rows:>8}  {n}")
     print()
     print("Read it back, e.g.:")
