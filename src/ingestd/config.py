@@ -80,6 +80,8 @@ class FeedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker_cooldown_s: PosFloat = 30.0
     rotate_after_s: PosFloat | None = None
     max_frame_bytes: PosInt = 16 * 1024 * 1024
+    # A session shorter than this is a failure (no backoff reset; counts for the breaker).
+    healthy_session_s: PosFloat = 10.0
     # Venue-specific choices; each codec documents and validates the values it accepts.
     trade_stream: str | None = None
     book_depth: PosInt | None = None

@@ -21,7 +21,9 @@ import structlog
 from ingestd import __version__
 from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
 from ingestd.config import Config
+from ingestd.exchanges import CODECS
 from ingestd.feed.intake import Intake
+from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.reader import FeedReader
 from ingestd.sink.writer import STOP, QueueItem, Writer
 from ingestd.stats import FeedStats, QueueStats, WriterStats
@@ -68,6 +70,8 @@ class Daemon:
                              clock=clock, stats=self.writer_stats)
         self.readers: dict[str, FeedReader] = {}
         self.feed_stats: dict[str, FeedStats] = {}
+        # One connection-rate limiter per venue, shared by all its feeds.
+        self.limiters: dict[str, ConnectLimiter] = {}
         self.state = "starting"
         self._stop = asyncio.Event()
         self._signals = 0
@@ -115,8 +119,12 @@ class Daemon:
         for feed in self.cfg.feeds:
             stats = FeedStats(feed.name, feed.exchange)
             self.feed_stats[feed.name] = stats
+            limiter = self.limiters.get(feed.exchange)
+            if limiter is None:
+                limiter = ConnectLimiter(*CODECS[feed.exchange].connect_limit)
+                self.limiters[feed.exchange] = limiter
             reader = FeedReader(feed, self.intake, clock=self.clock, stats=stats,
-                                seq=SeqAllocator(self.clock.time_ns()))
+                                seq=SeqAllocator(self.clock.time_ns()), limiter=limiter)
             self.readers[feed.name] = reader
             reader.start()
         if install_signals:

@@ -49,6 +49,9 @@ EV_STALE: Final = "stale"
 EV_SUBSCRIBED: Final = "subscribed"
 EV_REFUSED: Final = "refused"
 EV_ERROR: Final = "error"
+EV_BREAKER_OPEN: Final = "breaker_open"
+EV_BREAKER_HALF_OPEN: Final = "breaker_half_open"
+EV_BREAKER_CLOSED: Final = "breaker_closed"
 
 TradeRow = tuple[str, int | None, int, int, str | None, str, float, float]
 QuoteRow = tuple[str, int | None, int, int, float | None, float | None, float | None, float | None]

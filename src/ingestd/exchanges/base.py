@@ -140,6 +140,11 @@ class Codec(ABC):
     default_stale_after_s: ClassVar[float] = 30.0
     # Protocol-level WebSocket pings from the client (None disables them).
     ws_ping_interval_s: ClassVar[float | None] = 20.0
+    # Planned make-before-break reconnect interval (per-feed `rotate_after_s` overrides).
+    default_rotate_after_s: ClassVar[float | None] = None
+    # Connection attempts allowed per window, shared by every feed of the venue:
+    # (attempts, window_s). Venues ban IPs that exceed their documented limits.
+    connect_limit: ClassVar[tuple[int, float]] = (5, 1.0)
 
     def __init__(self, feed: FeedConfig) -> None:
         self.feed = feed
@@ -169,6 +174,13 @@ class Codec(ABC):
 
     def on_connect(self) -> None:  # noqa: B027 - optional hook
         """A new connection is about to subscribe: reset per-connection state."""
+
+    def on_rotate(self) -> None:
+        """The feed switched to a fresh connection made before the old one was closed
+        (make-before-break). Default: like a new connection. Codecs whose state stays
+        valid across connections (ids continue) override this to keep it, so the overlap
+        is de-duplicated by exchange ids instead of resynced."""
+        self.on_connect()
 
     @abstractmethod
     def subscribe_messages(self) -> Sequence[str]:

@@ -89,6 +89,10 @@ class BinanceSpot(Codec):
     # detect a dead TCP path sooner than the venue's 1-minute pong timeout.
     ws_ping_interval_s: ClassVar[float | None] = 20.0
     default_stale_after_s: ClassVar[float] = 30.0
+    # Binance closes connections at 24 h: rotate (make-before-break) after 23 h.
+    default_rotate_after_s: ClassVar[float | None] = 82_800.0
+    # "300 connections per attempt every 5 minutes per IP".
+    connect_limit: ClassVar[tuple[int, float]] = (300, 300.0)
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
@@ -96,6 +100,7 @@ class BinanceSpot(Codec):
         self.depth_limit = feed.book_depth or self.default_depth_limit
         self._books: dict[str, _BookState] = {}
         self._last_trade_id: dict[str, int] = {}
+        self._last_quote_id: dict[str, int] = {}
         self._want_book = "book" in self.channels
 
     # ---- config --------------------------------------------------------------------------
@@ -139,6 +144,11 @@ class BinanceSpot(Codec):
             state.awaiting_snapshot = False
             state.snapshot_attempts = 0
             state.buffer.clear()
+
+    def on_rotate(self) -> None:
+        # Same streams, same ids on the new connection: keep books, trade and quote ids;
+        # the overlap is dropped as duplicates / already-applied diffs.
+        pass
 
     def subscribe_messages(self) -> Sequence[str]:
         return ()  # the combined-stream URL carries the subscription
@@ -193,6 +203,10 @@ class BinanceSpot(Codec):
             raise BadFrame("m is not a boolean")
         row: TradeRow = (sym, ms_to_ns(d["T"]), ts_recv_ns, recv_seq, str(tid),
                          SELL if m else BUY, price(d["p"]), amount(d["q"]))
+        if last is not None and tid != last + 1:
+            # Binance trade ids (and aggregate trade ids) are consecutive per symbol.
+            self.gap(out, sym, ts_recv_ns, recv_seq,
+                     f"trade id expected {last + 1}, got {tid} ({tid - last - 1} missing)")
         self._last_trade_id[sym] = tid
         out.trades = [row]
 
@@ -201,6 +215,13 @@ class BinanceSpot(Codec):
         if sym not in self.symbols:
             out.drop(DROP_UNSUBSCRIBED)
             return
+        uid = d.get("u")
+        if uid is not None:
+            uid = int(uid)
+            last = self._last_quote_id.get(sym)
+            if last is not None and uid <= last:
+                out.drop("duplicate_quote")
+                return
         ts = d.get("T") or d.get("E")
         bid_px, bid_sz = float(d["b"]), amount(d["B"])
         ask_px, ask_sz = float(d["a"]), amount(d["A"])
@@ -209,6 +230,8 @@ class BinanceSpot(Codec):
         ask = (price(ask_px), ask_sz) if ask_px or ask_sz else (None, None)
         out.quotes = [(sym, ms_to_ns(ts) if ts is not None else None, ts_recv_ns, recv_seq,
                        bid[0], bid[1], ask[0], ask[1])]
+        if uid is not None:
+            self._last_quote_id[sym] = uid
 
     # ---- order book ------------------------------------------------------------------------
     def _event_time(self, d: dict[str, Any]) -> int | None:

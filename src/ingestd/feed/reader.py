@@ -1,22 +1,33 @@
-"""The reader task of one feed: the only owner of that feed's WebSocket.
+"""The reader task of one feed: the only owner of that feed's WebSocket connections.
 
-Owns: connecting, subscribing, receiving frames and stamping them (`ts_recv`,
-`recv_seq`), handing them to the feed's codec, sending what the codec asks to send
-(replies, keepalives), fetching REST snapshots the codec requests, handing each
-message's rows to the intake as one queue item, keeping bad frames raw, reconnecting
-with backoff, and the feed's counters.
+Owns: connecting (through the feed's circuit breaker and the venue's connection-rate
+limit), subscribing, receiving frames and stamping them (`ts_recv`, `recv_seq`), handing
+them to the feed's codec, sending what the codec asks to send (replies, keepalives),
+fetching the REST snapshots it requests, handing each message's rows to the intake as one
+queue item, keeping bad frames raw, detecting stale streams, reconnecting with backoff,
+planned make-before-break rotation, and the feed's counters and `events` rows
+(connected, disconnected with the reason, stale).
 
 Must not: decode venue formats (codecs do), write files (the writer does), or block the
 loop. Stopping is graceful: a frame already received is always handed on before the
-task ends; it is only interrupted while waiting on the network or a backoff sleep.
+task ends; the task is only interrupted while it waits on the network or a sleep.
+
+Sessions: a session that ends before `healthy_session_s` of streaming is a failure; the
+backoff (full jitter) grows with consecutive failures and resets only after a healthy
+session; `breaker_failures` consecutive failures open the breaker for
+`breaker_cooldown_s`. Handshake answers are classified: network errors and 5xx retry;
+429/418 wait at least Retry-After; other 4xx open the breaker at once (a clear error for
+that feed, retried only after the cooldown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import random
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -27,10 +38,21 @@ from ingestd.config import FeedConfig
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Codec, Output, RestRequest
 from ingestd.feed.backoff import Backoff
+from ingestd.feed.breaker import Breaker
 from ingestd.feed.intake import Intake
+from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.rest import USER_AGENT, http_get
 from ingestd.logs import RateLimit
-from ingestd.schema import EV_CONNECTED, EV_DISCONNECTED, EV_GAP, EV_RESYNC
+from ingestd.schema import (
+    EV_BREAKER_CLOSED,
+    EV_BREAKER_HALF_OPEN,
+    EV_BREAKER_OPEN,
+    EV_CONNECTED,
+    EV_DISCONNECTED,
+    EV_GAP,
+    EV_RESYNC,
+    EV_STALE,
+)
 from ingestd.sink.writer import Reject
 from ingestd.stats import FeedStats
 
@@ -39,16 +61,45 @@ log = structlog.get_logger("ingestd.reader")
 OPEN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 REST_TIMEOUT_S = 10.0
+# Make-before-break: the new connection must have streamed this long before the switch,
+# so that its first frames overlap what the old one delivered (the codec drops the
+# overlap by exchange ids).
+ROTATION_OVERLAP_S = 1.0
+
+
+@dataclass(slots=True)
+class SessionEnd:
+    reason: str
+    streamed_s: float = 0.0          # time between connect and the end (0: never connected)
+    retry_after_s: float | None = None
+    trip_breaker: bool = False       # a non-retryable answer: open the breaker at once
 
 
 class _Reconnect(Exception):
-    """The venue asked us to reconnect (e.g. Binance serverShutdown)."""
+    """The venue asked us to reconnect and rotation was not possible."""
+
+
+def retry_after_s(value: str | None, now_wall_s: float) -> float | None:
+    """Parse a Retry-After header (seconds or an HTTP date) into seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now_wall_s)
 
 
 class FeedReader:
     def __init__(self, feed: FeedConfig, intake: Intake, *, clock: Clock,
                  stats: FeedStats | None = None, seq: SeqAllocator | None = None,
-                 rng: random.Random | None = None, healthy_after_s: float = 10.0) -> None:
+                 rng: random.Random | None = None,
+                 limiter: ConnectLimiter | None = None) -> None:
         self.feed = feed
         self.name = feed.name
         self.exchange = feed.exchange
@@ -58,21 +109,30 @@ class FeedReader:
         self.stats = stats or FeedStats(feed.name, feed.exchange)
         self.seq = seq or SeqAllocator()
         self.backoff = Backoff(feed.reconnect_min_delay_s, feed.reconnect_max_delay_s, rng)
-        self.healthy_after_s = healthy_after_s
+        self.breaker = Breaker(feed.breaker_failures, feed.breaker_cooldown_s)
+        self.limiter = limiter or ConnectLimiter(*self.codec.connect_limit)
+        self.healthy_session_s = feed.healthy_session_s
+        self.stale_after_s = feed.stale_after_s or self.codec.default_stale_after_s
+        self.rotate_after_s = feed.rotate_after_s or self.codec.default_rotate_after_s
         self.log = log.bind(feed=feed.name, exchange=feed.exchange)
         self._bad_frames = RateLimit(10.0)
         self._stopping = False
         self._interruptible = False
         self._task: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
+        self._ws: ClientConnection | None = None
+        self._rotation: asyncio.Task[ClientConnection | None] | None = None
+        self._rotation_buffer: list[tuple[bytes, int]] = []
+        self._rotate_requested: str | None = None
+        self._went_stale = False
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self.run(), name=f"reader:{self.name}")
-        return self._task
-
     @property
     def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self.run(), name=f"reader:{self.name}")
         return self._task
 
     def stop(self) -> None:
@@ -86,16 +146,15 @@ class FeedReader:
         st = self.stats
         try:
             while not self._stopping:
-                started = self.clock.monotonic()
-                reason = await self._session()
+                await self._wait_for_breaker()
+                wait_s = self.limiter.reserve(self.clock.monotonic())
+                if wait_s > 0:
+                    await self._interruptible_sleep(wait_s)
+                end = await self._session()
                 if self._stopping:
                     break
-                if self.clock.monotonic() - started >= self.healthy_after_s:
-                    self.backoff.reset()
-                delay_s = self.backoff.next_delay_s()
+                delay_s = await self._after_session(end)
                 st.state = "reconnecting"
-                self.log.warning("feed_disconnected", reason=reason,
-                                 retry_in_s=round(delay_s, 3), failures=self.backoff.failures)
                 await self._interruptible_sleep(delay_s)
         except asyncio.CancelledError:
             if not self._stopping:
@@ -108,6 +167,43 @@ class FeedReader:
         self.log.info("feed_stopped", messages=st.messages, reconnects=st.reconnects,
                       gaps=st.gaps, parse_errors=sum(st.parse_errors.values()))
 
+    async def _wait_for_breaker(self) -> None:
+        wait_s = self.breaker.wait_s(self.clock.monotonic())
+        if wait_s > 0:
+            self.stats.state = "reconnecting"
+            await self._interruptible_sleep(wait_s)
+        if self.breaker.before_attempt(self.clock.monotonic()) is not None:
+            self.stats.breaker = self.breaker.state
+            self.log.info("breaker_half_open")
+            await self._feed_event(EV_BREAKER_HALF_OPEN, None)
+
+    async def _after_session(self, end: SessionEnd) -> float:
+        """Classify the finished session; returns the delay before the next attempt."""
+        st = self.stats
+        now = self.clock.monotonic()
+        healthy = end.streamed_s >= self.healthy_session_s and not end.trip_breaker
+        if healthy:
+            self.backoff.reset()
+            if self.breaker.success() is not None:
+                self.log.info("breaker_closed")
+                await self._feed_event(EV_BREAKER_CLOSED, None)
+        else:
+            changed = self.breaker.failure(now, trip=end.trip_breaker)
+            if changed is not None:
+                self.log.error("breaker_opened", failures=self.breaker.consecutive_failures,
+                               cooldown_s=self.breaker.cooldown_s, reason=end.reason)
+                await self._feed_event(
+                    EV_BREAKER_OPEN, f"after {self.breaker.consecutive_failures} failed "
+                    f"session(s), cooling down {self.breaker.cooldown_s:g} s: {end.reason}")
+        st.breaker = self.breaker.state
+        delay_s = 0.0 if healthy else self.backoff.next_delay_s()
+        if end.retry_after_s is not None:
+            delay_s = max(delay_s, end.retry_after_s)
+        self.log.warning("feed_disconnected", reason=end.reason, healthy=healthy,
+                         streamed_s=round(end.streamed_s, 3), retry_in_s=round(delay_s, 3),
+                         failures=self.breaker.consecutive_failures, breaker=st.breaker)
+        return delay_s
+
     async def _interruptible_sleep(self, delay_s: float) -> None:
         self._interruptible = True
         try:
@@ -115,75 +211,121 @@ class FeedReader:
         finally:
             self._interruptible = False
 
-    # ---- one connection --------------------------------------------------------------------
-    async def _session(self) -> str:
-        """Connect, subscribe and stream until the connection ends; returns why it ended."""
+    # ---- connecting ------------------------------------------------------------------------
+    async def _connect(self, url: str) -> ClientConnection:
+        return await connect(
+            url,
+            open_timeout=OPEN_TIMEOUT_S,
+            close_timeout=CLOSE_TIMEOUT_S,
+            ping_interval=self.codec.ws_ping_interval_s,
+            ping_timeout=self.codec.ws_ping_interval_s,
+            max_size=self.feed.max_frame_bytes,
+            max_queue=1024,
+            compression=None,
+            user_agent_header=USER_AGENT,
+            proxy=None,
+        )
+
+    def _handshake_failure(self, e: Exception) -> SessionEnd:
+        if isinstance(e, InvalidStatus):
+            status = e.response.status_code
+            if status in (429, 418):
+                after = retry_after_s(e.response.headers.get("Retry-After"),
+                                      self.clock.time_ns() / 1e9)
+                wait = after if after is not None else self.feed.reconnect_max_delay_s
+                return SessionEnd(f"handshake refused: HTTP {status} (rate limited)",
+                                  retry_after_s=wait)
+            if 500 <= status < 600:
+                return SessionEnd(f"handshake refused: HTTP {status}")
+            return SessionEnd(f"handshake refused: HTTP {status} (not retryable: check the "
+                              "feed's url and symbols)", trip_breaker=True)
+        return SessionEnd(f"connect failed: {type(e).__name__}: {e}")
+
+    # ---- one session -----------------------------------------------------------------------
+    async def _session(self) -> SessionEnd:
+        """Connect, subscribe and stream until the connection ends."""
         st = self.stats
         url = self.codec.ws_url()
+        st.state = "connecting" if st.connects == 0 else "reconnecting"
         self._interruptible = True
         try:
-            ws = await connect(
-                url,
-                open_timeout=OPEN_TIMEOUT_S,
-                close_timeout=CLOSE_TIMEOUT_S,
-                ping_interval=self.codec.ws_ping_interval_s,
-                ping_timeout=self.codec.ws_ping_interval_s,
-                max_size=self.feed.max_frame_bytes,
-                max_queue=1024,
-                compression=None,
-                user_agent_header=USER_AGENT,
-                proxy=None,
-            )
-        except InvalidStatus as e:
-            return f"handshake refused: HTTP {e.response.status_code}"
+            ws = await self._connect(url)
         except (OSError, TimeoutError, InvalidHandshake) as e:
-            return f"connect failed: {type(e).__name__}: {e}"
+            end = self._handshake_failure(e)
+            st.last_error = end.reason
+            return end
         finally:
             self._interruptible = False
+        connected_at = self.clock.monotonic()
+        self._count_connect()
+        self.log.info("feed_connected", url=url.split("?", 1)[0], connects=st.connects)
+        end = SessionEnd("closed")
+        watchdog = keepalive = None
+        self._ws = ws
+        self._went_stale = False
+        try:
+            self.codec.on_connect()
+            await self._feed_event(EV_CONNECTED, url.split("?", 1)[0])
+            await self._subscribe(ws)
+            st.last_message_mono = self.clock.monotonic()
+            watchdog = asyncio.create_task(self._watchdog())
+            if self.codec.keepalive_interval_s:
+                keepalive = asyncio.create_task(self._keepalive(self.codec.keepalive_interval_s))
+            while True:
+                try:
+                    await self._stream(self._ws)
+                    break  # stopping
+                except ConnectionClosed:
+                    if not await self._switch_to_rotated():
+                        raise
+        except ConnectionClosed as e:
+            end.reason = _close_reason(e)
+            if self._went_stale:
+                end.reason = f"stale: no data for {self.stale_after_s:g} s"
+            elif _close_code(e) == 1009:
+                st.parse_errors["oversized_frame"] += 1
+        except _Reconnect as e:
+            end.reason = f"venue requested reconnect: {e}"
+        except asyncio.CancelledError:
+            end.reason = "shutdown"
+            if not self._stopping:
+                raise
+        finally:
+            for t in (watchdog, keepalive):
+                if t is not None:
+                    t.cancel()
+            await self._cancel_rotation()
+            for t in list(self._fetches):
+                t.cancel()
+            self._fetches.clear()
+            current = self._ws
+            self._ws = None
+            if current is not None:
+                with suppress(Exception):
+                    await asyncio.shield(current.close())
+            st.state = "stopped" if self._stopping else "reconnecting"
+            st.last_error = None if end.reason == "shutdown" else end.reason
+            await self._feed_event(EV_DISCONNECTED, end.reason)
+        end.streamed_s = self.clock.monotonic() - connected_at
+        return end
+
+    def _count_connect(self) -> None:
+        st = self.stats
         st.connects += 1
         if st.connects > 1:
             st.reconnects += 1
         st.state = "streaming"
-        self.log.info("feed_connected", url=url.split("?", 1)[0], connects=st.connects)
-        reason = "closed"
-        keepalive = None
-        try:
-            self.codec.on_connect()
-            await self._feed_event(EV_CONNECTED, url.split("?", 1)[0])
-            for msg in self.codec.subscribe_messages():
-                await ws.send(msg)
-            if self.codec.keepalive_interval_s:
-                keepalive = asyncio.create_task(
-                    self._keepalive(ws, self.codec.keepalive_interval_s))
-            await self._stream(ws)
-        except ConnectionClosed as e:
-            reason = _close_reason(e)
-            if (e.rcvd is not None and e.rcvd.code == 1009) or (e.sent is not None \
-                    and e.sent.code == 1009):
-                st.parse_errors["oversized_frame"] += 1
-        except _Reconnect as e:
-            reason = f"venue requested reconnect: {e}"
-        except asyncio.CancelledError:
-            reason = "shutdown"
-            if not self._stopping:
-                raise
-        finally:
-            if keepalive is not None:
-                keepalive.cancel()
-            for t in list(self._fetches):
-                t.cancel()
-            self._fetches.clear()
-            with suppress(Exception):
-                await asyncio.shield(ws.close())
-            st.state = "stopped" if self._stopping else "reconnecting"
-            await self._feed_event(EV_DISCONNECTED, reason)
-        return reason
+
+    async def _subscribe(self, ws: ClientConnection) -> None:
+        for msg in self.codec.subscribe_messages():
+            await ws.send(msg)
 
     async def _stream(self, ws: ClientConnection) -> None:
-        st = self.stats
+        """Receive until the connection closes (raises) or the reader stops (returns)."""
         codec_parse = self.codec.parse
         clock = self.clock
         seq_next = self.seq.next
+        st = self.stats
         while not self._stopping:
             self._interruptible = True
             try:
@@ -199,9 +341,9 @@ class FeedReader:
             if out.error is not None:
                 await self._reject(frame, ts_recv_ns, out.error)
                 continue
-            await self._handle(out, ws)
+            await self._handle(out)
 
-    async def _handle(self, out: Output, ws: ClientConnection) -> None:
+    async def _handle(self, out: Output) -> None:
         """Act on a codec output: counters, requests, replies, rows to the intake."""
         st = self.stats
         if out.last_seq:
@@ -211,26 +353,30 @@ class FeedReader:
         if out.drops:
             st.drops.update(out.drops)
         if out.events:
-            for ev in out.events:
-                if ev[5] == EV_GAP:
-                    st.gaps += 1
-                elif ev[5] == EV_RESYNC:
-                    st.resyncs += 1
-            self.log.info("feed_events", events=[(e[0], e[5], e[6]) for e in out.events])
+            self._count_events(out)
         if out.requests:
             for req in out.requests:
-                task = asyncio.create_task(self._fetch(req, ws))
+                task = asyncio.create_task(self._fetch(req))
                 self._fetches.add(task)
                 task.add_done_callback(self._fetches.discard)
-        if out.replies:
+        if out.replies and self._ws is not None:
             for text in out.replies:
-                await ws.send(text)
+                await self._ws.send(text)
         if out.trades or out.quotes or out.book or out.events:
             await self.intake.put((self.name, self.exchange, out))
         if out.reconnect:
-            raise _Reconnect(out.reconnect)
+            self._request_rotation(out.reconnect)
 
-    async def _fetch(self, req: RestRequest, ws: ClientConnection) -> None:
+    def _count_events(self, out: Output) -> None:
+        st = self.stats
+        for ev in out.events or ():
+            if ev[5] == EV_GAP:
+                st.gaps += 1
+            elif ev[5] == EV_RESYNC:
+                st.resyncs += 1
+        self.log.info("feed_events", events=[(e[0], e[5], e[6]) for e in out.events or ()])
+
+    async def _fetch(self, req: RestRequest) -> None:
         if req.delay_s > 0:
             await asyncio.sleep(req.delay_s)
         started = time.monotonic()
@@ -242,18 +388,133 @@ class FeedReader:
                       elapsed_s=round(time.monotonic() - started, 3))
         if out.error is not None:
             await self._reject(body, ts_recv_ns, out.error)
-        try:
-            await self._handle(out, ws)
-        except _Reconnect:
-            await ws.close()
+        await self._handle(out)
 
-    async def _keepalive(self, ws: ClientConnection, interval_s: float) -> None:
+    async def _keepalive(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
             msg = self.codec.keepalive_message()
-            if msg is not None:
-                await ws.send(msg)
+            ws = self._ws
+            if msg is not None and ws is not None:
+                with suppress(ConnectionClosed):
+                    await ws.send(msg)
 
+    async def _watchdog(self) -> None:
+        """Stale streams and planned rotation: checks a few times per bound."""
+        st = self.stats
+        period_s = min(1.0, self.stale_after_s / 4)
+        started = self.clock.monotonic()
+        while True:
+            await asyncio.sleep(period_s)
+            now = self.clock.monotonic()
+            last = st.last_message_mono or started
+            if now - last > self.stale_after_s:
+                st.stale += 1
+                self.log.warning("feed_stale", silent_s=round(now - last, 3),
+                                 stale_after_s=self.stale_after_s)
+                await self._feed_event(EV_STALE, f"no data for {now - last:.3f} s")
+                self._went_stale = True
+                ws = self._ws
+                if ws is not None:
+                    # Abort at once: a black-holed peer would never complete a close
+                    # handshake. The main loop sees the connection end and reconnects.
+                    ws.transport.abort()
+                return
+            if self.rotate_after_s and now - started >= self.rotate_after_s:
+                self._request_rotation(f"planned after {self.rotate_after_s:g} s")
+                started = now  # the next rotation is timed from this one
+
+    # ---- make-before-break rotation ------------------------------------------------------
+    def _request_rotation(self, reason: str) -> None:
+        if self._rotation is not None or self._stopping:
+            return
+        self._rotate_requested = reason
+        self.log.info("rotation_started", reason=reason)
+        self._rotation = asyncio.create_task(self._prepare_rotation())
+
+    async def _prepare_rotation(self) -> ClientConnection | None:
+        """Open and subscribe a second connection, buffer what it receives; once it has
+        streamed for the overlap, close the old one (the main loop then switches)."""
+        url = self.codec.ws_url()
+        try:
+            new = await self._connect(url)
+        except (OSError, TimeoutError, InvalidHandshake) as e:
+            self.log.warning("rotation_failed", error=str(e))
+            self._rotation = None
+            old = self._ws
+            if old is not None:  # fall back to break-before-make
+                await old.close(1000, "rotation")
+            return None
+        await self._subscribe(new)
+        first_data: float | None = None
+        buffer = self._rotation_buffer
+        while True:
+            if first_data is not None and self.clock.monotonic() - first_data >= \
+                    ROTATION_OVERLAP_S:
+                break
+            try:
+                frame = await asyncio.wait_for(new.recv(decode=False), ROTATION_OVERLAP_S)
+            except TimeoutError:
+                if first_data is None:
+                    first_data = self.clock.monotonic()
+                continue
+            buffer.append((frame, self.clock.time_ns()))
+            if first_data is None:
+                first_data = self.clock.monotonic()
+        old = self._ws
+        if old is not None:
+            await old.close(1000, "rotation")
+        return new
+
+    async def _switch_to_rotated(self) -> bool:
+        """The current connection closed: if a rotated one is ready, continue on it."""
+        task = self._rotation
+        if task is None:
+            return False
+        if not task.done():
+            # The venue closed the old connection first: wait for the new one.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), OPEN_TIMEOUT_S + ROTATION_OVERLAP_S)
+        if not task.done() or task.cancelled() or task.result() is None:
+            return False
+        new = task.result()
+        assert new is not None
+        self._rotation = None
+        buffered, self._rotation_buffer = self._rotation_buffer, []
+        old_reason = self._rotate_requested or "rotation"
+        self._rotate_requested = None
+        await self._feed_event(EV_DISCONNECTED, f"rotated: {old_reason}")
+        self._ws = new
+        self._count_connect()
+        self.codec.on_rotate()
+        await self._feed_event(EV_CONNECTED, "rotation")
+        self.log.info("rotation_switched", buffered=len(buffered))
+        st = self.stats
+        # Frames the new connection received during the overlap, in arrival order; the
+        # codec drops those the old connection already delivered (by exchange ids).
+        for frame, ts_recv_ns in buffered:
+            st.messages += 1
+            st.bytes += len(frame)
+            out = self.codec.parse(frame, ts_recv_ns, self.seq.next(ts_recv_ns))
+            if out.error is not None:
+                await self._reject(frame, ts_recv_ns, out.error)
+                continue
+            await self._handle(out)
+        return True
+
+    async def _cancel_rotation(self) -> None:
+        task, self._rotation = self._rotation, None
+        self._rotation_buffer = []
+        if task is None:
+            return
+        task.cancel()
+        results = await asyncio.gather(task, return_exceptions=True)
+        new = results[0]
+        if isinstance(new, ClientConnection):
+            with suppress(Exception):
+                await new.close()
+
+    # ---- bookkeeping -----------------------------------------------------------------------
     async def _reject(self, frame: bytes, ts_recv_ns: int, reason: str) -> None:
         st = self.stats
         kind = reason.split(":", 1)[0]
@@ -270,6 +531,11 @@ class FeedReader:
         out = Output()
         out.events = [(None, None, ts, self.seq.next(ts), self.name, event, detail)]
         await self.intake.put((self.name, self.exchange, out))
+
+
+def _close_code(e: ConnectionClosed) -> int | None:
+    frame = e.rcvd or e.sent
+    return frame.code if frame is not None else None
 
 
 def _close_reason(e: ConnectionClosed) -> str:

@@ -39,6 +39,18 @@ class Faults:
     # "reset": TCP RST; "no_close_frame": FIN without a close frame).
     close_every_n_frames: int | None = None
     close_mode: str = "clean"
+    # Close every connection right after the handshake (the accept-then-close loop).
+    accept_then_close: bool = False
+    # Accept, then go silent: no data, stop reading (so pings are never answered).
+    black_hole: bool = False
+    # Stop sending data after this many data frames per connection, still answering pings.
+    silent_after_n_frames: int | None = None
+    # Apply accept_then_close / black_hole / silent_after_n_frames / close_every_n_frames
+    # only to the first N connections (0: to all), so a test can show recovery.
+    only_first_n: int = 0
+
+    def applies_to(self, conn_id: int) -> bool:
+        return not self.only_first_n or conn_id <= self.only_first_n
 
 
 @dataclass(slots=True)
@@ -55,6 +67,15 @@ class SimConn:
         self.ws = ws
         self.conn_id = conn_id
         self.data_frames_sent = 0
+        self._sent_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def wait_sent(self, n: int) -> None:
+        """Return once this connection has sent `n` data frames."""
+        if self.data_frames_sent >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sent_waiters.append((n, fut))
+        await fut
 
     @property
     def path(self) -> str:
@@ -66,14 +87,24 @@ class SimConn:
         await self.ws.send(frame, text=True)
 
     async def send(self, frame: bytes) -> None:
-        """One data frame, recorded; applies the close-every-N fault."""
+        """One data frame, recorded; applies the close-every-N and silence faults."""
         faults = self.server.faults
+        hit = faults.applies_to(self.conn_id)
+        if hit and faults.silent_after_n_frames is not None \
+                and self.data_frames_sent >= faults.silent_after_n_frames:
+            await self.ws.wait_closed()
+            raise ConnectionClosed(None, None)
         await self.ws.send(frame, text=True)
         self.data_frames_sent += 1
+        if self._sent_waiters:
+            for item in [w for w in self._sent_waiters if w[0] <= self.data_frames_sent]:
+                self._sent_waiters.remove(item)
+                if not item[1].done():
+                    item[1].set_result(None)
         if self.server.record:
             self.server.sent.append(Sent(self.conn_id, frame))
         n = faults.close_every_n_frames
-        if n and self.data_frames_sent % n == 0:
+        if hit and n and self.data_frames_sent % n == 0:
             await self.break_connection(faults.close_mode)
 
     async def send_stream(self, frames: Iterable[bytes]) -> None:
@@ -88,6 +119,18 @@ class SimConn:
                 if delay > 0:
                     await asyncio.sleep(delay)
             await self.send(frame)
+
+    async def stream_live(self, keys: Iterable[str]) -> None:
+        """Serve, from now on, the frames of `keys` as the server's shared timeline
+        publishes them (live mode: every connection sees the same frames at the same
+        time, so a client that reconnects misses what was published meanwhile)."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.server._live_subscribe(set(keys), queue)
+        try:
+            while True:
+                await self.send(await queue.get())
+        finally:
+            self.server._live_unsubscribe(queue)
 
     async def recv(self) -> str | bytes:
         return await self.ws.recv()
@@ -114,7 +157,7 @@ class SimConn:
 
 class SimServer:
     def __init__(self, exchange: str, *, rate_msgs_s: float | None = None,
-                 faults: Faults | None = None, record: bool = True,
+                 faults: Faults | None = None, record: bool = True, live: bool = False,
                  host: str = "127.0.0.1", port: int = 0, **venue_options: Any) -> None:
         self.exchange = exchange
         self.venue: Venue = VENUES[exchange](**venue_options)
@@ -125,11 +168,45 @@ class SimServer:
         self.port = port
         self.sent: list[Sent] = []
         self.handshakes = 0
+        self.handshake_times: list[float] = []   # loop time of every WebSocket handshake
         self.connections = 0
         self.rest_requests: list[str] = []
         self._ids = itertools.count(1)
         self._server: Server | None = None
         self._conns: set[ServerConnection] = set()
+        # Live mode: one timeline published at `rate_msgs_s` to every subscribed connection.
+        self.live = live
+        self.published = 0
+        self._live_subs: dict[asyncio.Queue[bytes], set[str]] = {}
+        self._publisher: asyncio.Task[None] | None = None
+        self._first_subscriber = asyncio.Event()
+
+    def _live_subscribe(self, keys: set[str], queue: asyncio.Queue[bytes]) -> None:
+        self._live_subs[queue] = keys
+        self._first_subscriber.set()
+
+    def _live_unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
+        self._live_subs.pop(queue, None)
+
+    async def _publish(self) -> None:
+        """Publish the venue's timeline once, starting when the first client subscribes."""
+        timeline = self.venue.timeline()
+        await self._first_subscriber.wait()
+        loop = asyncio.get_running_loop()
+        rate = self.rate_msgs_s or 1000.0
+        t0 = loop.time()
+        for i, (key, frame) in enumerate(timeline):
+            delay = t0 + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.published += 1
+            for queue, keys in list(self._live_subs.items()):
+                if key in keys:
+                    queue.put_nowait(frame)
+
+    @property
+    def timeline_done(self) -> bool:
+        return self._publisher is not None and self._publisher.done()
 
     @property
     def url(self) -> str:
@@ -145,9 +222,14 @@ class SimServer:
                                    compression=None, max_size=2**24, ping_interval=None)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
+        if self.live:
+            self._publisher = asyncio.create_task(self._publish())
         return self
 
     async def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -171,6 +253,7 @@ class SimServer:
         if upgrade.lower() != "websocket":
             return self._rest(request)
         self.handshakes += 1
+        self.handshake_times.append(asyncio.get_running_loop().time())
         f = self.faults
         if f.handshake_status and (not f.refuse_first_n or self.handshakes <= f.refuse_first_n):
             headers = Headers()
@@ -199,7 +282,17 @@ class SimServer:
         conn = SimConn(self, ws, next(self._ids))
         self.connections += 1
         self._conns.add(ws)
+        f = self.faults
+        hit = f.applies_to(conn.conn_id)
         try:
+            if hit and f.accept_then_close:
+                await ws.close(1011, "simulated failure")
+                return
+            if hit and f.black_hole:
+                transport: Any = ws.transport
+                transport.pause_reading()
+                await ws.wait_closed()
+                return
             await self.venue.session(conn)
         except ConnectionClosed:
             pass

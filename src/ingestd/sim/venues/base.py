@@ -24,6 +24,11 @@ class Venue(ABC):
         """Answer a REST GET: (status, JSON body), or None for 404."""
         return None
 
+    def timeline(self) -> list[tuple[str, bytes]]:
+        """Every recorded data frame with the subscription key that selects it, in the
+        order live mode publishes them (venues that support live mode override this)."""
+        raise RuntimeError(f"the {self.exchange} simulator has no live mode")
+
     @abstractmethod
     async def session(self, conn: SimConn) -> None:
         """Run one WebSocket connection: handle subscriptions, serve frames, answer pings."""

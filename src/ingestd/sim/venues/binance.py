@@ -43,7 +43,8 @@ class BinanceSpotVenue(Venue):
     shutdown_frame: ClassVar[bytes] = (
         b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1770123456789}}')
 
-    def __init__(self, shutdown_after_frames: int | None = None) -> None:
+    def __init__(self, shutdown_after_frames: int | None = None,
+                 shutdown_grace_s: float = 3.0) -> None:
         self.by_stream: dict[str, list[bytes]] = {}
         for name in self.stream_files:
             for frame in recorded.frames(self.data_dir, name):
@@ -53,9 +54,22 @@ class BinanceSpotVenue(Venue):
         bodies = recorded.frames(self.data_dir, "depth_snapshot_rest.jsonl")
         self.snapshots = dict(zip(self.snapshot_symbols, bodies, strict=True))
         self.shutdown_after_frames = shutdown_after_frames
+        self.shutdown_grace_s = shutdown_grace_s
 
     def streams_available(self) -> list[str]:
         return sorted(self.by_stream)
+
+    def timeline(self) -> list[tuple[str, bytes]]:
+        from ingestd.sim.server import merge_streams
+
+        streams = sorted(self.by_stream)
+        keyed = merge_streams([[b"%d" % i + b" " + f for f in self.by_stream[s]]
+                               for i, s in enumerate(streams)])
+        out = []
+        for item in keyed:
+            idx, frame = item.split(b" ", 1)
+            out.append((streams[int(idx)], frame))
+        return out
 
     def rest(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes] | None:
         if path != self.depth_path:
@@ -74,12 +88,32 @@ class BinanceSpotVenue(Venue):
         serving: list[asyncio.Task[None]] = []
 
         async def serve(streams: list[str]) -> None:
+            if conn.server.live:
+                await serve_live(streams)
+                return
             frames = merge_streams([self.by_stream.get(s, []) for s in streams])
             if self.shutdown_after_frames is not None:
                 frames = frames[:self.shutdown_after_frames]
             await conn.send_stream(frames)
             if self.shutdown_after_frames is not None:
                 await conn.send_control(self.shutdown_frame)
+
+        async def serve_live(streams: list[str]) -> None:
+            n = self.shutdown_after_frames
+            if n is None:
+                await conn.stream_live(streams)
+                return
+            # Like Binance: announce the shutdown, keep streaming a while, then close.
+            live = asyncio.create_task(conn.stream_live(streams))
+            try:
+                await asyncio.wait([live, asyncio.ensure_future(conn.wait_sent(n))],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                await conn.send_control(self.shutdown_frame)
+                await asyncio.sleep(self.shutdown_grace_s)
+            finally:
+                live.cancel()
+                await asyncio.gather(live, return_exceptions=True)
+            await conn.ws.close(1001, "server shutdown")
 
         if requested:
             serving.append(asyncio.create_task(serve(requested)))
