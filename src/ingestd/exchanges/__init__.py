@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from ingestd.exchanges.base import Codec
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
+from ingestd.exchanges.okx import Okx
 
 CODECS: dict[str, type[Codec]] = {
     cls.exchange: cls
     for cls in (
         BinanceSpot,
         BinanceUsdm,
+        Okx,
     )
 }
 

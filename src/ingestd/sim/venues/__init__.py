@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ingestd.sim.venues.base import Venue
 from ingestd.sim.venues.binance import BinanceSpotVenue, BinanceUsdmVenue
+from ingestd.sim.venues.okx import OkxVenue
 
 VENUES: dict[str, type[Venue]] = {
     cls.exchange: cls
     for cls in (
         BinanceSpotVenue,
         BinanceUsdmVenue,
+        OkxVenue,
     )
 }
 
