@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ingestd.exchanges.base import Codec
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
+from ingestd.exchanges.kraken import Kraken
 from ingestd.exchanges.okx import Okx
 
 CODECS: dict[str, type[Codec]] = {
@@ -15,6 +16,7 @@ CODECS: dict[str, type[Codec]] = {
     for cls in (
         BinanceSpot,
         BinanceUsdm,
+        Kraken,
         Okx,
     )
 }

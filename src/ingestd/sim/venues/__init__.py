@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ingestd.sim.venues.base import Venue
 from ingestd.sim.venues.binance import BinanceSpotVenue, BinanceUsdmVenue
+from ingestd.sim.venues.kraken import KrakenVenue
 from ingestd.sim.venues.okx import OkxVenue
 
 VENUES: dict[str, type[Venue]] = {
@@ -11,6 +12,7 @@ VENUES: dict[str, type[Venue]] = {
     for cls in (
         BinanceSpotVenue,
         BinanceUsdmVenue,
+        KrakenVenue,
         OkxVenue,
     )
 }
