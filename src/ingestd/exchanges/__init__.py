@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ingestd.exchanges.base import Codec
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
+from ingestd.exchanges.coinbase import Coinbase
 from ingestd.exchanges.kraken import Kraken
 from ingestd.exchanges.okx import Okx
 
@@ -16,6 +17,7 @@ CODECS: dict[str, type[Codec]] = {
     for cls in (
         BinanceSpot,
         BinanceUsdm,
+        Coinbase,
         Kraken,
         Okx,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ingestd.sim.venues.base import Venue
 from ingestd.sim.venues.binance import BinanceSpotVenue, BinanceUsdmVenue
+from ingestd.sim.venues.coinbase import CoinbaseVenue
 from ingestd.sim.venues.kraken import KrakenVenue
 from ingestd.sim.venues.okx import OkxVenue
 
@@ -12,6 +13,7 @@ VENUES: dict[str, type[Venue]] = {
     for cls in (
         BinanceSpotVenue,
         BinanceUsdmVenue,
+        CoinbaseVenue,
         KrakenVenue,
         OkxVenue,
     )
