@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ingestd.exchanges.base import Codec
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
+from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
 from ingestd.exchanges.kraken import Kraken
 from ingestd.exchanges.okx import Okx
@@ -17,6 +18,8 @@ CODECS: dict[str, type[Codec]] = {
     for cls in (
         BinanceSpot,
         BinanceUsdm,
+        BybitSpot,
+        BybitLinear,
         Coinbase,
         Kraken,
         Okx,
