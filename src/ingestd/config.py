@@ -46,6 +46,11 @@ class StorageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
     fsync_interval_s: PosFloat = 0.2
+    # A new segment (starting with a checkpoint of every codec) after this long or size.
+    segment_max_s: PosFloat = 300.0
+    segment_max_bytes: PosInt = 256 * 1024 * 1024
+    # Bytes appended but not yet durable before intake follows `queue.when_full`.
+    max_pending_bytes: PosInt = 256 * 1024 * 1024
 
 
 class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

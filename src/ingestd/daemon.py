@@ -20,11 +20,13 @@ import structlog
 
 from ingestd import __version__
 from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
-from ingestd.config import Config
+from ingestd.config import Config, FeedConfig
 from ingestd.exchanges import CODECS
 from ingestd.feed.intake import Intake
 from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.reader import FeedReader
+from ingestd.sink.journal import Journal
+from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.writer import STOP, QueueItem, Writer
 from ingestd.stats import FeedStats, QueueStats, WriterStats
 
@@ -63,11 +65,20 @@ class Daemon:
         self.queue_stats = QueueStats(cfg.queue.capacity)
         self.writer_stats = WriterStats()
         self.intake = Intake(self.queue, cfg.queue.when_full, self.queue_stats)
+        jc = cfg.journal
+        self.journal: Journal | None = None
+        if jc.enabled:
+            self.journal = Journal(self.root, fsync_interval_s=jc.fsync_interval_s, clock=clock,
+                                   segment_max_bytes=jc.segment_max_bytes,
+                                   segment_max_s=jc.segment_max_s,
+                                   max_pending_bytes=jc.max_pending_bytes)
         self.writer = Writer(self.root, self.queue,
                              flush_interval_s=cfg.storage.flush_interval_s,
                              flush_max_rows=cfg.storage.flush_max_rows,
                              compression=cfg.storage.compression,
-                             clock=clock, stats=self.writer_stats)
+                             clock=clock, stats=self.writer_stats,
+                             instance=self.journal.instance if self.journal else "")
+        self.recovery: RecoveryResult | None = None
         self.readers: dict[str, FeedReader] = {}
         self.feed_stats: dict[str, FeedStats] = {}
         # One connection-rate limiter per venue, shared by all its feeds.
@@ -96,6 +107,10 @@ class Daemon:
             return
         log.error("forced_exit", signal=name, buffered_rows=self.writer_stats.buffered_rows,
                   queued=self.queue.qsize())
+        if self.journal is not None:
+            # Everything received is in the journal; make the last of it durable so the
+            # next start replays it. Blocking is fine: the process is about to end.
+            self.journal.flush_blocking()
         os._exit(EXIT_FORCED)
 
     def _install_signals(self) -> None:
@@ -109,24 +124,64 @@ class Daemon:
             loop.remove_signal_handler(sig)
 
     # ---- run -------------------------------------------------------------------------------
+    async def _recover(self) -> None:
+        """Replay journals of processes that died, before any feed starts."""
+        self.recovery = await asyncio.to_thread(
+            recover, self.root, self.cfg.storage.compression, self.writer.staging.path,
+            self.cfg.storage.flush_max_rows)
+        r = self.recovery
+        if r.journals:
+            log.warning("recovered_from_journal", journals=r.journals, records=r.records,
+                        rows_committed=r.rows_committed,
+                        rows_already_committed=r.rows_already_committed,
+                        torn_segments=r.torn_segments, files=r.files)
+
+    def _start_feed(self, feed: FeedConfig) -> None:
+        stats = FeedStats(feed.name, feed.exchange)
+        self.feed_stats[feed.name] = stats
+        limiter = self.limiters.get(feed.exchange)
+        if limiter is None:
+            limiter = ConnectLimiter(*CODECS[feed.exchange].connect_limit)
+            self.limiters[feed.exchange] = limiter
+        seq = SeqAllocator(self.clock.time_ns())
+        codec = None
+        restored = self.recovery.feeds.get(feed.name) if self.recovery else None
+        if restored is not None and restored.exchange == feed.exchange \
+                and restored.codec.feed == feed:
+            codec = restored.codec
+            seq.bump(restored.last_seq)
+        reader = FeedReader(feed, self.intake, clock=self.clock, stats=stats, seq=seq,
+                            limiter=limiter, journal=self.journal, codec=codec)
+        self.readers[feed.name] = reader
+        reader.start()
+
+    async def _journal_retention(self) -> None:
+        """Delete journal segments once everything derived from them is committed."""
+        journal = self.journal
+        assert journal is not None
+        while True:
+            await asyncio.sleep(1.0)
+            segments = journal.deletable(self.writer.committed_below())
+            if segments:
+                await journal.delete_segments(segments)
+
     async def run(self, install_signals: bool = True) -> int:
         check_root(self.root)
         await asyncio.to_thread(self.writer.open)
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.open)
+            await self._recover()
+            self.journal.start()
         log.info("starting", version=__version__, root=str(self.root),
                  feeds=[f.name for f in self.cfg.feeds],
+                 journal=str(self.journal.dir) if self.journal else None,
                  stale_staging_removed=self.writer.stale_staging_removed)
         writer_task = asyncio.create_task(self.writer.run(), name="writer")
+        retention = None
+        if self.journal is not None:
+            retention = asyncio.create_task(self._journal_retention(), name="journal-retention")
         for feed in self.cfg.feeds:
-            stats = FeedStats(feed.name, feed.exchange)
-            self.feed_stats[feed.name] = stats
-            limiter = self.limiters.get(feed.exchange)
-            if limiter is None:
-                limiter = ConnectLimiter(*CODECS[feed.exchange].connect_limit)
-                self.limiters[feed.exchange] = limiter
-            reader = FeedReader(feed, self.intake, clock=self.clock, stats=stats,
-                                seq=SeqAllocator(self.clock.time_ns()), limiter=limiter)
-            self.readers[feed.name] = reader
-            reader.start()
+            self._start_feed(feed)
         if install_signals:
             self._install_signals()
         self.state = "ok"
@@ -149,8 +204,15 @@ class Daemon:
                       queued=self.queue.qsize())
             self.exit_code = EXIT_FATAL
         finally:
+            if retention is not None:
+                retention.cancel()
             if install_signals:
                 self._remove_signals()
+        if self.journal is not None:
+            # Safe to drop the journal only if every row reached Parquet.
+            complete = self.exit_code == EXIT_OK and not self.writer_stats.buffered_rows \
+                and self.writer.inflight == 0
+            await self.journal.close(removable=complete)
         log.info("stopped", exit_code=self.exit_code,
                  rows_written=dict(self.writer_stats.rows_written),
                  files_written=self.writer_stats.files_written)

@@ -1,7 +1,9 @@
 """The entry of the bounded queue between readers and the writer.
 
-Owns: the `when_full` policy - "block" waits for room (backpressure reaches the socket),
-"drop_newest" drops the message and counts it - and queue statistics.
+Owns: the `when_full` policy - "block" waits for room (backpressure reaches the
+sockets), "drop_newest" drops the message and counts it - strict FIFO among waiting
+producers (asyncio.Queue alone lets a new put overtake a woken waiter; per-feed order
+matters to the journal's commit bookkeeping), and queue statistics.
 
 Must not: look inside items or buffer anything itself.
 """
@@ -22,17 +24,19 @@ class Intake:
         self.queue = queue
         self.block = when_full == "block"
         self.stats = stats
+        self._lock = asyncio.Lock()
 
     async def put(self, item: QueueItem) -> bool:
         """Hand one item on; False if it was dropped (counted)."""
         q = self.queue
-        try:
+        if not self._lock.locked() and not q.full():
             q.put_nowait(item)
-        except asyncio.QueueFull:
-            if not self.block:
-                self.stats.dropped[DROP_QUEUE_FULL] += 1
-                return False
-            await q.put(item)
+        elif not self.block:
+            self.stats.dropped[DROP_QUEUE_FULL] += 1
+            return False
+        else:
+            async with self._lock:
+                await q.put(item)
         depth = q.qsize()
         if depth > self.stats.peak_depth:
             self.stats.peak_depth = depth

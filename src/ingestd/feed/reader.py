@@ -53,6 +53,7 @@ from ingestd.schema import (
     EV_RESYNC,
     EV_STALE,
 )
+from ingestd.sink.journal import Journal
 from ingestd.sink.writer import Reject
 from ingestd.stats import FeedStats
 
@@ -99,11 +100,14 @@ class FeedReader:
     def __init__(self, feed: FeedConfig, intake: Intake, *, clock: Clock,
                  stats: FeedStats | None = None, seq: SeqAllocator | None = None,
                  rng: random.Random | None = None,
-                 limiter: ConnectLimiter | None = None) -> None:
+                 limiter: ConnectLimiter | None = None, journal: Journal | None = None,
+                 codec: Codec | None = None) -> None:
         self.feed = feed
         self.name = feed.name
         self.exchange = feed.exchange
-        self.codec: Codec = CODECS[feed.exchange](feed)
+        # A codec restored by crash recovery keeps its trade-id watermarks (no duplicates,
+        # gap detection across the restart); its book state resets on connect.
+        self.codec: Codec = codec or CODECS[feed.exchange](feed)
         self.intake = intake
         self.clock = clock
         self.stats = stats or FeedStats(feed.name, feed.exchange)
@@ -125,6 +129,9 @@ class FeedReader:
         self._rotation_buffer: list[tuple[bytes, int]] = []
         self._rotate_requested: str | None = None
         self._went_stale = False
+        self.journal = journal
+        self._fid = journal.register(feed, self.codec, self.seq) if journal else 0
+        self._drop_when_journal_full = intake.block is False
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -264,6 +271,8 @@ class FeedReader:
         self._ws = ws
         self._went_stale = False
         try:
+            if self.journal is not None:
+                self.journal.connect(self.name, self._fid, self.clock.time_ns())
             self.codec.on_connect()
             await self._feed_event(EV_CONNECTED, url.split("?", 1)[0])
             await self._subscribe(ws)
@@ -326,6 +335,8 @@ class FeedReader:
         clock = self.clock
         seq_next = self.seq.next
         st = self.stats
+        journal = self.journal
+        name, fid = self.name, self._fid
         while not self._stopping:
             self._interruptible = True
             try:
@@ -333,15 +344,31 @@ class FeedReader:
             finally:
                 self._interruptible = False
             ts_recv_ns = clock.time_ns()
-            seq = seq_next(ts_recv_ns)
             st.messages += 1
             st.bytes += len(frame)
             st.last_message_mono = clock.monotonic()
+            if journal is not None:
+                if journal.full and not await self._journal_room():
+                    continue
+                seq = seq_next(ts_recv_ns)
+                journal.frame(name, fid, ts_recv_ns, seq, frame)
+            else:
+                seq = seq_next(ts_recv_ns)
             out = codec_parse(frame, ts_recv_ns, seq)
             if out.error is not None:
                 await self._reject(frame, ts_recv_ns, out.error)
                 continue
             await self._handle(out)
+
+    async def _journal_room(self) -> bool:
+        """The journal cannot write (disk failing): block, or drop and count the frame."""
+        journal = self.journal
+        assert journal is not None
+        if self._drop_when_journal_full:
+            self.stats.drops["journal_full"] += 1
+            return False
+        await journal.wait_room()
+        return True
 
     async def _handle(self, out: Output) -> None:
         """Act on a codec output: counters, requests, replies, rows to the intake."""
@@ -383,6 +410,9 @@ class FeedReader:
         status, body = await http_get(req.url, REST_TIMEOUT_S)
         ts_recv_ns = self.clock.time_ns()
         seq = self.seq.next(ts_recv_ns)
+        if self.journal is not None:
+            self.journal.rest(self.name, self._fid, ts_recv_ns, seq, status, req.key, req.url,
+                              body)
         out = self.codec.on_rest(req, status, body, ts_recv_ns, seq)
         self.log.info("rest_fetched", key=req.key, status=status, bytes=len(body),
                       elapsed_s=round(time.monotonic() - started, 3))
@@ -486,6 +516,8 @@ class FeedReader:
         await self._feed_event(EV_DISCONNECTED, f"rotated: {old_reason}")
         self._ws = new
         self._count_connect()
+        if self.journal is not None:
+            self.journal.rotate(self.name, self._fid, self.clock.time_ns())
         self.codec.on_rotate()
         await self._feed_event(EV_CONNECTED, "rotation")
         self.log.info("rotation_switched", buffered=len(buffered))
@@ -495,7 +527,10 @@ class FeedReader:
         for frame, ts_recv_ns in buffered:
             st.messages += 1
             st.bytes += len(frame)
-            out = self.codec.parse(frame, ts_recv_ns, self.seq.next(ts_recv_ns))
+            seq = self.seq.next(ts_recv_ns)
+            if self.journal is not None:
+                self.journal.frame(self.name, self._fid, ts_recv_ns, seq, frame)
+            out = self.codec.parse(frame, ts_recv_ns, seq)
             if out.error is not None:
                 await self._reject(frame, ts_recv_ns, out.error)
                 continue
@@ -528,8 +563,11 @@ class FeedReader:
 
     async def _feed_event(self, event: str, detail: str | None) -> None:
         ts = self.clock.time_ns()
+        seq = self.seq.next(ts)
+        if self.journal is not None:
+            self.journal.event(self.name, self._fid, ts, seq, event, detail)
         out = Output()
-        out.events = [(None, None, ts, self.seq.next(ts), self.name, event, detail)]
+        out.events = [(None, None, ts, seq, self.name, event, detail)]
         await self.intake.put((self.name, self.exchange, out))
 
 

@@ -23,11 +23,20 @@ def day_to_date(day: int) -> str:
     return datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%d")
 
 
+SEQ_INDEX = 3      # position of recv_seq in every row tuple
+
+# Which rows a buffer (and the file it becomes) holds: feed key -> [min_seq, max_seq].
+# Rows of one feed reach one partition in recv_seq order, so the interval is exact: every
+# row of that feed, table and partition with a recv_seq inside it is in this buffer.
+Coverage = dict[str, list[int]]
+
+
 @dataclass(slots=True)
 class Buffer:
     key: PartitionKey
     opened_mono: float
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -38,6 +47,7 @@ class Batch:
     exchange: str
     date: str
     rows: list[tuple[Any, ...]]
+    coverage: Coverage = field(default_factory=dict)
 
 
 class Batcher:
@@ -48,20 +58,30 @@ class Batcher:
         self.buffered_rows = 0
 
     def add(self, table: str, exchange: str, rows: list[tuple[Any, ...]],
-            now_mono: float) -> Buffer | None:
-        """Append rows; return the buffer if it reached the row limit (caller takes it)."""
+            now_mono: float, feed_key: str = "") -> Buffer | None:
+        """Append rows (of one feed, in recv_seq order); return the buffer if it reached
+        the row limit (the caller takes it)."""
         first_day = rows[0][TS_RECV_INDEX] // NS_PER_DAY
         last_day = rows[-1][TS_RECV_INDEX] // NS_PER_DAY
         if first_day != last_day:
             full = None
             for row in rows:
-                full = self.add(table, exchange, [row], now_mono) or full
+                full = self.add(table, exchange, [row], now_mono, feed_key) or full
             return full
         key = (table, exchange, first_day)
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = Buffer(key, now_mono)
         buf.rows.extend(rows)
+        lo, hi = rows[0][SEQ_INDEX], rows[-1][SEQ_INDEX]
+        cov = buf.coverage.get(feed_key)
+        if cov is None:
+            buf.coverage[feed_key] = [lo, hi]
+        else:
+            if lo < cov[0]:
+                cov[0] = lo
+            if hi > cov[1]:
+                cov[1] = hi
         self.buffered_rows += len(rows)
         return buf if len(buf.rows) >= self.flush_max_rows else None
 
@@ -69,7 +89,16 @@ class Batcher:
         buf = self._buffers.pop(key)
         self.buffered_rows -= len(buf.rows)
         table, exchange, day = key
-        return Batch(table, exchange, day_to_date(day), buf.rows)
+        return Batch(table, exchange, day_to_date(day), buf.rows, buf.coverage)
+
+    def lowest_seq(self) -> dict[str, int]:
+        """Per feed key, the lowest recv_seq still buffered."""
+        low: dict[str, int] = {}
+        for buf in self._buffers.values():
+            for feed, (lo, _) in buf.coverage.items():
+                if lo < low.get(feed, lo + 1):
+                    low[feed] = lo
+        return low
 
     def due(self, now_mono: float) -> list[PartitionKey]:
         """Keys of buffers older than the flush interval, oldest first."""
@@ -90,8 +119,12 @@ class Batcher:
         """Put a batch whose commit failed back in front of anything buffered since."""
         buf = self._buffers.get(key)
         if buf is None:
-            self._buffers[key] = Buffer(key, now_mono, list(batch.rows))
+            self._buffers[key] = Buffer(key, now_mono, list(batch.rows),
+                                        {k: list(v) for k, v in batch.coverage.items()})
         else:
             buf.rows[:0] = batch.rows
             buf.opened_mono = min(buf.opened_mono, now_mono)
+            for feed, (lo, hi) in batch.coverage.items():
+                cov = buf.coverage.setdefault(feed, [lo, hi])
+                cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
         self.buffered_rows += len(batch.rows)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -26,6 +27,8 @@ from ingestd.schema import SCHEMAS
 from ingestd.sink.batcher import Batch
 
 STAGING_DIR = ".staging"
+# File metadata: {feed key: [[min_seq, max_seq], ...]} - exactly which rows the file holds.
+COVERAGE_KEY = "ingestd.coverage"
 _SAFE_PARTITION = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -89,9 +92,13 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     (the staging file is removed; nothing becomes visible). `staging` is this process's
     own directory under `<root>/.staging/` (see `Staging`)."""
     table = to_arrow(batch.table, batch.exchange, batch.rows)
-    if metadata:
+    extra = dict(metadata or {})
+    if batch.coverage:
+        extra[COVERAGE_KEY] = orjson.dumps(
+            {k: [v] for k, v in batch.coverage.items()}).decode()
+    if extra:
         merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        merged.update({k.encode(): v.encode() for k, v in extra.items()})
         table = table.replace_schema_metadata(merged)
     name = unique_name(batch)
     tmp = staging / (name + ".tmp")

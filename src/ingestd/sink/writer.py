@@ -79,7 +79,7 @@ def write_rejects(root: Path, rejects: list[Reject]) -> None:
 class Writer:
     def __init__(self, root: Path, queue: asyncio.Queue[QueueItem], *, flush_interval_s: float,
                  flush_max_rows: int, compression: str, clock: Clock,
-                 stats: WriterStats | None = None) -> None:
+                 stats: WriterStats | None = None, instance: str = "") -> None:
         self.root = root
         self.queue = queue
         self.clock = clock
@@ -90,6 +90,10 @@ class Writer:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ingestd-writer")
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._inflight_batches: dict[asyncio.Future[Any], Batch] = {}
+        # Feed key (journal instance/feed) -> highest recv_seq taken off the queue.
+        self.instance = instance
+        self.consumed_seq: dict[str, int] = {}
         self._rejects: list[Reject] = []
         self._retry_at_mono = 0.0
         self._retry_delay_s = RETRY_MIN_S
@@ -136,15 +140,22 @@ class Writer:
         if isinstance(item, Reject):
             self._rejects.append(item)
             return
-        _, exchange, out = item
+        feed, exchange, out = item
         now = self.clock.monotonic()
         add = self.batcher.add
+        key = f"{self.instance}/{feed}"
+        top = 0
         for table, rows in ((TRADES, out.trades), (QUOTES, out.quotes), (BOOK, out.book),
                             (EVENTS, out.events)):
             if rows:
-                full = add(table, exchange, rows, now)
+                last = rows[-1][3]
+                if last > top:
+                    top = last
+                full = add(table, exchange, rows, now, key)
                 if full is not None:
                     self._start_commit(full.key)
+        if top > self.consumed_seq.get(key, 0):
+            self.consumed_seq[key] = top
         self.stats.buffered_rows = self.batcher.buffered_rows
 
     async def _tick(self) -> None:
@@ -186,11 +197,13 @@ class Writer:
         fut = asyncio.get_running_loop().run_in_executor(
             self._executor, commit, self.root, self.staging.path, batch, self.compression)
         self._inflight.add(fut)
+        self._inflight_batches[fut] = batch
         fut.add_done_callback(lambda f: self._commit_done(f, batch, key, started))
 
     def _commit_done(self, fut: asyncio.Future[Committed], batch: Batch, key: PartitionKey,
                      started_mono: float) -> None:
         self._inflight.discard(fut)
+        self._inflight_batches.pop(fut, None)
         now = self.clock.monotonic()
         st = self.stats
         exc = None if fut.cancelled() else fut.exception()
@@ -230,6 +243,20 @@ class Writer:
             await asyncio.sleep(self._retry_delay_s)
         self._executor.shutdown(wait=False)  # nothing is pending any more
         self.staging.close()
+
+    def committed_below(self) -> dict[str, int | None]:
+        """Per feed key, the lowest recv_seq not yet committed (None: everything taken off
+        the queue so far is committed). Rows still in the queue have higher values than
+        `consumed_seq` (the intake keeps each feed's order)."""
+        low: dict[str, int | None] = {}
+        pending = self.batcher.lowest_seq()
+        for batch in self._inflight_batches.values():
+            for feed, (lo, _) in batch.coverage.items():
+                if lo < pending.get(feed, lo + 1):
+                    pending[feed] = lo
+        for feed, consumed in self.consumed_seq.items():
+            low[feed] = pending.get(feed, consumed + 1)
+        return low
 
     @property
     def inflight(self) -> int:

@@ -1,0 +1,491 @@
+"""Write-ahead journal of everything the codecs are fed, so no received tick is ever lost.
+
+Owns: the on-disk record format (checksummed, length-prefixed), the live journal of one
+process (`<root>/.journal/<instance>/seg-<n>.wal`, held by an flock), appending records on
+the event loop into a memory buffer, writing and fsyncing that buffer in a dedicated
+thread every `fsync_interval_s / 2` (so a frame is durable at most `fsync_interval_s`
+after arrival), segment rotation with a checkpoint of every codec at the start of each
+segment, and deleting segments once every row derived from them is committed.
+
+Must not: parse frames, or block the event loop on disk I/O (only the thread writes).
+
+Records (all integers little-endian):
+    header   crc32 u32 (of kind+body) | body length u32 | kind u8
+    FEED       feed u16 | JSON {"name","exchange","config"}
+    CHECKPOINT feed u16 | seq_last i64 | pickled codec
+    CONNECT    feed u16 | ts i64                 (codec.on_connect())
+    ROTATE     feed u16 | ts i64                 (codec.on_rotate())
+    FRAME      feed u16 | ts i64 | seq i64 | frame bytes
+    REST       feed u16 | ts i64 | seq i64 | status u16 | key len u16 | url len u16
+               | key | url | body
+    EVENT      feed u16 | ts i64 | seq i64 | JSON [event, detail]
+A torn or corrupted tail ends a segment: reading stops at the last valid record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import os
+import pickle
+import struct
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+import structlog
+
+from ingestd.clock import Clock
+from ingestd.config import FeedConfig
+
+log = structlog.get_logger("ingestd.journal")
+
+JOURNAL_DIR = ".journal"
+SEGMENT_SUFFIX = ".wal"
+
+FEED, CHECKPOINT, CONNECT, ROTATE, FRAME, REST, EVENT = 1, 2, 3, 4, 5, 6, 7
+
+_HEADER = struct.Struct("<IIB")
+_FEED_TS = struct.Struct("<Hq")
+_FEED_TS_SEQ = struct.Struct("<Hqq")
+_REST_EXTRA = struct.Struct("<HHH")
+_crc32 = zlib.crc32
+
+
+def encode(kind: int, body: bytes) -> bytes:
+    kb = bytes((kind,)) + body
+    return _HEADER.pack(_crc32(kb), len(body), kind) + body
+
+
+@dataclass(slots=True)
+class Record:
+    kind: int
+    feed: int
+    ts: int = 0
+    seq: int = 0
+    data: bytes = b""
+    status: int = 0
+    key: str = ""
+    url: str = ""
+
+
+def decode_body(kind: int, body: bytes) -> Record:
+    if kind in (FRAME, EVENT):
+        feed, ts, seq = _FEED_TS_SEQ.unpack_from(body)
+        return Record(kind, feed, ts, seq, body[_FEED_TS_SEQ.size:])
+    if kind == REST:
+        feed, ts, seq = _FEED_TS_SEQ.unpack_from(body)
+        status, klen, ulen = _REST_EXTRA.unpack_from(body, _FEED_TS_SEQ.size)
+        off = _FEED_TS_SEQ.size + _REST_EXTRA.size
+        key = body[off:off + klen].decode()
+        url = body[off + klen:off + klen + ulen].decode()
+        return Record(kind, feed, ts, seq, body[off + klen + ulen:], status, key, url)
+    if kind in (CONNECT, ROTATE):
+        feed, ts = _FEED_TS.unpack_from(body)
+        return Record(kind, feed, ts)
+    if kind == CHECKPOINT:
+        feed, seq = _FEED_TS.unpack_from(body)
+        return Record(kind, feed, seq=seq, data=body[_FEED_TS.size:])
+    if kind == FEED:
+        (feed,) = struct.unpack_from("<H", body)
+        return Record(kind, feed, data=body[2:])
+    raise ValueError(f"unknown record kind {kind}")
+
+
+def read_segment(path: Path) -> tuple[list[Record], int, bool]:
+    """All valid records of a segment, the byte offset after the last one, and whether
+    the file continues past it (a torn or corrupted tail)."""
+    data = path.read_bytes()
+    records: list[Record] = []
+    off, n = 0, len(data)
+    hsize = _HEADER.size
+    while off + hsize <= n:
+        crc, length, kind = _HEADER.unpack_from(data, off)
+        end = off + hsize + length
+        if end > n:
+            break
+        body = data[off + hsize:end]
+        if _crc32(bytes((kind,)) + body) != crc:
+            break
+        try:
+            records.append(decode_body(kind, body))
+        except (ValueError, struct.error, UnicodeDecodeError):
+            break
+        off = end
+    return records, off, off != n
+
+
+def iter_segments(journal_dir: Path) -> list[Path]:
+    return sorted(journal_dir.glob(f"seg-*{SEGMENT_SUFFIX}"))
+
+
+def lock_dir(d: Path) -> int | None:
+    """flock `<d>/.lock` without waiting: the fd holding it, or None if a live owner has it."""
+    try:
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Segment:
+    number: int
+    path: Path
+    max_seq: dict[str, int] = field(default_factory=dict)   # feed key -> highest seq
+
+
+@dataclass(slots=True)
+class JournalStats:
+    records: int = 0
+    bytes_appended: int = 0
+    bytes_durable: int = 0
+    fsyncs: int = 0
+    fsync_failures: int = 0
+    last_fsync_mono: float | None = None
+    segments_deleted: int = 0
+    pending_bytes: int = 0
+    healthy: bool = True
+    last_error: str | None = None
+
+
+class Journal:
+    """The live journal of this process. Appends happen on the loop; I/O in one thread."""
+
+    def __init__(self, root: Path, *, fsync_interval_s: float, clock: Clock,
+                 segment_max_bytes: int = 256 * 1024 * 1024, segment_max_s: float = 300.0,
+                 keep_s: float = 0.0, max_pending_bytes: int = 256 * 1024 * 1024) -> None:
+        self.root = root
+        self.instance = uuid.uuid4().hex[:12]
+        self.dir = root / JOURNAL_DIR / self.instance
+        self.clock = clock
+        self.fsync_interval_s = fsync_interval_s
+        self.segment_max_bytes = segment_max_bytes
+        self.segment_max_s = segment_max_s
+        self.keep_s = keep_s
+        self.max_pending_bytes = max_pending_bytes
+        self.stats = JournalStats()
+        self._buf = bytearray()
+        self._feeds: dict[str, int] = {}          # feed name -> id
+        self._feed_codecs: dict[str, Any] = {}    # feed name -> codec (for checkpoints)
+        self._feed_seq: dict[str, Any] = {}       # feed name -> SeqAllocator
+        self._feed_info: dict[str, bytes] = {}
+        self._segments: list[_Segment] = []
+        self._current: _Segment | None = None
+        self._segment_started_mono = 0.0
+        self._segment_bytes = 0
+        self._lock_fd: int | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ingestd-journal")
+        self._flusher: asyncio.Task[None] | None = None
+        self._chunks: list[tuple[Path, bytes]] = []     # appended, not yet durable
+        self._sizes: dict[Path, int] = {}               # durable length of each segment
+        self._writing: asyncio.Future[None] | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Blocking: create and lock our directory, start the first segment."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_dir(self.dir)
+        if self._lock_fd is None:
+            raise OSError(f"cannot lock journal directory {self.dir}")
+        _fsync_dir(self.dir.parent)
+
+    def start(self) -> None:
+        self._new_segment()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="journal-flush")
+
+    def feed_key(self, feed: str) -> str:
+        """The key this journal's feed has in Parquet coverage metadata."""
+        return f"{self.instance}/{feed}"
+
+    def register(self, feed: FeedConfig, codec: Any, seq: Any) -> int:
+        """A feed's records get this id; its codec is checkpointed at each new segment."""
+        fid = self._feeds.get(feed.name)
+        if fid is None:
+            fid = len(self._feeds) + 1
+            self._feeds[feed.name] = fid
+        self._feed_codecs[feed.name] = codec
+        self._feed_seq[feed.name] = seq
+        info = orjson.dumps({"name": feed.name, "exchange": feed.exchange,
+                             "config": msgspec.to_builtins(feed)})
+        self._feed_info[feed.name] = info
+        self._append(FEED, struct.pack("<H", fid) + info, feed.name, 0)
+        self._checkpoint(feed.name)
+        return fid
+
+    def unregister(self, feed: str) -> None:
+        self._feed_codecs.pop(feed, None)
+        self._feed_seq.pop(feed, None)
+        self._feed_info.pop(feed, None)
+
+    async def close(self, removable: bool) -> None:
+        """Flush and fsync everything; delete our segments if `removable` (all committed)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.flush()
+        if removable and not self.keep_s:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._remove_all)
+        self._executor.shutdown(wait=False)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _remove_all(self) -> None:
+        for p in iter_segments(self.dir):
+            p.unlink(missing_ok=True)
+        (self.dir / ".lock").unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+
+    # ---- appending (event loop, hot path) --------------------------------------------------
+    def _append(self, kind: int, body: bytes, feed: str, seq: int) -> None:
+        kb = bytes((kind,)) + body
+        rec = _HEADER.pack(_crc32(kb), len(body), kind) + body
+        self._buf += rec
+        n = len(rec)
+        st = self.stats
+        st.records += 1
+        st.bytes_appended += n
+        st.pending_bytes += n
+        self._segment_bytes += n
+        if seq:
+            cur = self._current
+            if cur is not None and seq > cur.max_seq.get(feed, 0):
+                cur.max_seq[feed] = seq
+        if st.pending_bytes > self.max_pending_bytes:
+            self._room.clear()
+
+    def frame(self, feed: str, fid: int, ts: int, seq: int, frame: bytes) -> None:
+        self._append(FRAME, _FEED_TS_SEQ.pack(fid, ts, seq) + frame, feed, seq)
+
+    def rest(self, feed: str, fid: int, ts: int, seq: int, status: int, key: str, url: str,
+             body: bytes) -> None:
+        k, u = key.encode(), url.encode()
+        self._append(REST, _FEED_TS_SEQ.pack(fid, ts, seq)
+                     + _REST_EXTRA.pack(min(status, 65535), len(k), len(u)) + k + u + body,
+                     feed, seq)
+
+    def connect(self, feed: str, fid: int, ts: int) -> None:
+        self._append(CONNECT, _FEED_TS.pack(fid, ts), feed, 0)
+
+    def rotate(self, feed: str, fid: int, ts: int) -> None:
+        self._append(ROTATE, _FEED_TS.pack(fid, ts), feed, 0)
+
+    def event(self, feed: str, fid: int, ts: int, seq: int, event: str,
+              detail: str | None) -> None:
+        self._append(EVENT, _FEED_TS_SEQ.pack(fid, ts, seq) + orjson.dumps([event, detail]),
+                     feed, seq)
+
+    @property
+    def full(self) -> bool:
+        """More than `max_pending_bytes` not yet written (the disk is failing)."""
+        return not self._room.is_set()
+
+    async def wait_room(self) -> None:
+        await self._room.wait()
+
+    # ---- segments and checkpoints ----------------------------------------------------------
+    def _checkpoint(self, feed: str) -> None:
+        codec = self._feed_codecs[feed]
+        seq = self._feed_seq[feed]
+        state = pickle.dumps(codec, protocol=pickle.HIGHEST_PROTOCOL)
+        self._append(CHECKPOINT, _FEED_TS.pack(self._feeds[feed], seq.last) + state, feed, 0)
+
+    def _new_segment(self) -> None:
+        number = self._current.number + 1 if self._current is not None else 1
+        seg = _Segment(number, self.dir / f"seg-{number:08d}{SEGMENT_SUFFIX}")
+        self._submit_pending()  # what was appended so far belongs to the old segment
+        self._current = seg
+        self._segments.append(seg)
+        self._segment_bytes = 0
+        self._segment_started_mono = self.clock.monotonic()
+        # A segment is self-contained: feed table and codec state first.
+        for name, fid in self._feeds.items():
+            if name in self._feed_info:
+                self._append(FEED, struct.pack("<H", fid) + self._feed_info[name], name, 0)
+                self._checkpoint(name)
+
+    def _maybe_rotate(self) -> None:
+        if self._segment_bytes >= self.segment_max_bytes or \
+                self.clock.monotonic() - self._segment_started_mono >= self.segment_max_s:
+            self._new_segment()
+
+    # ---- writing (the journal thread) ------------------------------------------------------
+    def _submit_pending(self) -> None:
+        """Move what was appended into a chunk bound for the current segment file."""
+        if self._buf and self._current is not None:
+            self._chunks.append((self._current.path, bytes(self._buf)))
+            self._buf = bytearray()
+
+    def _start_write(self) -> asyncio.Future[None] | None:
+        if self._writing is not None or not self._chunks:
+            return self._writing
+        chunks = list(self._chunks)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executor, self._write, chunks, dict(self._sizes))
+        self._writing = asyncio.ensure_future(self._after_write(fut, chunks))
+        return self._writing
+
+    async def _after_write(self, fut: asyncio.Future[dict[Path, int]],
+                           chunks: list[tuple[Path, bytes]]) -> None:
+        st = self.stats
+        try:
+            sizes = await fut
+        except OSError as e:
+            st.fsync_failures += 1
+            if st.healthy:
+                log.error("journal_write_failed", error=f"{type(e).__name__}: {e}",
+                          pending_bytes=st.pending_bytes)
+            st.healthy = False
+            st.last_error = f"{type(e).__name__}: {e}"
+            return
+        finally:
+            self._writing = None
+        del self._chunks[:len(chunks)]
+        self._sizes.update(sizes)
+        n = sum(len(c) for _, c in chunks)
+        st.fsyncs += 1
+        st.bytes_durable += n
+        st.pending_bytes -= n
+        st.last_fsync_mono = self.clock.monotonic()
+        if not st.healthy:
+            log.info("journal_recovered")
+        st.healthy = True
+        st.last_error = None
+        if st.pending_bytes <= self.max_pending_bytes:
+            self._room.set()
+
+    @staticmethod
+    def _write(chunks: list[tuple[Path, bytes]], sizes: dict[Path, int]) -> dict[Path, int]:
+        """Append chunks and fsync (journal thread). After a failure nothing is trusted
+        beyond the last durable size: the file is truncated back to it and every pending
+        chunk is written again with a fresh descriptor and fsync'd (a failed fsync is
+        never retried on the data it failed for)."""
+        new_sizes: dict[Path, int] = {}
+        by_path: dict[Path, list[bytes]] = {}
+        for path, chunk in chunks:
+            by_path.setdefault(path, []).append(chunk)
+        for path, parts in by_path.items():
+            created = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                good = sizes.get(path, 0)
+                if os.fstat(fd).st_size != good:
+                    os.ftruncate(fd, good)
+                os.lseek(fd, good, os.SEEK_SET)
+                data = b"".join(parts)
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(path.parent)
+            new_sizes[path] = good + len(data)
+        return new_sizes
+
+    def flush_blocking(self) -> None:
+        """Write everything pending from the calling thread (only for a forced exit)."""
+        self._submit_pending()
+        if self._chunks:
+            try:
+                self._write(list(self._chunks), dict(self._sizes))
+            except OSError as e:
+                log.error("journal_final_write_failed", error=str(e))
+
+    async def flush(self) -> None:
+        """Write and fsync everything appended so far; retries until it succeeds."""
+        self._submit_pending()
+        while self._chunks:
+            fut = self._start_write()
+            if fut is not None:
+                await fut
+            if self._chunks:
+                await asyncio.sleep(min(self.fsync_interval_s, 0.2))
+
+    async def _flush_loop(self) -> None:
+        period = self.fsync_interval_s / 2
+        while True:
+            await asyncio.sleep(period)
+            self._submit_pending()
+            if self._writing is None:
+                self._maybe_rotate()
+                self._start_write()
+
+    # ---- retention -------------------------------------------------------------------------
+    def deletable(self, committed_below: dict[str, int | None]) -> list[_Segment]:
+        """Segments (not the current one) all of whose rows are committed.
+
+        `committed_below[feed key]` is the lowest recv_seq of that feed not yet committed
+        (None: nothing pending)."""
+        out = []
+        for seg in self._segments[:-1]:
+            ok = True
+            for feed, max_seq in seg.max_seq.items():
+                low = committed_below.get(self.feed_key(feed))
+                if low is not None and low <= max_seq:
+                    ok = False
+                    break
+            if not ok:
+                break  # keep order: never delete a segment after one that must stay
+            out.append(seg)
+        return out
+
+    async def delete_segments(self, segments: list[_Segment]) -> None:
+        if self.keep_s or not segments:
+            return
+        for seg in segments:
+            self._segments.remove(seg)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._unlink, [s.path for s in segments])
+        self.stats.segments_deleted += len(segments)
+
+    @staticmethod
+    def _unlink(paths: list[Path]) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+
+def feed_config_from(info: bytes) -> tuple[str, str, FeedConfig]:
+    d = orjson.loads(info)
+    return d["name"], d["exchange"], msgspec.convert(d["config"], FeedConfig)
+
+
+def records_of(journal_dir: Path, truncate: bool) -> Iterator[tuple[Path, list[Record], bool]]:
+    """Every segment's valid records in order; with `truncate`, torn tails are cut off."""
+    for path in iter_segments(journal_dir):
+        recs, end, torn = read_segment(path)
+        if torn and truncate:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        yield path, recs, torn
