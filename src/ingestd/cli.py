@@ -4,6 +4,8 @@
     ingestd check --config PATH      validate a config (every problem listed)
     ingestd demo [--seconds S] [--root DIR]
                                      run against the built-in exchange simulator
+    ingestd compact --config PATH [--before YYYY-MM-DD]
+                                     merge closed days' part files into large sorted files
     ingestd sim --exchange ID [--port P]
                                      serve one simulated exchange until interrupted
     ingestd --version
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from ingestd import __version__
@@ -27,7 +30,7 @@ EX_FATAL = 1
 EX_USAGE = 2
 EX_CONFIG = 78
 
-COMMANDS = ("run", "check", "demo", "sim")
+COMMANDS = ("run", "check", "demo", "sim", "compact")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="output root (default: ./demo-data)")
     demo.add_argument("--exchange", action="append", default=None,
                       help="exchange id to include (repeatable; default: all simulated)")
+    compact = sub.add_parser("compact", help="merge closed days' part files (idempotent)")
+    compact.add_argument("--config", metavar="PATH", required=True)
+    compact.add_argument("--before", metavar="YYYY-MM-DD", default=None,
+                         help="compact dates before this one (default: today, UTC)")
     sim = sub.add_parser("sim", help="serve one simulated exchange (recorded frames) locally")
     sim.add_argument("--exchange", required=True, help="exchange id, e.g. binance")
     sim.add_argument("--host", default="127.0.0.1")
@@ -90,6 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         feeds = ", ".join(f"{f.name} ({f.exchange}: {len(f.symbols)} symbols)"
                           for f in cfg.feeds)
         print(f"{args.config}: OK - {len(cfg.feeds)} feed(s): {feeds}")
+        return EX_OK
+
+    if command == "compact":
+        from ingestd.sink.compact import compact
+
+        r = compact(Path(cfg.storage.root), args.before)
+        print(f"compacted {r.partitions} partition(s): {r.files_in} files -> {r.files_out}, "
+              f"{r.rows} rows; {r.resumed} interrupted compaction(s) finished")
         return EX_OK
 
     from ingestd.daemon import Daemon, UnusableRoot, check_root
