@@ -6,6 +6,8 @@
                                      run against the built-in exchange simulator
     ingestd compact --config PATH [--before YYYY-MM-DD]
                                      merge closed days' part files into large sorted files
+    ingestd status [--config PATH | --url URL]
+                                     a running daemon's /health as a table (exit 1 unless ok)
     ingestd sim --exchange ID [--port P]
                                      serve one simulated exchange until interrupted
     ingestd --version
@@ -30,7 +32,7 @@ EX_FATAL = 1
 EX_USAGE = 2
 EX_CONFIG = 78
 
-COMMANDS = ("run", "check", "demo", "sim", "compact")
+COMMANDS = ("run", "check", "demo", "sim", "compact", "status")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--config", metavar="PATH", required=True)
     compact.add_argument("--before", metavar="YYYY-MM-DD", default=None,
                          help="compact dates before this one (default: today, UTC)")
+    status = sub.add_parser("status", help="show a running daemon's /health as a table")
+    status.add_argument("--config", metavar="PATH", help="read [health] listen from here")
+    status.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8080/health")
     sim = sub.add_parser("sim", help="serve one simulated exchange (recorded frames) locally")
     sim.add_argument("--exchange", required=True, help="exchange id, e.g. binance")
     sim.add_argument("--host", default="127.0.0.1")
@@ -72,6 +77,18 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
+def _status(url: str) -> int:
+    from ingestd.status import fetch, render
+
+    try:
+        code, body = fetch(url)
+    except OSError as e:
+        print(f"ingestd status: cannot reach {url}: {e}", file=sys.stderr)
+        return EX_FATAL
+    print(render(body))
+    return EX_OK if code == 200 else EX_FATAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "run"
@@ -81,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "sim":
         from ingestd.sim.cli import serve_forever
         return _run_loop(serve_forever(args.exchange, args.host, args.port, args.rate or None))
+    if command == "status" and args.url:
+        return _status(args.url)
     if not args.config:
         print("ingestd: --config PATH is required (see ingestd --help)", file=sys.stderr)
         return EX_USAGE
@@ -99,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: OK - {len(cfg.feeds)} feed(s): {feeds}")
         return EX_OK
 
+    if command == "status":
+        host, _, port = cfg.health.listen.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        return _status(f"http://{host}:{port}/health")
     if command == "compact":
         from ingestd.sink.compact import compact
 
@@ -107,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r.rows} rows; {r.resumed} interrupted compaction(s) finished")
         return EX_OK
 
-    from ingestd.daemon import Daemon, UnusableRoot, check_root
+    from ingestd.daemon import Daemon, HealthBindError, UnusableRoot, check_root
     from ingestd.logs import configure
 
     configure(cfg.log.level, cfg.log.format)
@@ -118,10 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
 
     async def _main() -> int:
-        return await Daemon(cfg).run()
+        return await Daemon(cfg, config_path=args.config).run()
 
     try:
         return _run_loop(_main())
+    except HealthBindError as e:
+        print(f"ingestd: {args.config}: {e}", file=sys.stderr)
+        return EX_FATAL
     except KeyboardInterrupt:  # pragma: no cover - signals are handled in the loop
         return EX_FATAL
 

@@ -15,12 +15,16 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import structlog
 
 from ingestd import __version__
 from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
-from ingestd.config import Config, FeedConfig
+from ingestd.config import Config, ConfigError, FeedConfig, load_config
+from ingestd.health import HealthServer, writer_progressing
+from ingestd.notify import Notifier
 from ingestd.exchanges import CODECS
 from ingestd.feed.intake import Intake
 from ingestd.feed.limiter import ConnectLimiter
@@ -41,6 +45,10 @@ class UnusableRoot(Exception):
     """The output directory cannot be created or written."""
 
 
+class HealthBindError(Exception):
+    """The health endpoint's address cannot be bound."""
+
+
 def check_root(root: Path) -> None:
     """Create `root` if needed and prove we can write, fsync and delete a file in it."""
     try:
@@ -57,9 +65,20 @@ def check_root(root: Path) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK,
+                 config_path: str | None = None, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.health: HealthServer | None = None
+        self.health_port: int | None = None
+        self.loop_lag_s = 0.0
+        self.loop_lag_max_s = 0.0
+        self.stats_interval_s = 60.0
+        self.reloads = 0
+        self._reload_lock = asyncio.Lock()
+        self._background: list[asyncio.Task[Any]] = []
         self.root = Path(cfg.storage.root)
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(cfg.queue.capacity)
         self.queue_stats = QueueStats(cfg.queue.capacity)
@@ -105,6 +124,7 @@ class Daemon:
         if self._signals == 1:
             self.request_stop(name)
             return
+        self.notifier.send("STATUS=forced exit")
         log.error("forced_exit", signal=name, buffered_rows=self.writer_stats.buffered_rows,
                   queued=self.queue.qsize())
         if self.journal is not None:
@@ -117,11 +137,114 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
     def _remove_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._background.append(task)
+        task.add_done_callback(self._background.remove)
+
+    # ---- SIGHUP: reload -------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """Re-read the config file: added feeds start, removed feeds stop (their data is
+        committed), changed feeds restart, untouched feeds keep their connections. An
+        invalid file is logged and the running config stays."""
+        if self.config_path is None or self.state == "stopping":
+            return False
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as e:
+                log.error("reload_rejected", problems=e.problems)
+                self.notifier.status(f"reload rejected: {e.problems[0]}; running config kept")
+                self.notifier.send("READY=1")
+                return False
+            fixed = [name for name in ("storage", "journal", "queue", "service", "health",
+                                       "log") if getattr(new, name) != getattr(self.cfg, name)]
+            if fixed:
+                log.warning("reload_needs_restart", sections=fixed,
+                            detail="only [[feeds]] changes apply without a restart")
+            old = {f.name: f for f in self.cfg.feeds}
+            want = {f.name: f for f in new.feeds}
+            removed = sorted(set(old) - set(want))
+            added = sorted(set(want) - set(old))
+            changed = sorted(n for n in set(old) & set(want) if old[n] != want[n])
+            for name in removed + changed:
+                await self._stop_feed(name)
+            for name in added + changed:
+                self._start_feed(want[name])
+            self.cfg = msgspec.structs.replace(self.cfg, feeds=new.feeds)
+            self.reloads += 1
+            log.info("reloaded", added=added, removed=removed, changed=changed,
+                     unchanged=sorted(set(old) & set(want) - set(changed)))
+            self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+            return True
+
+    async def _stop_feed(self, name: str) -> None:
+        reader = self.readers.pop(name, None)
+        if reader is None:
+            return
+        reader.stop()
+        if reader.task is not None:
+            await asyncio.gather(reader.task, return_exceptions=True)
+        if self.journal is not None:
+            self.journal.unregister(name)
+        self.feed_stats.pop(name, None)
+
+    # ---- background monitors ---------------------------------------------------------------
+    async def _lag_monitor(self) -> None:
+        """How late the loop runs a timer: a blocked loop starves every feed's keepalive."""
+        period = 0.25
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(period)
+            lag = max(0.0, loop.time() - t0 - period)
+            self.loop_lag_s = lag
+            if lag > self.loop_lag_max_s:
+                self.loop_lag_max_s = lag
+
+    def _status_line(self) -> str:
+        streaming = sum(1 for st in self.feed_stats.values() if st.state == "streaming")
+        rows = sum(self.writer_stats.rows_written.values())
+        return (f"{self.state}: {streaming}/{len(self.feed_stats)} feeds streaming, "
+                f"{rows} rows written, queue {self.queue.qsize()}/{self.cfg.queue.capacity}")
+
+    async def _notify_loop(self) -> None:
+        """WATCHDOG=1 at half the watchdog interval, only while the loop and the writer
+        make progress; a STATUS= line every 10 s."""
+        n = self.notifier
+        period = min(10.0, n.watchdog_s / 2) if n.watchdog_s else 10.0
+        since_status = 0.0
+        while True:
+            await asyncio.sleep(period)
+            if n.watchdog_s and writer_progressing(self):
+                n.watchdog()
+            since_status += period
+            if since_status >= 10.0:
+                since_status = 0.0
+                n.status(self._status_line())
+
+    async def _stats_logger(self) -> None:
+        """One line per feed per interval (never per message)."""
+        last: dict[str, tuple[int, int]] = {}
+        while True:
+            await asyncio.sleep(self.stats_interval_s)
+            for name, st in sorted(self.feed_stats.items()):
+                prev_msgs, prev_rows = last.get(name, (0, 0))
+                rows = sum(st.rows.values())
+                log.info("feed_stats", feed=name, exchange=st.exchange, state=st.state,
+                         breaker=st.breaker, messages=st.messages - prev_msgs,
+                         rows=rows - prev_rows, gaps=st.gaps, reconnects=st.reconnects,
+                         parse_errors=sum(st.parse_errors.values()),
+                         drops=sum(st.drops.values()), interval_s=self.stats_interval_s)
+                last[name] = (st.messages, rows)
 
     # ---- run -------------------------------------------------------------------------------
     async def _recover(self) -> None:
@@ -166,25 +289,39 @@ class Daemon:
                 await journal.delete_segments(segments)
 
     async def run(self, install_signals: bool = True) -> int:
+        if install_signals:
+            # First thing: a signal during start-up (e.g. recovery) must drain, not kill.
+            self._install_signals()
         check_root(self.root)
         await asyncio.to_thread(self.writer.open)
         if self.journal is not None:
             await asyncio.to_thread(self.journal.open)
             await self._recover()
             self.journal.start()
+        host, _, port = self.cfg.health.listen.rpartition(":")
+        self.health = HealthServer(self, host.strip("[]"), int(port))
+        try:
+            self.health_port = await self.health.start()
+        except OSError as e:
+            raise HealthBindError(f"health.listen: cannot listen on {self.cfg.health.listen}: "
+                                  f"{e.strerror or e}") from None
         log.info("starting", version=__version__, root=str(self.root),
                  feeds=[f.name for f in self.cfg.feeds],
                  journal=str(self.journal.dir) if self.journal else None,
+                 health=f"{host}:{self.health_port}",
                  stale_staging_removed=self.writer.stale_staging_removed)
         writer_task = asyncio.create_task(self.writer.run(), name="writer")
+        for monitor in (self._lag_monitor, self._notify_loop, self._stats_logger):
+            self._background.append(asyncio.create_task(monitor(), name=monitor.__name__))
         retention = None
         if self.journal is not None:
             retention = asyncio.create_task(self._journal_retention(), name="journal-retention")
-        for feed in self.cfg.feeds:
-            self._start_feed(feed)
-        if install_signals:
-            self._install_signals()
-        self.state = "ok"
+        if not self._stop.is_set():  # a signal during start-up: do not start feeds
+            for feed in self.cfg.feeds:
+                self._start_feed(feed)
+        if not self._stop.is_set():
+            self.state = "ok"
+        self.notifier.ready(self._status_line())
         stop_wait = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({stop_wait, writer_task},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -195,6 +332,7 @@ class Daemon:
             self.exit_code = EXIT_FATAL
             self.request_stop("writer failed")
         stop_wait.cancel()
+        self.notifier.stopping()
         try:
             await asyncio.wait_for(self._shutdown(writer_task),
                                    timeout=self.cfg.service.shutdown_timeout_s)
@@ -206,6 +344,10 @@ class Daemon:
         finally:
             if retention is not None:
                 retention.cancel()
+            for task in list(self._background):
+                task.cancel()
+            if self.health is not None:
+                await self.health.stop()
             if install_signals:
                 self._remove_signals()
         if self.journal is not None:

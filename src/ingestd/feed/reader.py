@@ -390,7 +390,17 @@ class FeedReader:
             for text in out.replies:
                 await self._ws.send(text)
         if out.trades or out.quotes or out.book or out.events:
-            await self.intake.put((self.name, self.exchange, out))
+            rows = st.rows
+            if out.trades:
+                rows["trades"] += len(out.trades)
+            if out.quotes:
+                rows["quotes"] += len(out.quotes)
+            if out.book:
+                rows["book"] += len(out.book)
+            if out.events:
+                rows["events"] += len(out.events)
+            if not await self.intake.put((self.name, self.exchange, out)):
+                st.drops["queue_full"] += 1
         if out.reconnect:
             self._request_rotation(out.reconnect)
 

@@ -130,8 +130,8 @@ def compact_partition(root: Path, partition: Path, table_name: str,
     _fsync_dir(mdir)
     os.rename(tmp, final)
     _fsync_dir(partition)
-    for f in files:
-        f.unlink()
+    for src in files:
+        src.unlink()
     _fsync_dir(partition)
     manifest.unlink()
     return len(files), merged.num_rows

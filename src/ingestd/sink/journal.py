@@ -186,6 +186,7 @@ class Journal:
         self.stats = JournalStats()
         self._buf = bytearray()
         self._feeds: dict[str, int] = {}          # feed name -> id
+        self._next_fid = 0
         self._feed_codecs: dict[str, Any] = {}    # feed name -> codec (for checkpoints)
         self._feed_seq: dict[str, Any] = {}       # feed name -> SeqAllocator
         self._feed_info: dict[str, bytes] = {}
@@ -222,10 +223,11 @@ class Journal:
 
     def register(self, feed: FeedConfig, codec: Any, seq: Any) -> int:
         """A feed's records get this id; its codec is checkpointed at each new segment."""
-        fid = self._feeds.get(feed.name)
-        if fid is None:
-            fid = len(self._feeds) + 1
-            self._feeds[feed.name] = fid
+        # A new id per registration: a feed restarted with a changed config (SIGHUP) must
+        # replay with its new codec, not the old one's state.
+        self._next_fid += 1
+        fid = self._next_fid
+        self._feeds[feed.name] = fid
         self._feed_codecs[feed.name] = codec
         self._feed_seq[feed.name] = seq
         info = orjson.dumps({"name": feed.name, "exchange": feed.exchange,
@@ -236,6 +238,7 @@ class Journal:
         return fid
 
     def unregister(self, feed: str) -> None:
+        self._feeds.pop(feed, None)
         self._feed_codecs.pop(feed, None)
         self._feed_seq.pop(feed, None)
         self._feed_info.pop(feed, None)

@@ -1,0 +1,144 @@
+"""Prometheus exposition of ingestd's counters (prometheus_client, custom collector).
+
+Owns: the `ingestd_*` metric families, built at scrape time from the live stats objects
+(feeds, queue, writer, journal, event loop), so the hot path only bumps plain integers.
+
+Must not: keep state of its own, or be called per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from ingestd import __version__
+
+if TYPE_CHECKING:
+    from ingestd.daemon import Daemon
+
+BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.daemon
+        now = d.clock.monotonic()
+        labels = ["feed", "exchange"]
+        info = GaugeMetricFamily("ingestd_info", "ingestd version", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+
+        up = GaugeMetricFamily("ingestd_feed_up", "1 while the feed is streaming", labels=labels)
+        breaker = GaugeMetricFamily("ingestd_breaker_state",
+                                    "circuit breaker: 0 closed, 1 half_open, 2 open",
+                                    labels=labels)
+        age = GaugeMetricFamily("ingestd_last_message_age_seconds",
+                                "seconds since the feed's last frame", labels=labels)
+        frames = CounterMetricFamily("ingestd_frames", "frames received", labels=labels)
+        nbytes = CounterMetricFamily("ingestd_received_bytes", "bytes received", labels=labels)
+        reconnects = CounterMetricFamily("ingestd_reconnects", "reconnections", labels=labels)
+        gaps = CounterMetricFamily("ingestd_gaps", "sequence gaps detected", labels=labels)
+        resyncs = CounterMetricFamily("ingestd_resyncs", "book resyncs", labels=labels)
+        stale = CounterMetricFamily("ingestd_stale", "stale streams detected", labels=labels)
+        unknown = CounterMetricFamily("ingestd_unknown_messages", "messages of unknown types",
+                                      labels=labels)
+        errors = CounterMetricFamily("ingestd_parse_errors", "frames rejected (kept raw)",
+                                     labels=[*labels, "reason"])
+        drops = CounterMetricFamily("ingestd_drops", "rows or frames dropped, by reason",
+                                    labels=[*labels, "reason"])
+        rows = CounterMetricFamily("ingestd_rows", "rows handed to the writer",
+                                   labels=[*labels, "table"])
+        for name, st in sorted(d.feed_stats.items()):
+            lv = [name, st.exchange]
+            up.add_metric(lv, 1.0 if st.state == "streaming" else 0.0)
+            breaker.add_metric(lv, BREAKER_VALUE.get(st.breaker, 2.0))
+            if st.last_message_mono is not None:
+                age.add_metric(lv, max(0.0, now - st.last_message_mono))
+            frames.add_metric(lv, st.messages)
+            nbytes.add_metric(lv, st.bytes)
+            reconnects.add_metric(lv, st.reconnects)
+            gaps.add_metric(lv, st.gaps)
+            resyncs.add_metric(lv, st.resyncs)
+            stale.add_metric(lv, st.stale)
+            unknown.add_metric(lv, st.unknown_messages)
+            for reason, n in sorted(st.parse_errors.items()):
+                errors.add_metric([*lv, reason], n)
+            for reason, n in sorted(st.drops.items()):
+                drops.add_metric([*lv, reason], n)
+            for table, n in sorted(st.rows.items()):
+                rows.add_metric([*lv, table], n)
+        yield from (up, breaker, age, frames, nbytes, reconnects, gaps, resyncs, stale, unknown,
+                    errors, drops, rows)
+
+        q = d.queue_stats
+        yield GaugeMetricFamily("ingestd_queue_depth", "messages queued for the writer",
+                                value=d.queue.qsize())
+        yield GaugeMetricFamily("ingestd_queue_capacity", "queue capacity", value=q.capacity)
+        yield GaugeMetricFamily("ingestd_queue_peak_depth", "highest depth seen",
+                                value=q.peak_depth)
+
+        w = d.writer_stats
+        written = CounterMetricFamily("ingestd_rows_written", "rows committed to Parquet",
+                                      labels=["table"])
+        for table, n in sorted(w.rows_written.items()):
+            written.add_metric([table], n)
+        yield written
+        yield CounterMetricFamily("ingestd_files_written", "Parquet files committed",
+                                  value=w.files_written)
+        yield CounterMetricFamily("ingestd_written_bytes", "Parquet bytes committed",
+                                  value=w.bytes_written)
+        yield CounterMetricFamily("ingestd_flush_errors", "failed commits (retried)",
+                                  value=w.flush_errors)
+        yield GaugeMetricFamily("ingestd_writer_healthy", "1 while commits succeed",
+                                value=1.0 if w.healthy else 0.0)
+        yield GaugeMetricFamily("ingestd_buffered_rows", "rows buffered, not yet committed",
+                                value=w.buffered_rows)
+        flush = SummaryMetricFamily("ingestd_flush_duration_seconds",
+                                    "time from handing a batch to the worker to its commit",
+                                    count_value=w.files_written,
+                                    sum_value=w.flush_seconds_total)
+        yield flush
+        yield GaugeMetricFamily("ingestd_event_loop_lag_seconds",
+                                "latest event-loop scheduling delay", value=d.loop_lag_s)
+        yield GaugeMetricFamily("ingestd_event_loop_lag_max_seconds",
+                                "largest event-loop scheduling delay", value=d.loop_lag_max_s)
+
+        j = d.journal
+        if j is not None:
+            js = j.stats
+            yield GaugeMetricFamily("ingestd_journal_healthy", "1 while journal writes succeed",
+                                    value=1.0 if js.healthy else 0.0)
+            if js.last_fsync_mono is not None:
+                yield GaugeMetricFamily("ingestd_journal_fsync_age_seconds",
+                                        "seconds since the journal's last fsync",
+                                        value=max(0.0, now - js.last_fsync_mono))
+            yield GaugeMetricFamily("ingestd_journal_pending_bytes",
+                                    "journal bytes not yet durable", value=js.pending_bytes)
+            yield CounterMetricFamily("ingestd_journal_bytes", "bytes appended to the journal",
+                                      value=js.bytes_appended)
+            yield CounterMetricFamily("ingestd_journal_fsync_failures",
+                                      "failed journal writes or fsyncs",
+                                      value=js.fsync_failures)
+
+
+def registry_for(daemon: Daemon) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(DaemonCollector(daemon))
+    return reg
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
