@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingestd.daemon import Daemon  # noqa: E402
-from ingestd.sim import SimServer  # noqa: E402
-from tests.support import feed_for, make_config  # noqa: E402
+from ingestd.daemon import Daemon
+from ingestd.sim import SimServer
+from tests.support import feed_for, make_config
 
 
 def fill(path: Path) -> int:

@@ -212,8 +212,8 @@ async def test_sd_notify_ready_watchdog_status_stopping(tmp_path: Path) -> None:
     sock.close()
     ready = [m for m in messages if "READY=1" in m]
     assert ready and "STATUS=ok: " in ready[0] and f"MAINPID={p.proc.pid}" in ready[0]
-    assert messages.index(ready[0]) < [i for i, m in enumerate(messages)
-                                       if "WATCHDOG=1" in m][0]
+    assert messages.index(ready[0]) < next(i for i, m in enumerate(messages)
+                                       if "WATCHDOG=1" in m)
     assert sum("WATCHDOG=1" in m for m in messages) >= 3
     assert any("STOPPING=1" in m for m in messages)
 

@@ -29,6 +29,7 @@ from ingestd.schema import BOOK, EVENTS, QUOTES, TRADES
 from ingestd.sink.batcher import NS_PER_DAY, Batch, Batcher, PartitionKey, day_to_date
 from ingestd.sink.parquet import Committed, Staging, commit
 from ingestd.stats import WriterStats
+from ingestd.trace import from_env as trace_from_env
 
 log = structlog.get_logger("ingestd.writer")
 
@@ -94,6 +95,7 @@ class Writer:
         # Feed key (journal instance/feed) -> highest recv_seq taken off the queue.
         self.instance = instance
         self.consumed_seq: dict[str, int] = {}
+        self.trace = trace_from_env()
         self._rejects: list[Reject] = []
         self._retry_at_mono = 0.0
         self._retry_delay_s = RETRY_MIN_S
@@ -156,6 +158,8 @@ class Writer:
                     self._start_commit(full.key)
         if top > self.consumed_seq.get(key, 0):
             self.consumed_seq[key] = top
+        if self.trace is not None:
+            self.trace.accepted(top)
         self.stats.buffered_rows = self.batcher.buffered_rows
 
     async def _tick(self) -> None:
@@ -220,6 +224,8 @@ class Writer:
             self._retry_delay_s = min(RETRY_MAX_S, self._retry_delay_s * 2)
             return
         done = fut.result()
+        if self.trace is not None:
+            self.trace.committed(str(done.path))
         if not st.healthy:
             log.info("commit_recovered", table=batch.table, exchange=batch.exchange)
         st.healthy = True
@@ -243,6 +249,8 @@ class Writer:
             await asyncio.sleep(self._retry_delay_s)
         self._executor.shutdown(wait=False)  # nothing is pending any more
         self.staging.close()
+        if self.trace is not None:
+            self.trace.dump()
 
     def committed_below(self) -> dict[str, int | None]:
         """Per feed key, the lowest recv_seq not yet committed (None: everything taken off

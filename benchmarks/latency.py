@@ -1,0 +1,326 @@
+"""ingestd latency and throughput benchmark (the script the README points to).
+
+For each offered rate and message mix it starts the load generator (its own process),
+runs the real daemon (`python -m ingestd --config ...`, the same code path as in
+production, journal on) against it, and reports:
+
+- received msg/s;
+- daemon CPU per message (user+sys of the daemon process, all threads, from the OS),
+  from the first frame until every row is committed;
+- ingest latency: frame sent -> its row handed to the writer (p50/p99/p99.9/max);
+- durable latency: frame sent -> its row in a committed Parquet file (p50/p99);
+- peak RSS (VmHWM) and rows lost (trades and book diffs the venue sent that are not in
+  Parquet; must be 0).
+
+With `--peer cryptofeed` (and cryptofeed installed: `pip install -e '.[bench]'
+cryptofeed`), the same frames and rates are measured for cryptofeed, callback only, in
+the same run (see benchmarks/peer_cryptofeed.py) and ingestd/cryptofeed ratios printed.
+
+Output: a table on stdout, JSON (`--json`), and a PNG of latency percentiles by rate
+(`--plot`).
+
+    python benchmarks/latency.py                       # 10k, 50k, 100k, unthrottled
+    python benchmarks/latency.py --rates 50000 --duration 20 --mix book
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+@dataclass
+class Result:
+    system: str
+    mix: str
+    offered_rate: float            # msg/s, 0 = unthrottled
+    frames_sent: int = 0
+    frames_received: int = 0
+    received_rate: float = 0.0
+    cpu_us_per_msg: float = 0.0
+    ingest_p50_ms: float | None = None
+    ingest_p99_ms: float | None = None
+    ingest_p999_ms: float | None = None
+    ingest_max_ms: float | None = None
+    durable_p50_ms: float | None = None
+    durable_p99_ms: float | None = None
+    peak_rss_mb: float = 0.0
+    rows_lost: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+async def start_loadgen(rate: float, duration: float, mix: str, times_out: Path
+                        ) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "loadgen.py"), "--rate", str(rate), "--duration",
+        str(duration), "--mix", mix, "--times-out", str(times_out),
+        stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = (await proc.stdout.readline()).decode().split()
+    assert line[0] == "PORT", line
+    return proc, int(line[1])
+
+
+def config_text(root: Path, port: int, mix: str) -> str:
+    channels = '["trades"]' if mix == "trades" else '["trades", "quotes", "book"]'
+    return f"""
+[storage]
+root = "{root}"
+flush_interval_s = 1.0
+
+[journal]
+enabled = true
+fsync_interval_s = 0.2
+
+[queue]
+capacity = 100000
+when_full = "block"
+
+[health]
+listen = "127.0.0.1:0"
+
+[log]
+level = "warning"
+format = "json"
+
+[[feeds]]
+name = "bench"
+exchange = "binance"
+url = "ws://127.0.0.1:{port}"
+rest_url = "http://127.0.0.1:{port}"
+symbols = ["BTCUSDT"]
+channels = {channels}
+stale_after_s = 120
+"""
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
+    return {"p50": float(p50) / 1e6, "p99": float(p99) / 1e6, "p999": float(p999) / 1e6,
+            "max": float(values.max()) / 1e6}
+
+
+async def wait_done(loadgen: asyncio.subprocess.Process, timeout_s: float) -> int:
+    assert loadgen.stdout is not None
+    line = await asyncio.wait_for(loadgen.stdout.readline(), timeout_s)
+    parts = line.decode().split()
+    assert parts and parts[0] == "DONE", parts
+    return int(parts[1])
+
+
+def committed_rows(root: Path) -> tuple[int, int]:
+    """(rows in Parquet for trades, and for book deltas) - read by the benchmark."""
+    n_trades = n_book = 0
+    for table in ("trades", "book"):
+        files = list((root / table).glob("exchange=*/date=*/*.parquet"))
+        if files:
+            n = pl.scan_parquet([str(f) for f in files]).select(pl.len()).collect().item()
+            if table == "trades":
+                n_trades = n
+            else:
+                n_book = n
+    return n_trades, n_book
+
+
+async def run_ingestd(rate: float, duration: float, mix: str, work: Path) -> Result:
+    res = Result("ingestd", mix, rate)
+    times_path, trace_path = work / "times.json", work / "trace.json"
+    root = work / "data"
+    loadgen, port = await start_loadgen(rate, duration, mix, times_path)
+    cfg = work / "bench.toml"
+    cfg.write_text(config_text(root, port, mix))
+    env = {**os.environ, "INGESTD_LATENCY_TRACE": str(trace_path), "PYTHONUNBUFFERED": "1"}
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingestd", "--config", str(cfg), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    ps = psutil.Process(daemon.pid)
+    # CPU from the first frame on (the daemon's start-up imports are not per message).
+    while loadgen.stdout is not None:
+        await asyncio.sleep(0.005)
+        if (root / ".journal").exists() and any((root / ".journal").iterdir()):
+            break
+    cpu0 = ps.cpu_times()
+    sent = await wait_done(loadgen, duration + 120)
+    # Wait until the daemon has taken everything in and committed it (rows stop growing).
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 2.5:
+        await asyncio.sleep(0.25)
+        n = sum(committed_rows(root))
+        if n != last:
+            last, stable_since = n, time.monotonic()
+    cpu1 = ps.cpu_times()
+    try:
+        status = Path(f"/proc/{daemon.pid}/status").read_text()
+        hwm = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM"))
+        res.peak_rss_mb = hwm / 1024
+    except (OSError, StopIteration):
+        res.peak_rss_mb = ps.memory_info().rss / 2**20
+    daemon.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(daemon.communicate(), 60)
+    loadgen.kill()
+    await loadgen.wait()
+    if daemon.returncode != 0:
+        res.notes.append(f"daemon exit {daemon.returncode}: {err.decode()[-500:]}")
+    times = json.loads(times_path.read_bytes())
+    trace = json.loads(trace_path.read_bytes())
+    res.frames_sent = sent
+    cpu_s = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    analyse(res, root, times, trace, cpu_s)
+    return res
+
+
+def analyse(res: Result, root: Path, times: dict[str, Any], trace: dict[str, Any],
+            cpu_s: float) -> None:
+    accepted = pl.DataFrame({"recv_seq": trace["seqs"], "accepted_ns": trace["accepted_ns"]})
+    commits = pl.DataFrame({"file": [c[0] for c in trace["commits"]],
+                            "committed_ns": [c[1] for c in trace["commits"]]},
+                           schema={"file": pl.String, "committed_ns": pl.Int64})
+    parts = []
+    trade_files = list((root / "trades").glob("exchange=*/date=*/*.parquet"))
+    if trade_files:
+        trades = (pl.scan_parquet([str(f) for f in trade_files], include_file_paths="file")
+                  .select(pl.col("trade_id").cast(pl.Int64).alias("id"), "recv_seq", "file")
+                  .collect())
+        sent = pl.DataFrame({"id": np.arange(len(times["trade_ns"]), dtype=np.int64)
+                             + times["trade_first_id"], "sent_ns": times["trade_ns"]})
+        res.rows_lost += sent.height - sent.join(trades, on="id", how="semi").height
+        parts.append(trades.join(sent, on="id"))
+    book_files = list((root / "book").glob("exchange=*/date=*/*.parquet"))
+    if book_files and times["depth_ns"]:
+        book = (pl.scan_parquet([str(f) for f in book_files], include_file_paths="file")
+                .filter(~pl.col("is_snapshot"))
+                .group_by("update_id", "recv_seq", "file").agg()
+                .rename({"update_id": "id"}).collect())
+        sent_d = pl.DataFrame({"id": np.arange(len(times["depth_ns"]), dtype=np.int64)
+                               + times["depth_first_id"], "sent_ns": times["depth_ns"]})
+        # Diffs before the first applied one were covered by the REST snapshot (Binance's
+        # procedure drops them by design); every later diff must be there.
+        first = book["id"].min() if book.height else None
+        expected = sent_d.filter(pl.col("id") >= first) if first is not None else sent_d
+        res.rows_lost += expected.height - expected.join(book, on="id", how="semi").height
+        parts.append(book.join(sent_d, on="id"))
+    joined = pl.concat(parts).join(accepted, on="recv_seq", how="left").join(
+        commits, on="file", how="left")
+    ingest = (joined["accepted_ns"] - joined["sent_ns"]).drop_nulls().to_numpy()
+    durable = (joined["committed_ns"] - joined["sent_ns"]).drop_nulls().to_numpy()
+    pi, pd = percentiles(ingest), percentiles(durable)
+    res.ingest_p50_ms, res.ingest_p99_ms = pi.get("p50"), pi.get("p99")
+    res.ingest_p999_ms, res.ingest_max_ms = pi.get("p999"), pi.get("max")
+    res.durable_p50_ms, res.durable_p99_ms = pd.get("p50"), pd.get("p99")
+    res.frames_received = res.frames_sent  # every frame is accounted for by rows_lost
+    res.received_rate = res.frames_sent / times["seconds"]
+    res.cpu_us_per_msg = cpu_s / max(1, res.frames_sent) * 1e6
+
+
+def table(results: list[Result]) -> str:
+    hdr = ("system", "mix", "offered/s", "recv/s", "cpu us/msg", "ingest p50", "p99", "p99.9",
+           "max", "durable p50", "p99", "rss MB", "lost")
+    rows = [hdr]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for r in results:
+        rows.append((r.system, r.mix, "max" if not r.offered_rate else f"{r.offered_rate:.0f}",
+                     f"{r.received_rate:.0f}", f"{r.cpu_us_per_msg:.2f}", ms(r.ingest_p50_ms),
+                     ms(r.ingest_p99_ms), ms(r.ingest_p999_ms), ms(r.ingest_max_ms),
+                     ms(r.durable_p50_ms), ms(r.durable_p99_ms), f"{r.peak_rss_mb:.0f}",
+                     str(r.rows_lost)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(hdr))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+                     for row in rows) + "\n(latencies in ms)"
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for system in sorted({r.system for r in results}):
+        for mix in sorted({r.mix for r in results}):
+            rs = [r for r in results if r.system == system and r.mix == mix]
+            xs = [r.received_rate for r in rs]
+            for attr, style in (("ingest_p50_ms", "o-"), ("ingest_p99_ms", "s--"),
+                                ("ingest_p999_ms", "^:")):
+                ys = [getattr(r, attr) for r in rs]
+                ax.plot(xs, ys, style, label=f"{system} {mix} {attr.split('_')[1]}")
+    ax.set_xlabel("received msg/s")
+    ax.set_ylabel("ingest latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("ingestd: frame sent -> row handed to the writer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rates", default="10000,50000,100000,0",
+                    help="offered msg/s, comma separated; 0 = unthrottled")
+    ap.add_argument("--mix", default="trades,book", help="trades, book or both")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    ap.add_argument("--peer", choices=["none", "cryptofeed"], default="none")
+    ap.add_argument("--json", default=str(HERE / "results" / "latest.json"))
+    ap.add_argument("--plot", default=str(HERE / "results" / "latency.png"))
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",")]
+    mixes = args.mix.split(",")
+    results: list[Result] = []
+    for mix in mixes:
+        for rate in rates:
+            with tempfile.TemporaryDirectory(prefix="ingestd-bench-") as tmp:
+                r = await run_ingestd(rate, args.duration, mix, Path(tmp))
+            results.append(r)
+            print(table([r]).splitlines()[1], flush=True)
+            if args.peer == "cryptofeed":
+                from peer_cryptofeed import run_cryptofeed  # type: ignore[import-not-found]
+                with tempfile.TemporaryDirectory(prefix="cryptofeed-bench-") as tmp:
+                    results.append(await run_cryptofeed(rate, args.duration, mix, Path(tmp)))
+                print(table([results[-1]]).splitlines()[1], flush=True)
+    print()
+    print(table(results))
+    machine = {"python": platform.python_version(), "cpu": platform.processor()
+               or platform.machine(), "cores": os.cpu_count(),
+               "cpu_model": _cpu_model(), "kernel": platform.release()}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": machine,
+                                           "results": [asdict(r) for r in results]}, indent=2))
+    plot(results, Path(args.plot))
+    print(f"\nJSON: {args.json}\nplot: {args.plot}\nmachine: {machine}")
+    return 0 if all(r.rows_lost == 0 for r in results if r.system == "ingestd") else 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(asyncio.run(main()))

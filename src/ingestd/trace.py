@@ -1,0 +1,47 @@
+"""Opt-in latency trace for the benchmark: when rows reach the writer, when files commit.
+
+Owns: with `INGESTD_LATENCY_TRACE=<path>` in the environment, recording (recv_seq of the
+last row of each queue item, wall-clock ns when the writer took it) and (file path, wall
+ns when its commit finished), and writing them to `<path>` as JSON lines at shutdown.
+Without the variable nothing is recorded and the writer's only cost is an `is None`
+check per item.
+
+Must not: change what is written, or do I/O before shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from pathlib import Path
+
+import orjson
+
+ENV = "INGESTD_LATENCY_TRACE"
+
+
+class LatencyTrace:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.seqs = array("q")
+        self.accepted_ns = array("q")
+        self.commits: list[tuple[str, int]] = []
+
+    def accepted(self, seq: int) -> None:
+        self.seqs.append(seq)
+        self.accepted_ns.append(time.time_ns())
+
+    def committed(self, path: str) -> None:
+        self.commits.append((path, time.time_ns()))
+
+    def dump(self) -> None:
+        with open(self.path, "wb") as f:
+            f.write(orjson.dumps({"seqs": list(self.seqs),
+                                  "accepted_ns": list(self.accepted_ns),
+                                  "commits": self.commits}))
+
+
+def from_env() -> LatencyTrace | None:
+    path = os.environ.get(ENV)
+    return LatencyTrace(path) if path else None
