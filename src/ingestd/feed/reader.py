@@ -30,8 +30,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 import structlog
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ingestd.clock import Clock, SeqAllocator
 from ingestd.config import FeedConfig
@@ -42,6 +40,7 @@ from ingestd.feed.breaker import Breaker
 from ingestd.feed.intake import Intake
 from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.rest import USER_AGENT, http_get
+from ingestd.feed.transport import Connection, HandshakeRejected, TransportClosed, connect
 from ingestd.logs import RateLimit
 from ingestd.schema import (
     EV_BREAKER_CLOSED,
@@ -60,7 +59,6 @@ from ingestd.stats import FeedStats
 log = structlog.get_logger("ingestd.reader")
 
 OPEN_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 2.0
 REST_TIMEOUT_S = 10.0
 # Make-before-break: the new connection must have streamed this long before the switch,
 # so that its first frames overlap what the old one delivered (the codec drops the
@@ -124,8 +122,8 @@ class FeedReader:
         self._interruptible = False
         self._task: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
-        self._ws: ClientConnection | None = None
-        self._rotation: asyncio.Task[ClientConnection | None] | None = None
+        self._ws: Connection | None = None
+        self._rotation: asyncio.Task[Connection | None] | None = None
         self._rotation_buffer: list[tuple[bytes, int]] = []
         self._rotate_requested: str | None = None
         self._went_stale = False
@@ -219,26 +217,19 @@ class FeedReader:
             self._interruptible = False
 
     # ---- connecting ------------------------------------------------------------------------
-    async def _connect(self, url: str) -> ClientConnection:
-        return await connect(
-            url,
-            open_timeout=OPEN_TIMEOUT_S,
-            close_timeout=CLOSE_TIMEOUT_S,
-            ping_interval=self.codec.ws_ping_interval_s,
-            ping_timeout=self.codec.ws_ping_interval_s,
-            max_size=self.feed.max_frame_bytes,
-            max_queue=1024,
-            compression=None,
-            user_agent_header=USER_AGENT,
-            proxy=None,
-        )
+    async def _connect(self, url: str) -> Connection:
+        return await asyncio.wait_for(
+            connect(url, ping_interval_s=self.codec.ws_ping_interval_s,
+                    max_size=self.feed.max_frame_bytes, user_agent=USER_AGENT),
+            OPEN_TIMEOUT_S + 1.0)
 
     def _handshake_failure(self, e: Exception) -> SessionEnd:
-        if isinstance(e, InvalidStatus):
-            status = e.response.status_code
+        if isinstance(e, HandshakeRejected):
+            status = e.status
             if status in (429, 418):
-                after = retry_after_s(e.response.headers.get("Retry-After"),
-                                      self.clock.time_ns() / 1e9)
+                retry = next((v for k, v in e.headers.items() if k.lower() == "retry-after"),
+                             None)
+                after = retry_after_s(retry, self.clock.time_ns() / 1e9)
                 wait = after if after is not None else self.feed.reconnect_max_delay_s
                 return SessionEnd(f"handshake refused: HTTP {status} (rate limited)",
                                   retry_after_s=wait)
@@ -257,7 +248,7 @@ class FeedReader:
         self._interruptible = True
         try:
             ws = await self._connect(url)
-        except (OSError, TimeoutError, InvalidHandshake) as e:
+        except (OSError, TimeoutError, HandshakeRejected) as e:
             end = self._handshake_failure(e)
             st.last_error = end.reason
             return end
@@ -284,14 +275,14 @@ class FeedReader:
                 try:
                     await self._stream(self._ws)
                     break  # stopping
-                except ConnectionClosed:
+                except TransportClosed:
                     if not await self._switch_to_rotated():
                         raise
-        except ConnectionClosed as e:
-            end.reason = _close_reason(e)
+        except TransportClosed as e:
+            end.reason = e.describe()
             if self._went_stale:
                 end.reason = f"stale: no data for {self.stale_after_s:g} s"
-            elif _close_code(e) == 1009:
+            elif e.code == 1009:
                 st.parse_errors["oversized_frame"] += 1
         except _Reconnect as e:
             end.reason = f"venue requested reconnect: {e}"
@@ -325,11 +316,11 @@ class FeedReader:
             st.reconnects += 1
         st.state = "streaming"
 
-    async def _subscribe(self, ws: ClientConnection) -> None:
+    async def _subscribe(self, ws: Connection) -> None:
         for msg in self.codec.subscribe_messages():
             await ws.send(msg)
 
-    async def _stream(self, ws: ClientConnection) -> None:
+    async def _stream(self, ws: Connection) -> None:
         """Receive until the connection closes (raises) or the reader stops (returns)."""
         codec_parse = self.codec.parse
         clock = self.clock
@@ -340,7 +331,7 @@ class FeedReader:
         while not self._stopping:
             self._interruptible = True
             try:
-                frame = await ws.recv(decode=False)
+                frame = await ws.recv()
             finally:
                 self._interruptible = False
             ts_recv_ns = clock.time_ns()
@@ -436,7 +427,7 @@ class FeedReader:
             msg = self.codec.keepalive_message()
             ws = self._ws
             if msg is not None and ws is not None:
-                with suppress(ConnectionClosed):
+                with suppress(TransportClosed):
                     await ws.send(msg)
 
     async def _watchdog(self) -> None:
@@ -458,7 +449,7 @@ class FeedReader:
                 if ws is not None:
                     # Abort at once: a black-holed peer would never complete a close
                     # handshake. The main loop sees the connection end and reconnects.
-                    ws.transport.abort()
+                    ws.abort()
                 return
             if self.rotate_after_s and now - started >= self.rotate_after_s:
                 self._request_rotation(f"planned after {self.rotate_after_s:g} s")
@@ -472,13 +463,13 @@ class FeedReader:
         self.log.info("rotation_started", reason=reason)
         self._rotation = asyncio.create_task(self._prepare_rotation())
 
-    async def _prepare_rotation(self) -> ClientConnection | None:
+    async def _prepare_rotation(self) -> Connection | None:
         """Open and subscribe a second connection, buffer what it receives; once it has
         streamed for the overlap, close the old one (the main loop then switches)."""
         url = self.codec.ws_url()
         try:
             new = await self._connect(url)
-        except (OSError, TimeoutError, InvalidHandshake) as e:
+        except (OSError, TimeoutError, HandshakeRejected) as e:
             self.log.warning("rotation_failed", error=str(e))
             self._rotation = None
             old = self._ws
@@ -493,7 +484,7 @@ class FeedReader:
                     ROTATION_OVERLAP_S:
                 break
             try:
-                frame = await asyncio.wait_for(new.recv(decode=False), ROTATION_OVERLAP_S)
+                frame = await asyncio.wait_for(new.recv(), ROTATION_OVERLAP_S)
             except TimeoutError:
                 if first_data is None:
                     first_data = self.clock.monotonic()
@@ -555,7 +546,7 @@ class FeedReader:
         task.cancel()
         results = await asyncio.gather(task, return_exceptions=True)
         new = results[0]
-        if isinstance(new, ClientConnection):
+        if new is not None and not isinstance(new, BaseException):
             with suppress(Exception):
                 await new.close()
 
@@ -579,16 +570,3 @@ class FeedReader:
         out = Output()
         out.events = [(None, None, ts, seq, self.name, event, detail)]
         await self.intake.put((self.name, self.exchange, out))
-
-
-def _close_code(e: ConnectionClosed) -> int | None:
-    frame = e.rcvd or e.sent
-    return frame.code if frame is not None else None
-
-
-def _close_reason(e: ConnectionClosed) -> str:
-    frame = e.rcvd or e.sent
-    if frame is None:
-        return "connection lost without a close frame"
-    who = "venue" if e.rcvd is not None else "client"
-    return f"closed by {who}: {frame.code} {frame.reason}".rstrip()

@@ -1,0 +1,285 @@
+"""WebSocket client transports behind one small interface: picows (fast) and websockets.
+
+Owns: `connect(url, ...) -> Connection` and the `Connection` the reader uses -
+`recv()` (the next message's bytes; cancelling it never loses a message), `send(text)`,
+`close(code, reason)`, `abort()` - plus the two failure types the reader classifies:
+`HandshakeRejected` (an HTTP answer other than 101, with its status and headers) and
+`TransportClosed` (close code and reason, who closed, or no close frame at all).
+
+Two implementations:
+- `picows` (default when installed): a Cython WebSocket client whose receive path costs
+  a fraction of the pure-Python one. Frames arrive in a callback and are queued; the
+  reader awaits them. Above `HIGH_WATER` queued messages the socket stops being read (TCP
+  backpressure) until the reader catches up.
+- `websockets` (fallback; `INGESTD_TRANSPORT=websockets` forces it).
+
+Both answer pings, send keepalive pings after `ping_interval_s` of silence and drop the
+connection if the pong does not come within `ping_timeout_s`, enforce `max_size`
+(closing with 1009), and never decompress (no extension is offered).
+
+Must not: interpret messages, or retry (the reader decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+OPEN_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
+HIGH_WATER = 4096
+LOW_WATER = 1024
+
+
+class HandshakeRejected(Exception):
+    """The server answered the upgrade with an HTTP status other than 101."""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.headers = headers
+
+
+class TransportClosed(Exception):
+    """The connection ended: `code`/`reason` of the close frame, `by_peer` who sent it;
+    `code is None` when it ended without a close frame."""
+
+    def __init__(self, code: int | None, reason: str, by_peer: bool) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+        self.by_peer = by_peer
+
+    def describe(self) -> str:
+        if self.code is None:
+            return "connection lost without a close frame"
+        who = "venue" if self.by_peer else "client"
+        return f"closed by {who}: {self.code} {self.reason}".rstrip()
+
+
+class Connection(Protocol):
+    async def recv(self) -> bytes: ...
+    async def send(self, text: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    def abort(self) -> None: ...
+
+
+def default_transport() -> str:
+    forced = os.environ.get("INGESTD_TRANSPORT")
+    if forced in ("websockets", "picows"):
+        return forced
+    try:
+        import picows  # noqa: F401
+    except ImportError:
+        return "websockets"
+    return "picows"
+
+
+async def connect(url: str, *, ping_interval_s: float | None, max_size: int,
+                  user_agent: str, transport: str | None = None) -> Connection:
+    """Open a connection (raises HandshakeRejected, OSError or TimeoutError)."""
+    kind = transport or default_transport()
+    if kind == "picows":
+        return await _PicowsConnection.open(url, ping_interval_s, max_size, user_agent)
+    return await _WebsocketsConnection.open(url, ping_interval_s, max_size, user_agent)
+
+
+# ---- picows ---------------------------------------------------------------------------------
+class _PicowsConnection:
+    def __init__(self) -> None:
+        self._q: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed: TransportClosed | None = None
+        self._paused = False
+        self._fragments: list[bytes] | None = None
+        self._transport: Any = None
+        self._max_size = 0
+        self._close_sent: tuple[int, str] | None = None
+
+    @classmethod
+    async def open(cls, url: str, ping_interval_s: float | None, max_size: int,
+                   user_agent: str) -> _PicowsConnection:
+        import picows
+
+        conn = cls()
+        conn._max_size = max_size
+
+        class Listener(picows.WSListener):
+            def on_ws_frame(self, transport: Any, frame: Any) -> None:
+                conn._on_frame(frame)
+
+            def on_ws_disconnected(self, transport: Any) -> None:
+                conn._on_disconnected()
+
+        kwargs: dict[str, Any] = {}
+        if ping_interval_s:
+            kwargs = {"enable_auto_ping": True, "auto_ping_idle_timeout": ping_interval_s,
+                      "auto_ping_reply_timeout": ping_interval_s}
+        try:
+            transport, _ = await picows.ws_connect(
+                Listener, url, websocket_handshake_timeout=OPEN_TIMEOUT_S,
+                enable_auto_pong=True, max_frame_size=max_size,
+                extra_headers={"User-Agent": user_agent}, **kwargs)
+        except picows.WSInvalidStatusError as e:
+            headers = {k: v for k, v in e.response.headers.items()} if e.response else {}
+            raise HandshakeRejected(int(e.response.status) if e.response else 0,
+                                    headers) from None
+        except picows.WSError as e:
+            raise OSError(f"{type(e).__name__}: {e}") from None
+        conn._transport = transport
+        return conn
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _on_frame(self, frame: Any) -> None:
+        import picows
+
+        mt = frame.msg_type
+        if mt == picows.WSMsgType.TEXT or mt == picows.WSMsgType.BINARY:
+            if frame.fin:
+                self._q.append(frame.get_payload_as_bytes())
+            else:
+                self._fragments = [frame.get_payload_as_bytes()]
+                return
+        elif mt == picows.WSMsgType.CONTINUATION:
+            if self._fragments is None:
+                return
+            self._fragments.append(frame.get_payload_as_bytes())
+            if sum(len(p) for p in self._fragments) > self._max_size:
+                self._fragments = None
+                self._transport.send_close(picows.WSCloseCode.MESSAGE_TOO_BIG, b"too big")
+                self._closed = TransportClosed(1009, "message too big", by_peer=False)
+                self._transport.disconnect()
+                self._wake()
+                return
+            if not frame.fin:
+                return
+            self._q.append(b"".join(self._fragments))
+            self._fragments = None
+        elif mt == picows.WSMsgType.CLOSE:
+            if self._close_sent is not None:  # the echo of our own close
+                self._closed = TransportClosed(*self._close_sent, by_peer=False)
+            else:
+                code = frame.get_close_code()
+                message = frame.get_close_message()
+                reason = message.decode("utf-8", "replace") if message else ""
+                self._closed = TransportClosed(int(code) if code is not None else 1005,
+                                               reason, by_peer=True)
+                self._transport.send_close(code)
+            self._transport.disconnect()
+            self._wake()
+            return
+        else:
+            return  # ping/pong are handled by picows
+        if len(self._q) >= HIGH_WATER and not self._paused:
+            self._paused = True
+            self._transport.underlying_transport.pause_reading()
+        self._wake()
+
+    def _on_disconnected(self) -> None:
+        if self._closed is None:
+            if self._close_sent is not None:
+                self._closed = TransportClosed(*self._close_sent, by_peer=False)
+            else:
+                self._closed = TransportClosed(None, "", by_peer=True)
+        self._wake()
+
+    async def recv(self) -> bytes:
+        q = self._q
+        while not q:
+            if self._closed is not None:
+                raise self._closed
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._paused and len(q) <= LOW_WATER:
+            self._paused = False
+            self._transport.underlying_transport.resume_reading()
+        return q.popleft()
+
+    async def send(self, text: str) -> None:
+        import picows
+
+        if self._closed is not None:
+            raise self._closed
+        self._transport.send(picows.WSMsgType.TEXT, text.encode())
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._transport is None or self._transport.is_disconnected:
+            return
+        self._close_sent = (code, reason)
+        self._transport.send_close(code, reason.encode())
+        try:
+            await asyncio.wait_for(self._transport.wait_disconnected(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            self._transport.disconnect(graceful=False)
+        if self._closed is None:
+            self._closed = TransportClosed(code, reason, by_peer=False)
+        self._wake()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.disconnect(graceful=False)
+
+
+# ---- websockets -----------------------------------------------------------------------------
+class _WebsocketsConnection:
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+
+    @classmethod
+    async def open(cls, url: str, ping_interval_s: float | None, max_size: int,
+                   user_agent: str) -> _WebsocketsConnection:
+        from websockets.asyncio.client import connect as ws_connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        try:
+            ws = await ws_connect(url, open_timeout=OPEN_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S,
+                                  ping_interval=ping_interval_s, ping_timeout=ping_interval_s,
+                                  max_size=max_size, max_queue=1024, compression=None,
+                                  user_agent_header=user_agent, proxy=None)
+        except InvalidStatus as e:
+            raise HandshakeRejected(e.response.status_code,
+                                    dict(e.response.headers.raw_items())) from None
+        except InvalidHandshake as e:
+            raise OSError(f"{type(e).__name__}: {e}") from None
+        return cls(ws)
+
+    @staticmethod
+    def _closed(e: Any) -> TransportClosed:
+        if e.rcvd is not None:
+            return TransportClosed(e.rcvd.code, e.rcvd.reason, by_peer=True)
+        if e.sent is not None:
+            return TransportClosed(e.sent.code, e.sent.reason, by_peer=False)
+        return TransportClosed(None, "", by_peer=True)
+
+    async def recv(self) -> bytes:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            data: bytes = await self._ws.recv(decode=False)
+        except ConnectionClosed as e:
+            raise self._closed(e) from None
+        return data
+
+    async def send(self, text: str) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._ws.send(text)
+        except ConnectionClosed as e:
+            raise self._closed(e) from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self._ws.close(code, reason)
+
+    def abort(self) -> None:
+        self._ws.transport.abort()
