@@ -23,12 +23,12 @@ import structlog
 from ingestd import __version__
 from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
 from ingestd.config import Config, ConfigError, FeedConfig, load_config
-from ingestd.health import HealthServer, writer_progressing
-from ingestd.notify import Notifier
 from ingestd.exchanges import CODECS
 from ingestd.feed.intake import Intake
 from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.reader import FeedReader
+from ingestd.health import HealthServer, writer_progressing
+from ingestd.notify import Notifier
 from ingestd.sink.journal import Journal
 from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.writer import STOP, QueueItem, Writer

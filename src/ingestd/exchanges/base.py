@@ -243,7 +243,7 @@ def override_url(default: str, override: str | None) -> str:
 _INF = math.inf
 
 
-def price(text: str | float | int) -> float:
+def price(text: str | bytes | float | int) -> float:
     """A positive, finite price from the venue's decimal string (or JSON number)."""
     v = float(text)
     if not 0.0 < v < _INF:
@@ -251,7 +251,7 @@ def price(text: str | float | int) -> float:
     return v
 
 
-def amount(text: str | float | int) -> float:
+def amount(text: str | bytes | float | int) -> float:
     """A non-negative, finite size from the venue's decimal string (or JSON number)."""
     v = float(text)
     if not 0.0 <= v < _INF:
@@ -262,7 +262,7 @@ def amount(text: str | float | int) -> float:
 _MAX_NS = 2**63 - 1
 
 
-def ms_to_ns(ms: int | str) -> int:
+def ms_to_ns(ms: int | str | bytes) -> int:
     """Integer (or digit string) milliseconds since the epoch to nanoseconds, exactly."""
     v = int(ms) * 1_000_000
     if not 0 <= v <= _MAX_NS:

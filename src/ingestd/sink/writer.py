@@ -95,6 +95,7 @@ class Writer:
         # Feed key (journal instance/feed) -> highest recv_seq taken off the queue.
         self.instance = instance
         self.consumed_seq: dict[str, int] = {}
+        self._feed_keys: dict[str, str] = {}
         self.trace = trace_from_env()
         self._rejects: list[Reject] = []
         self._retry_at_mono = 0.0
@@ -144,20 +145,38 @@ class Writer:
             return
         feed, exchange, out = item
         now = self.clock.monotonic()
+        key = self._feed_keys.get(feed)
+        if key is None:
+            key = self._feed_keys[feed] = f"{self.instance}/{feed}"
         add = self.batcher.add
-        key = f"{self.instance}/{feed}"
         top = 0
-        for table, rows in ((TRADES, out.trades), (QUOTES, out.quotes), (BOOK, out.book),
-                            (EVENTS, out.events)):
-            if rows:
-                last = rows[-1][3]
-                if last > top:
-                    top = last
-                full = add(table, exchange, rows, now, key)
-                if full is not None:
-                    self._start_commit(full.key)
-        if top > self.consumed_seq.get(key, 0):
-            self.consumed_seq[key] = top
+        rows: list[Any] | None = out.trades
+        if rows:
+            top = rows[-1][3]
+            full = add(TRADES, exchange, rows, now, key)
+            if full is not None:
+                self._start_commit(full.key)
+        rows = out.quotes
+        if rows:
+            top = max(top, rows[-1][3])
+            full = add(QUOTES, exchange, rows, now, key)
+            if full is not None:
+                self._start_commit(full.key)
+        rows = out.book
+        if rows:
+            top = max(top, rows[-1][3])
+            full = add(BOOK, exchange, rows, now, key)
+            if full is not None:
+                self._start_commit(full.key)
+        rows = out.events
+        if rows:
+            top = max(top, rows[-1][3])
+            full = add(EVENTS, exchange, rows, now, key)
+            if full is not None:
+                self._start_commit(full.key)
+        consumed = self.consumed_seq
+        if top > consumed.get(key, 0):
+            consumed[key] = top
         if self.trace is not None:
             self.trace.accepted(top)
         self.stats.buffered_rows = self.batcher.buffered_rows
