@@ -63,6 +63,7 @@ class Result:
     durable_p99_ms: float | None = None
     peak_rss_mb: float = 0.0
     rows_lost: int = 0
+    rss_samples: list[tuple[int, float]] = field(default_factory=list)  # (msgs, MB)
     notes: list[str] = field(default_factory=list)
 
 
@@ -148,7 +149,10 @@ async def run_ingestd(rate: float, duration: float, mix: str, work: Path) -> Res
     loadgen, port = await start_loadgen(rate, duration, mix, times_path)
     cfg = work / "bench.toml"
     cfg.write_text(config_text(root, port, mix))
-    env = {**os.environ, "INGESTD_LATENCY_TRACE": str(trace_path), "PYTHONUNBUFFERED": "1"}
+    # Sample the trace on long runs so the benchmark's own bookkeeping does not grow RSS.
+    every = max(1, int((rate or 100_000) * duration) // 1_000_000)
+    env = {**os.environ, "INGESTD_LATENCY_TRACE": str(trace_path),
+           "INGESTD_LATENCY_TRACE_EVERY": str(every), "PYTHONUNBUFFERED": "1"}
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ingestd", "--config", str(cfg), env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -159,7 +163,18 @@ async def run_ingestd(rate: float, duration: float, mix: str, work: Path) -> Res
         if (root / ".journal").exists() and any((root / ".journal").iterdir()):
             break
     cpu0 = ps.cpu_times()
+    t0 = time.monotonic()
+
+    async def sample_rss() -> None:
+        # RSS against messages offered so far (the daemon keeps up when lost == 0).
+        while True:
+            await asyncio.sleep(1.0)
+            offered = int((time.monotonic() - t0) * (rate or 100_000))
+            res.rss_samples.append((offered, ps.memory_info().rss / 2**20))
+
+    sampler = asyncio.create_task(sample_rss())
     sent = await wait_done(loadgen, duration + 120)
+    sampler.cancel()
     # Wait until the daemon has taken everything in and committed it (rows stop growing).
     last, stable_since = -1, time.monotonic()
     while time.monotonic() - stable_since < 2.5:
@@ -281,6 +296,8 @@ async def main() -> int:
     ap.add_argument("--mix", default="trades,book", help="trades, book or both")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     ap.add_argument("--peer", choices=["none", "cryptofeed"], default="none")
+    ap.add_argument("--rss-report", action="store_true",
+                    help="print RSS at 10%% and 100%% of each run (flatness check)")
     ap.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--plot", default=str(HERE / "results" / "latency.png"))
     args = ap.parse_args()
@@ -300,6 +317,16 @@ async def main() -> int:
                 print(table([results[-1]]).splitlines()[1], flush=True)
     print()
     print(table(results))
+    if args.rss_report:
+        for r in results:
+            if len(r.rss_samples) >= 10:
+                early = r.rss_samples[len(r.rss_samples) // 10]
+                late = r.rss_samples[-1]
+                print(f"RSS {r.system} {r.mix} {r.offered_rate:.0f}/s: {early[1]:.0f} MB at "
+                      f"~{early[0] / 1e6:.1f}M msgs -> {late[1]:.0f} MB at "
+                      f"~{late[0] / 1e6:.1f}M msgs ({(late[1] / early[1] - 1) * 100:+.1f}%)")
+    if args.peer == "cryptofeed":
+        print(ratios(results))
     machine = {"python": platform.python_version(), "cpu": platform.processor()
                or platform.machine(), "cores": os.cpu_count(),
                "cpu_model": _cpu_model(), "kernel": platform.release()}
@@ -319,6 +346,27 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def ratios(results: list[Result]) -> str:
+    """ingestd/cryptofeed per mix and offered rate: CPU per message, received rate."""
+    peer = {(r.mix, r.offered_rate): r for r in results if r.system == "cryptofeed"}
+    rows = [("mix", "offered/s", "cpu us/msg i/c", "recv/s i/c")]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}" if b else "-"
+
+    for r in results:
+        c = peer.get((r.mix, r.offered_rate))
+        if r.system != "ingestd" or c is None:
+            continue
+        rows.append((r.mix, "max" if not r.offered_rate else f"{r.offered_rate:.0f}",
+                     ratio(r.cpu_us_per_msg, c.cpu_us_per_msg),
+                     ratio(r.received_rate, c.received_rate)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\nratios ingestd/cryptofeed (cpu < 1: ingestd cheaper; recv > 1: ingestd faster)\n" \
+        + "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+                    for row in rows)
 
 
 if __name__ == "__main__":

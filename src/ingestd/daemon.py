@@ -30,6 +30,7 @@ from ingestd.feed.reader import FeedReader
 from ingestd.health import HealthServer, writer_progressing
 from ingestd.notify import Notifier
 from ingestd.sink.journal import Journal
+from ingestd.sink.state import load_feed_state, save_feed_states
 from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.writer import STOP, QueueItem, Writer
 from ingestd.stats import FeedStats, QueueStats, WriterStats
@@ -273,6 +274,11 @@ class Daemon:
                 and restored.codec.feed == feed:
             codec = restored.codec
             seq.bump(restored.last_seq)
+        else:
+            saved = load_feed_state(self.root, feed)
+            if saved is not None:
+                codec, last_seq = saved
+                seq.bump(last_seq)
         reader = FeedReader(feed, self.intake, clock=self.clock, stats=stats, seq=seq,
                             limiter=limiter, journal=self.journal, codec=codec)
         self.readers[feed.name] = reader
@@ -350,6 +356,8 @@ class Daemon:
                 await self.health.stop()
             if install_signals:
                 self._remove_signals()
+        await asyncio.to_thread(save_feed_states, self.root,
+                                [(r.feed, r.codec, r.seq.last) for r in self.readers.values()])
         if self.journal is not None:
             # Safe to drop the journal only if every row reached Parquet.
             complete = self.exit_code == EXIT_OK and not self.writer_stats.buffered_rows \

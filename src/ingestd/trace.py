@@ -1,7 +1,7 @@
 """Opt-in latency trace for the benchmark: when rows reach the writer, when files commit.
 
 Owns: with `INGESTD_LATENCY_TRACE=<path>` in the environment, recording (recv_seq of the
-last row of each queue item, wall-clock ns when the writer took it) and (file path, wall
+last row of each queue item - or of one in `INGESTD_LATENCY_TRACE_EVERY` items, wall-clock ns when the writer took it) and (file path, wall
 ns when its commit finished), and writing them to `<path>` as JSON lines at shutdown.
 Without the variable nothing is recorded and the writer's only cost is an `is None`
 check per item.
@@ -22,13 +22,18 @@ ENV = "INGESTD_LATENCY_TRACE"
 
 
 class LatencyTrace:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, every: int = 1) -> None:
         self.path = Path(path)
+        self.every = max(1, every)     # record one item in `every` (bounded memory)
+        self._n = 0
         self.seqs = array("q")
         self.accepted_ns = array("q")
         self.commits: list[tuple[str, int]] = []
 
     def accepted(self, seq: int) -> None:
+        self._n += 1
+        if self._n % self.every:
+            return
         self.seqs.append(seq)
         self.accepted_ns.append(time.time_ns())
 
@@ -44,4 +49,5 @@ class LatencyTrace:
 
 def from_env() -> LatencyTrace | None:
     path = os.environ.get(ENV)
-    return LatencyTrace(path) if path else None
+    every = os.environ.get(ENV + "_EVERY", "1")
+    return LatencyTrace(path, int(every) if every.isdigit() else 1) if path else None
