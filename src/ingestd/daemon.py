@@ -30,8 +30,8 @@ from ingestd.feed.reader import FeedReader
 from ingestd.health import HealthServer, writer_progressing
 from ingestd.notify import Notifier
 from ingestd.sink.journal import Journal
-from ingestd.sink.state import load_feed_state, save_feed_states
 from ingestd.sink.recovery import RecoveryResult, recover
+from ingestd.sink.state import load_feed_state, save_feed_states
 from ingestd.sink.writer import STOP, QueueItem, Writer
 from ingestd.stats import FeedStats, QueueStats, WriterStats
 
