@@ -1,8 +1,9 @@
 """Opt-in latency trace for the benchmark: when rows reach the writer, when files commit.
 
-Owns: with `INGESTD_LATENCY_TRACE=<path>` in the environment, recording (recv_seq of the
-last row of each queue item - or of one in `INGESTD_LATENCY_TRACE_EVERY` items, wall-clock ns when the writer took it) and (file path, wall
-ns when its commit finished), and writing them to `<path>` as JSON lines at shutdown.
+Owns: with `INGESTD_LATENCY_TRACE=<path>` in the environment, recording the recv_seq of
+the last row of a queue item with the wall-clock ns when the writer took it (every item,
+or one in `INGESTD_LATENCY_TRACE_EVERY` to bound memory on long runs), and each committed
+file with the wall-clock ns of its commit; all written to `<path>` as JSON at shutdown.
 Without the variable nothing is recorded and the writer's only cost is an `is None`
 check per item.
 
