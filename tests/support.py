@@ -68,3 +68,35 @@ def read_table(root: Path, table: str) -> pl.DataFrame:
         return pl.DataFrame()
     return (pl.scan_parquet(f"{root}/{table}/**/*.parquet", hive_partitioning=True)
             .collect().sort("recv_seq", maintain_order=True))
+
+
+Books = dict[str, dict[str, dict[float, float]]]
+
+
+def apply_book_rows(rows: Any, books: Books | None = None,
+                    snap_seq: dict[str, int] | None = None) -> Books:
+    """Apply `book` table rows (tuples in schema order, without `exchange`) in the order
+    given, as a reader of the table does: a run of snapshot rows sharing one recv_seq
+    replaces the symbol's book; any other row sets a level (amount 0 deletes it)."""
+    books = {} if books is None else books
+    snap_seq = {} if snap_seq is None else snap_seq
+    for sym, _te, _tr, seq, is_snap, side, px, amt, _uid in rows:
+        if is_snap and snap_seq.get(sym) != seq:
+            books[sym] = {"bid": {}, "ask": {}}
+            snap_seq[sym] = seq
+        if amt == 0:
+            books[sym][side].pop(px, None)
+        else:
+            books[sym][side][px] = amt
+    return books
+
+
+def rebuild_books(rows: Any) -> Books:
+    """The books a reader rebuilds from book rows sorted by recv_seq (stable)."""
+    return apply_book_rows(sorted(rows, key=lambda r: r[3]))
+
+
+def book_table_rows(df: pl.DataFrame) -> list[tuple[Any, ...]]:
+    """A `book` table read back as row tuples in schema order."""
+    return list(df.select("symbol", "ts_event", "ts_recv", "recv_seq", "is_snapshot", "side",
+                          "price", "amount", "update_id").iter_rows())

@@ -13,7 +13,15 @@ import pyarrow.parquet as pq
 from ingestd.schema import SCHEMAS
 from ingestd.sim import SimServer
 from tests.exchanges.test_binance import SPOT_BOOK, USDM_BOOK, reference_books
-from tests.support import feed_for, make_config, read_table, run_daemon
+from tests.support import (
+    Books,
+    apply_book_rows,
+    book_table_rows,
+    feed_for,
+    make_config,
+    read_table,
+    run_daemon,
+)
 
 TRADE_SYMBOLS = ["ZILUSDT", "DENTUSDT", "MANAUSDT"]
 
@@ -27,21 +35,9 @@ def served(server: SimServer, kind: str) -> list[dict[str, Any]]:
     return out
 
 
-def book_from_table(df: pl.DataFrame) -> dict[str, dict[str, dict[float, float]]]:
+def book_from_table(df: pl.DataFrame) -> Books:
     """Rebuild every symbol's book from the book table alone, as a researcher would."""
-    books: dict[str, dict[str, dict[float, float]]] = {}
-    snap_seq: dict[str, int] = {}
-    for sym, seq, is_snap, side, px, amt in df.select(
-            "symbol", "recv_seq", "is_snapshot", "side", "price", "amount").iter_rows():
-        if is_snap and snap_seq.get(sym) != seq:
-            books[sym] = {"bid": {}, "ask": {}}
-            snap_seq[sym] = seq
-        if amt == 0:
-            books[sym][side].pop(px, None)
-        else:
-            books[sym][side][px] = amt
-    return books
-
+    return apply_book_rows(book_table_rows(df))
 
 async def test_binance_spot_lands_exactly_what_was_served(root: Path) -> None:
     async with SimServer("binance", rate_msgs_s=2000) as sim:

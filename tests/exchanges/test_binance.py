@@ -16,6 +16,7 @@ from ingestd.exchanges.base import Output, RestRequest
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
 from ingestd.schema import ROW_WIDTH
 from ingestd.sim.recorded import frames
+from tests.support import rebuild_books
 
 SPOT_BOOK = ["NKNUSDT", "BLZETH", "LRCBTC", "RUNEEUR"]
 USDM_BOOK = ["SUSHIUSDT", "AKROUSDT", "KEEPUSDT", "CTKUSDT"]
@@ -122,21 +123,7 @@ def reference_books(venue: str, symbols: list[str], futures: bool
     return books
 
 
-def rebuild(rows: list[tuple[Any, ...]]) -> dict[str, dict[str, dict[float, float]]]:
-    """Rebuild books from book-table rows the way a reader would."""
-    books: dict[str, dict[str, dict[float, float]]] = {}
-    snap_seq: dict[str, int] = {}
-    for sym, _ts_e, _ts_r, seq, is_snap, side, px, amt, _uid in sorted(rows, key=lambda r: r[3]):
-        if is_snap and snap_seq.get(sym) != seq:
-            books[sym] = {"bid": {}, "ask": {}}
-            snap_seq[sym] = seq
-        levels = books[sym][side]
-        if amt == 0:
-            levels.pop(px, None)
-        else:
-            levels[px] = amt
-    return books
-
+rebuild = rebuild_books
 
 def drive_book(c: BinanceSpot, venue: str, symbols: list[str], answer_after: int
                ) -> list[tuple[Any, ...]]:

@@ -26,7 +26,7 @@ from ingestd.schema import ROW_WIDTH
 from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
 from ingestd.sim.venues import VENUES
-from tests.support import feed_for, make_config, read_table, run_daemon
+from tests.support import feed_for, make_config, read_table, rebuild_books, run_daemon
 
 BOOK_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "DOGEUSDT"]   # publicTrade + orderbook.200
 BBO_SYMBOLS = ["BANDUSDT", "RADUSDT", "SNTUSDT", "AIOZUSDT"]   # orderbook.1
@@ -95,20 +95,7 @@ def reference_books(recorded: list[bytes] | tuple[bytes, ...]) -> Books:
     return books
 
 
-def rebuild(rows: list[tuple[Any, ...]]) -> Books:
-    """Rebuild books from book-table rows alone, the way a reader would."""
-    books: Books = {}
-    snap_seq: dict[str, int] = {}
-    for sym, _te, _tr, seq, is_snap, side, px, amt, _uid in sorted(rows, key=lambda r: r[3]):
-        if is_snap and snap_seq.get(sym) != seq:
-            books[sym] = {"bid": {}, "ask": {}}
-            snap_seq[sym] = seq
-        if amt == 0:
-            books[sym][side].pop(px, None)
-        else:
-            books[sym][side][px] = amt
-    return books
-
+rebuild = rebuild_books
 
 def feed_all(c: BybitSpot, recorded: list[bytes] | tuple[bytes, ...], start: int = 1
              ) -> tuple[list[Output], list[tuple[Any, ...]]]:

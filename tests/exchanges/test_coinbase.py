@@ -34,7 +34,7 @@ from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
 from ingestd.sim.venues import VENUES
 from ingestd.sim.venues.coinbase import CoinbaseStream, CoinbaseVenue
-from tests.support import feed_for, make_config, read_table, run_daemon
+from tests.support import apply_book_rows, feed_for, make_config, read_table, run_daemon
 
 PRODUCTS = ["BTC-USD", "ETH-USD"]
 ALL = ["trades", "quotes", "book"]
@@ -123,20 +123,7 @@ def drive(c: Coinbase, venue: CoinbaseVenue | None = None) -> Run:
 Book = dict[str, dict[str, dict[float, float]]]
 
 
-def book_from_rows(book_rows: Iterable[tuple[Any, ...]]) -> Book:
-    """Rebuild every symbol's book from book rows alone, as a reader of the table would."""
-    books: Book = {}
-    snap_seq: dict[str, int] = {}
-    for sym, _, _, seq, is_snap, side, px, amt, _ in book_rows:
-        if is_snap and snap_seq.get(sym) != seq:
-            books[sym] = {"bid": {}, "ask": {}}
-            snap_seq[sym] = seq
-        if amt == 0:
-            books[sym][side].pop(px, None)
-        else:
-            books[sym][side][px] = amt
-    return books
-
+book_from_rows = apply_book_rows
 
 def reference_book(n_frames: int | None = None) -> dict[str, dict[float, float]]:
     """ETH-USD: the recorded snapshot with the recorded updates applied, from the JSON."""

@@ -34,7 +34,15 @@ from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
 from ingestd.sim.venues import VENUES
 from ingestd.sim.venues.kraken import KrakenVenue
-from tests.support import feed_for, make_config, read_table, run_daemon
+from tests.support import (
+    Books,
+    apply_book_rows,
+    book_table_rows,
+    feed_for,
+    make_config,
+    read_table,
+    run_daemon,
+)
 
 BOOK = frames("kraken", "book.jsonl")
 TRADES = frames("kraken", "trade.jsonl")
@@ -117,18 +125,7 @@ class RefBook:
                 "ask": {p: float(q) for p, (_, q) in self.asks.items()}}
 
 
-def rebuild(rows: list[tuple[Any, ...]], books: dict[str, dict[str, dict[float, float]]],
-            snap_seq: dict[str, int]) -> None:
-    """Apply book rows (as written to the table) to `books`, as a reader of the table would."""
-    for sym, _te, _tr, seq, is_snap, side, px, amt, _uid in rows:
-        if is_snap and snap_seq.get(sym) != seq:
-            books[sym] = {"bid": {}, "ask": {}}
-            snap_seq[sym] = seq
-        if amt == 0:
-            books[sym][side].pop(px, None)
-        else:
-            books[sym][side][px] = amt
-
+rebuild = apply_book_rows
 
 def synthetic_update(ref: RefBook, bids: list[tuple[str, str]], asks: list[tuple[str, str]],
                      checksum: int | None = None) -> bytes:
@@ -653,13 +650,8 @@ def test_venue_serves_recorded_frames_by_channel_and_symbol() -> None:
     assert by_key[("trade", SYM)] == [TRADES[1], TRADES[0]]  # trade-time order
 
 
-def book_from_table(df: pl.DataFrame) -> dict[str, dict[str, dict[float, float]]]:
-    books: dict[str, dict[str, dict[float, float]]] = {}
-    rows = [(s, None, None, q, i, sd, p, a, None) for s, q, i, sd, p, a in df.select(
-        "symbol", "recv_seq", "is_snapshot", "side", "price", "amount").iter_rows()]
-    rebuild(rows, books, {})
-    return books
-
+def book_from_table(df: pl.DataFrame) -> Books:
+    return apply_book_rows(book_table_rows(df))
 
 def final_reference_book() -> dict[str, dict[float, float]]:
     ref = RefBook()

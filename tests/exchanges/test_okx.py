@@ -25,7 +25,14 @@ from ingestd.exchanges.okx import DROP_CHECKSUM_MISMATCH, Okx, checksum
 from ingestd.schema import EV_GAP, EV_REFUSED, EV_RESYNC, EV_SUBSCRIBED, ROW_WIDTH
 from ingestd.sim import SimServer
 from ingestd.sim.venues import VENUES
-from tests.support import feed_for, make_config, read_table, recorded_frames, run_daemon
+from tests.support import (
+    feed_for,
+    make_config,
+    read_table,
+    rebuild_books,
+    recorded_frames,
+    run_daemon,
+)
 
 SYMS = ("BTC-USDT", "BTC-USD-220527", "UNI-USD-SWAP")
 TS = 1_700_000_000_000_000_000
@@ -258,20 +265,7 @@ def independent_books() -> dict[str, dict[str, dict[Decimal, Decimal]]]:
     return books
 
 
-def rebuild(rows: list[tuple[Any, ...]]) -> dict[str, dict[str, dict[float, float]]]:
-    """The book a reader rebuilds from book-table rows alone (sorted by recv_seq)."""
-    books: dict[str, dict[str, dict[float, float]]] = {}
-    snap_seq: dict[str, int] = {}
-    for sym, _, _, seq, is_snap, side, px, sz, _ in sorted(rows, key=lambda r: r[3]):
-        if is_snap and snap_seq.get(sym) != seq:
-            books[sym] = {"bid": {}, "ask": {}}
-            snap_seq[sym] = seq
-        if sz == 0:
-            books[sym][side].pop(px, None)
-        else:
-            books[sym][side][px] = sz
-    return books
-
+rebuild = rebuild_books
 
 def as_float(books: dict[str, dict[str, dict[Decimal, Decimal]]]
              ) -> dict[str, dict[str, dict[float, float]]]:

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 import structlog
 
 from ingestd.schema import SCHEMAS, TABLES
-from ingestd.sink.parquet import COVERAGE_KEY, _fsync_dir
+from ingestd.sink.fsutil import fsync_dir
+from ingestd.sink.parquet import COVERAGE_KEY
 
 log = structlog.get_logger("ingestd.compact")
 
@@ -78,7 +79,7 @@ def _finish_manifests(root: Path, result: CompactResult) -> None:
         if output.exists():
             for name in m["inputs"]:
                 Path(name).unlink(missing_ok=True)
-            _fsync_dir(output.parent)
+            fsync_dir(output.parent)
             result.resumed += 1
         manifest.unlink()
 
@@ -127,12 +128,12 @@ def compact_partition(root: Path, partition: Path, table_name: str,
                                        "inputs": [str(f) for f in files]}))
     with open(manifest, "rb+") as mf:
         os.fsync(mf.fileno())
-    _fsync_dir(mdir)
+    fsync_dir(mdir)
     os.rename(tmp, final)
-    _fsync_dir(partition)
+    fsync_dir(partition)
     for src in files:
         src.unlink()
-    _fsync_dir(partition)
+    fsync_dir(partition)
     manifest.unlink()
     return len(files), merged.num_rows
 

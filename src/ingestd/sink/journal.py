@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import fcntl
 import os
 import pickle
 import struct
@@ -43,6 +42,7 @@ import structlog
 
 from ingestd.clock import Clock
 from ingestd.config import FeedConfig
+from ingestd.sink.fsutil import fsync_dir, try_lock_dir
 
 log = structlog.get_logger("ingestd.journal")
 
@@ -126,28 +126,6 @@ def iter_segments(journal_dir: Path) -> list[Path]:
     return sorted(journal_dir.glob(f"seg-*{SEGMENT_SUFFIX}"))
 
 
-def lock_dir(d: Path) -> int | None:
-    """flock `<d>/.lock` without waiting: the fd holding it, or None if a live owner has it."""
-    try:
-        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(slots=True)
 class _Segment:
     number: int
@@ -209,10 +187,10 @@ class Journal:
     def open(self) -> None:
         """Blocking: create and lock our directory, start the first segment."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = lock_dir(self.dir)
+        self._lock_fd = try_lock_dir(self.dir)
         if self._lock_fd is None:
             raise OSError(f"cannot lock journal directory {self.dir}")
-        _fsync_dir(self.dir.parent)
+        fsync_dir(self.dir.parent)
 
     def start(self) -> None:
         self._new_segment()
@@ -429,7 +407,7 @@ class Journal:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
             new_sizes[path] = good + len(data)
         return new_sizes
 

@@ -10,7 +10,6 @@ Must not: be called on the event loop, or decide when to flush.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ingestd.schema import SCHEMAS
 from ingestd.sink.batcher import Batch
+from ingestd.sink.fsutil import fsync_dir, try_lock_dir
 
 STAGING_DIR = ".staging"
 # File metadata: {feed key: [[min_seq, max_seq], ...]} - exactly which rows the file holds.
@@ -55,14 +55,6 @@ def partition_dir(root: Path, table: str, exchange: str, date: str) -> Path:
     return root / table / f"exchange={exchange}" / f"date={date}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ensure_dir(path: Path, root: Path) -> None:
     """mkdir -p, fsyncing each parent whose entries changed so the new dirs are durable."""
     if path.is_dir():
@@ -77,7 +69,7 @@ def _ensure_dir(path: Path, root: Path) -> None:
             d.mkdir()
         except FileExistsError:
             pass
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
 def unique_name(batch: Batch) -> str:
@@ -113,7 +105,7 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
         _ensure_dir(final_dir, root)
         final = final_dir / name
         os.rename(tmp, final)
-        _fsync_dir(final_dir)
+        fsync_dir(final_dir)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -139,7 +131,7 @@ class Staging:
         removed = 0
         for d in self.base.iterdir():
             if d.is_dir():
-                fd = _try_lock(d)
+                fd = try_lock_dir(d)
                 if fd is None:
                     continue  # a live daemon's staging directory
                 removed += sum(1 for p in d.iterdir() if p.name.endswith(".tmp"))
@@ -149,7 +141,7 @@ class Staging:
                 d.unlink(missing_ok=True)
                 removed += 1
         self.path.mkdir()
-        self._lock_fd = _try_lock(self.path)
+        self._lock_fd = try_lock_dir(self.path)
         if self._lock_fd is None:
             raise OSError(f"cannot lock {self.path}")
         return removed
@@ -159,18 +151,3 @@ class Staging:
             shutil.rmtree(self.path, ignore_errors=True)
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-def _try_lock(d: Path) -> int | None:
-    """flock `<d>/.lock` without waiting; the fd (kept open to hold it) or None if held."""
-    lock = d / ".lock"
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd

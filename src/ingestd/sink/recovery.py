@@ -31,6 +31,7 @@ from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Codec, Output, RestRequest
 from ingestd.schema import BOOK, EVENTS, QUOTES, TABLES, TRADES
 from ingestd.sink.batcher import NS_PER_DAY, Batcher
+from ingestd.sink.fsutil import try_lock_dir
 from ingestd.sink.journal import (
     CHECKPOINT,
     CONNECT,
@@ -41,7 +42,6 @@ from ingestd.sink.journal import (
     REST,
     ROTATE,
     feed_config_from,
-    lock_dir,
     records_of,
 )
 from ingestd.sink.parquet import COVERAGE_KEY, commit, partition_dir
@@ -129,7 +129,7 @@ def adoptable_journals(root: Path) -> list[tuple[Path, int]]:
     for d in sorted(base.iterdir()):
         if not d.is_dir():
             continue
-        fd = lock_dir(d)
+        fd = try_lock_dir(d)
         if fd is not None:
             out.append((d, fd))
     return out

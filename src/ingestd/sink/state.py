@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from ingestd.config import FeedConfig
+from ingestd.sink.fsutil import fsync_dir
 
 log = structlog.get_logger("ingestd.state")
 
@@ -48,11 +49,7 @@ def save_feed_states(root: Path, feeds: list[tuple[FeedConfig, Any, int]]) -> No
         except (OSError, pickle.PicklingError) as e:
             log.error("state_save_failed", feed=cfg.name, error=str(e))
             tmp.unlink(missing_ok=True)
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(d)
 
 
 def load_feed_state(root: Path, cfg: FeedConfig) -> tuple[Any, int] | None:
