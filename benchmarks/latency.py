@@ -150,7 +150,7 @@ async def run_ingestd(rate: float, duration: float, mix: str, work: Path) -> Res
     cfg = work / "bench.toml"
     cfg.write_text(config_text(root, port, mix))
     # Sample the trace on long runs so the benchmark's own bookkeeping does not grow RSS.
-    every = max(1, int((rate or 100_000) * duration) // 1_000_000)
+    every = max(1, int((rate or 100_000) * duration) // 100_000)
     env = {**os.environ, "INGESTD_LATENCY_TRACE": str(trace_path),
            "INGESTD_LATENCY_TRACE_EVERY": str(every), "PYTHONUNBUFFERED": "1"}
     daemon = await asyncio.create_subprocess_exec(
