@@ -336,3 +336,36 @@ def test_status_command_renders_health(tmp_path: Path, capsys: Any) -> None:
     out = capsys.readouterr().out
     assert "status: ok" in out.splitlines()
     assert "spot" in out and "streaming" in out and "writer: committing" in out
+
+
+async def test_slow_and_abusive_clients_do_not_stall_the_daemon(root: Path) -> None:
+    async with SimServer("binance", rate_msgs_s=200, live=True) as sim:
+        cfg = make_config(root, [feed_for(sim, name="f", symbols=SYMS, channels=["trades"],
+                                          trade_stream="aggTrade")])
+        results: dict[str, Any] = {}
+
+        async def probe(d: Daemon) -> None:
+            assert d.health_port
+            port = d.health_port
+            # 50 clients that connect and never send a request, 20 that send half a request.
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(50)]
+            partial = []
+            for _ in range(20):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+                partial.append((r, w))
+            before = d.feed_stats["f"].messages
+            t0 = asyncio.get_running_loop().time()
+            results["health"] = await get(port, "/health")
+            results["elapsed"] = asyncio.get_running_loop().time() - t0
+            await asyncio.sleep(0.5)
+            results["streamed"] = d.feed_stats["f"].messages - before
+            results["lag"] = d.loop_lag_max_s
+            for _, w in idle + partial:
+                w.close()
+
+        await _run_and_probe(cfg, lambda d: d.feed_stats.get("f") is not None
+                             and d.feed_stats["f"].messages > 5, probe)
+    assert results["health"][0] == 200
+    assert results["streamed"] > 20          # the feed kept streaming meanwhile
+    assert results["lag"] < 0.5              # the loop was never blocked
