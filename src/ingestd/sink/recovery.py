@@ -29,7 +29,7 @@ import structlog
 
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Codec, Output, RestRequest
-from ingestd.schema import BOOK, EVENTS, QUOTES, TABLES, TRADES
+from ingestd.schema import BOOK, EVENTS, QUOTES, TRADES
 from ingestd.sink.batcher import NS_PER_DAY, Batcher
 from ingestd.sink.fsutil import try_lock_dir
 from ingestd.sink.journal import (
@@ -259,5 +259,5 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
     shutil.rmtree(journal_dir, ignore_errors=True)
 
 
-__all__ = ["TABLES", "CoverageIndex", "RecoveryResult", "adoptable_journals", "recover",
+__all__ = ["CoverageIndex", "RecoveryResult", "adoptable_journals", "recover",
            "replay_journal"]
