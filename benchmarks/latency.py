@@ -266,27 +266,44 @@ def table(results: list[Result]) -> str:
 
 
 def plot(results: list[Result], path: Path) -> None:
+    """Latency percentiles by offered rate, one panel per message mix."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for system in sorted({r.system for r in results}):
-        for mix in sorted({r.mix for r in results}):
-            rs = [r for r in results if r.system == system and r.mix == mix]
-            xs = [r.received_rate for r in rs]
+    mixes = sorted({r.mix for r in results}, reverse=True)
+    fig, axes = plt.subplots(1, len(mixes), figsize=(6 * len(mixes), 4.5), squeeze=False)
+    for ax, mix in zip(axes[0], mixes, strict=True):
+        rates = sorted({r.offered_rate for r in results if r.mix == mix},
+                       key=lambda x: x or float("inf"))
+        labels = [f"{x / 1000:g}k" if x else "max" for x in rates]
+        for system, color in (("ingestd", "tab:blue"), ("cryptofeed", "tab:orange")):
+            by_rate = {r.offered_rate: r for r in results if r.system == system
+                       and r.mix == mix}
+            if not by_rate:
+                continue
             for attr, style in (("ingest_p50_ms", "o-"), ("ingest_p99_ms", "s--"),
                                 ("ingest_p999_ms", "^:")):
-                ys = [getattr(r, attr) for r in rs]
-                ax.plot(xs, ys, style, label=f"{system} {mix} {attr.split('_')[1]}")
-    ax.set_xlabel("received msg/s")
-    ax.set_ylabel("ingest latency (ms)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("ingestd: frame sent -> row handed to the writer")
+                xs = [i for i, x in enumerate(rates) if x in by_rate]
+                ys = [getattr(by_rate[rates[i]], attr) for i in xs]
+                ax.plot(xs, ys, style, color=color,
+                        label=f"{system} {attr.split('_')[1].replace('p999', 'p99.9')}")
+        ax.set_xticks(range(len(rates)), labels)
+        ax.set_xlabel("offered msg/s")
+        ax.set_ylabel("frame sent -> row handed on (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{mix} mix")
+        ax.legend(fontsize=7)
+    fig.suptitle("ingest latency (ingestd: row handed to the writer; cryptofeed: callback)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def replot(json_path: Path, png_path: Path) -> None:
+    """Redraw the plot from a results JSON (python benchmarks/latency.py --replot)."""
+    data = json.loads(json_path.read_text())
+    plot([Result(**{k: v for k, v in r.items()}) for r in data["results"]], png_path)
 
 
 async def main() -> int:
@@ -300,7 +317,12 @@ async def main() -> int:
                     help="print RSS at 10%% and 100%% of each run (flatness check)")
     ap.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     ap.add_argument("--plot", default=str(HERE / "results" / "latency.png"))
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw --plot from the results in --json")
     args = ap.parse_args()
+    if args.replot:
+        replot(Path(args.json), Path(args.plot))
+        return 0
     rates = [float(x) for x in args.rates.split(",")]
     mixes = args.mix.split(",")
     results: list[Result] = []
