@@ -41,6 +41,10 @@ def test_batcher_partitions_by_utc_date_and_flushes_on_rows_or_age() -> None:
           now_mono=10.5)
     assert sorted(k[2] for k in b.partitions()) == [19_000, 19_001]
     assert b.due(10.9) == [] and b.due(11.0) == [("trades", "binance", 19_000)]
+    # With a lead (the time a commit takes), buffers are handed over early enough that no
+    # row waits longer than the interval to be committed.
+    assert b.due(10.85, lead_s=0.2) == [("trades", "binance", 19_000)]
+    assert b.due(10.75, lead_s=0.2) == []
     full = b.add("trades", "binance", [trade(day + 2, 4)], now_mono=10.6)
     assert full is not None and len(full.rows) == 3
     batch = b.take(full.key)

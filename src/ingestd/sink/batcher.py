@@ -100,9 +100,11 @@ class Batcher:
                     low[feed] = lo
         return low
 
-    def due(self, now_mono: float) -> list[PartitionKey]:
-        """Keys of buffers older than the flush interval, oldest first."""
-        limit = now_mono - self.flush_interval_s
+    def due(self, now_mono: float, lead_s: float = 0.0) -> list[PartitionKey]:
+        """Keys of buffers that must be handed to commit now, oldest first: those older
+        than the flush interval minus `lead_s` (the time the caller needs until the file
+        is visible), so no row waits longer than the interval to be committed."""
+        limit = now_mono - max(0.0, self.flush_interval_s - lead_s)
         due = [b for b in self._buffers.values() if b.opened_mono <= limit]
         due.sort(key=lambda b: b.opened_mono)
         return [b.key for b in due]

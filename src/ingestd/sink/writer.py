@@ -101,6 +101,7 @@ class Writer:
         self._retry_at_mono = 0.0
         self._retry_delay_s = RETRY_MIN_S
         self._tick_s = min(0.05, flush_interval_s / 4)
+        self._commit_s_ewma = 0.0    # how long a commit takes lately (s)
         self._max_buffered = max(4 * flush_max_rows, 1_000_000)
         self._idle = asyncio.Event()
         self.stale_staging_removed = 0
@@ -191,7 +192,11 @@ class Writer:
         now = self.clock.monotonic()
         if now < self._retry_at_mono:
             return
-        keys = self.batcher.partitions() if force else self.batcher.due(now)
+        # Flush early by the tick and the recent commit time: `flush_interval_s` is the
+        # max age of a buffered row before it is committed, not the age at which its
+        # commit starts.
+        lead_s = min(self.batcher.flush_interval_s / 2, self._tick_s + self._commit_s_ewma)
+        keys = self.batcher.partitions() if force else self.batcher.due(now, lead_s)
         for key in keys:
             self._start_commit(key)
         if self._rejects:
@@ -254,6 +259,7 @@ class Writer:
         st.bytes_written += done.bytes
         st.last_commit_mono = now
         st.flush_seconds_total += now - started_mono
+        self._commit_s_ewma += 0.2 * ((now - started_mono) - self._commit_s_ewma)
         st.buffered_rows = self.batcher.buffered_rows
 
     async def _drain(self) -> None:
