@@ -26,6 +26,17 @@ class Intake:
         self.stats = stats
         self._lock = asyncio.Lock()
 
+    def try_put(self, item: QueueItem) -> bool:
+        """Hand one item on without waiting, if there is room and nobody is waiting."""
+        q = self.queue
+        if self._lock.locked() or q.full():
+            return False
+        q.put_nowait(item)
+        depth = q.qsize()
+        if depth > self.stats.peak_depth:
+            self.stats.peak_depth = depth
+        return True
+
     async def put(self, item: QueueItem) -> bool:
         """Hand one item on; False if it was dropped (counted)."""
         q = self.queue

@@ -62,6 +62,7 @@ class TransportClosed(Exception):
 
 class Connection(Protocol):
     async def recv(self) -> bytes: ...
+    async def recv_many(self, limit: int) -> list[bytes]: ...
     async def send(self, text: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     def abort(self) -> None: ...
@@ -205,6 +206,28 @@ class _PicowsConnection:
             self._transport.underlying_transport.resume_reading()
         return q.popleft()
 
+    async def recv_many(self, limit: int) -> list[bytes]:
+        """Every message already received (at least one, at most `limit`), in order:
+        the frames of one socket read arrive together, so they are handed on together."""
+        q = self._q
+        while not q:
+            if self._closed is not None:
+                raise self._closed
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if len(q) <= limit:
+            out = list(q)
+            q.clear()
+        else:
+            out = [q.popleft() for _ in range(limit)]
+        if self._paused and len(q) <= LOW_WATER:
+            self._paused = False
+            self._transport.underlying_transport.resume_reading()
+        return out
+
     async def send(self, text: str) -> None:
         import picows
 
@@ -269,6 +292,9 @@ class _WebsocketsConnection:
         except ConnectionClosed as e:
             raise self._closed(e) from None
         return data
+
+    async def recv_many(self, limit: int) -> list[bytes]:
+        return [await self.recv()]
 
     async def send(self, text: str) -> None:
         from websockets.exceptions import ConnectionClosed
