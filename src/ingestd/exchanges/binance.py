@@ -46,6 +46,7 @@ from ingestd.schema import ASK, BID, BUY, SELL, BookRow, TradeRow
 
 MAX_STREAMS_PER_CONNECTION = 1024
 _INF = float("inf")
+_MAX_MS = (2**63 - 1) // 1_000_000
 MAX_BUFFERED_DIFFS = 10_000
 SNAPSHOT_RETRY_MIN_S = 0.5
 SNAPSHOT_RETRY_MAX_S = 30.0
@@ -73,18 +74,6 @@ class _BookState:
     last_id: int = 0          # u of the last applied diff (or the snapshot's lastUpdateId)
     first_after_snapshot: bool = False
     buffer: list[_Diff] = field(default_factory=list)
-
-
-def _is_num(slot: bytes) -> bool:
-    """`:<digits>,` - a JSON non-negative integer (no leading zero) between two keys."""
-    digits = slot[1:-1]
-    return (slot[:1] == b":" and slot[-1:] == b"," and digits.isdigit()
-            and (digits[:1] != b"0" or len(digits) == 1))
-
-
-def _is_dec(text: bytes) -> bool:
-    """A plain decimal as Binance writes prices and sizes (digits, at most one point)."""
-    return text.replace(b".", b"", 1).isdigit()
 
 
 def _levels(raw: Any) -> Levels:
@@ -176,12 +165,6 @@ class BinanceSpot(Codec):
 
     # ---- frames ----------------------------------------------------------------------------
     def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        if type(frame) is bytes:
-            i = frame.find(b'","data":{"e":"', 11, 80)
-            if i > 0 and (frame.endswith(b"@trade", 0, i) or frame.endswith(b"@aggTrade", 0, i)):
-                fast = self._fast_trade(frame, ts_recv_ns, recv_seq)
-                if fast is not None:
-                    return fast
         out = Output()
         try:
             msg = orjson.loads(frame)
@@ -214,83 +197,34 @@ class BinanceSpot(Codec):
             return fresh
         return out
 
-    def _fast_trade(self, frame: bytes, ts_recv_ns: int, recv_seq: int) -> Output | None:
-        """Spot `@trade` / `@aggTrade` frames in Binance's fixed layout, without a JSON
-        decode: the frame is split on quotes and every key and separator is checked at
-        its position. Anything else (another layout, an escape, a missing or extra key)
-        returns None and goes through the full decoder, which yields the same rows.
-
-        @trade    {"stream":S,"data":{"e":"trade","E":n,"s":S,"t":n,"p":S,"q":S,"T":n,"m":b,"M":b}}
-        @aggTrade ... "s":S,"a":n,"p":S,"q":S,"f":n,"l":n,"T":n,"m":b,"M":b}}
-        """
-        p = frame.split(b'"')
-        n = len(p)
-        if n == 33:
-            if p[9] != b"trade" or p[17] != b"t":
-                return None
-        elif n == 37:
-            if p[9] != b"aggTrade" or p[17] != b"a" or p[27] != b"f" or p[29] != b"l" \
-                    or p[26] != b"," or not _is_num(p[28]) or not _is_num(p[30]):
-                return None
-        else:
-            return None
-        if (p[0] != b"{" or p[1] != b"stream" or p[2] != b":" or p[4] != b","
-                or p[5] != b"data" or p[6] != b":{" or p[7] != b"e" or p[8] != b":"
-                or p[10] != b"," or p[11] != b"E" or p[13] != b"s" or p[14] != b":"
-                or p[16] != b"," or p[19] != b"p" or p[20] != b":" or p[22] != b","
-                or p[23] != b"q" or p[24] != b":" or p[26] != b"," or not _is_dec(p[21])
-                or not _is_dec(p[25]) or p[n - 6] != b"T" or p[n - 4] != b"m"
-                or p[n - 2] != b"M" or p[n - 1] not in (b":true}}", b":false}}")):
-            return None
-        m = p[n - 3]
-        if m == b":true,":
-            maker = True
-        elif m == b":false,":
-            maker = False
-        else:
-            return None
-        tid_raw, t_raw = p[18], p[n - 5]
-        if not (_is_num(tid_raw) and _is_num(t_raw) and _is_num(p[12])
-                and p[3].replace(b"@", b"", 1).isalnum() and p[15].isalnum()):
-            return None
-        out = Output()
-        try:
-            sym = p[15].decode("ascii")
-            if sym not in self.symbols:
-                out.drop(DROP_UNSUBSCRIBED)
-                return out
-            tid = int(tid_raw[1:-1])
-            last = self._last_trade_id.get(sym)
-            if last is not None and tid <= last:
-                out.drop(DROP_DUPLICATE_TRADE)
-                return out
-            row: TradeRow = (sym, ms_to_ns(t_raw[1:-1]), ts_recv_ns, recv_seq, str(tid),
-                             SELL if maker else BUY, price(p[21]), amount(p[25]))
-        except (ValueError, UnicodeDecodeError):
-            return None  # let the full decoder name the problem
-        if last is not None and tid != last + 1:
-            self.gap(out, sym, ts_recv_ns, recv_seq,
-                     f"trade id expected {last + 1}, got {tid} ({tid - last - 1} missing)")
-        self._last_trade_id[sym] = tid
-        out.trades = [row]
-        return out
-
     def _trade(self, d: dict[str, Any], kind: str, ts_recv_ns: int, recv_seq: int,
                out: Output) -> None:
         sym = d["s"]
         if sym not in self.symbols:
             out.drop(DROP_UNSUBSCRIBED)
             return
-        tid = int(d["t"] if kind == "trade" else d["a"])
+        tid = d["t"] if kind == "trade" else d["a"]
+        if type(tid) is not int:
+            tid = int(tid)
         last = self._last_trade_id.get(sym)
         if last is not None and tid <= last:
             out.drop(DROP_DUPLICATE_TRADE)
             return
         m = d["m"]
-        if not isinstance(m, bool):
+        if m is True:
+            side = SELL   # the buyer was the maker: the taker sold
+        elif m is False:
+            side = BUY
+        else:
             raise BadFrame("m is not a boolean")
-        row: TradeRow = (sym, ms_to_ns(d["T"]), ts_recv_ns, recv_seq, str(tid),
-                         SELL if m else BUY, price(d["p"]), amount(d["q"]))
+        # Inline conversions with the same checks as base.price/amount/ms_to_ns (hot path).
+        px, qty, t_ms = float(d["p"]), float(d["q"]), d["T"]
+        if not (0.0 < px < _INF and 0.0 <= qty < _INF):
+            price(px)
+            amount(qty)
+        if type(t_ms) is not int or not 0 <= t_ms <= _MAX_MS:
+            t_ms = ms_to_ns(t_ms) // 1_000_000
+        row: TradeRow = (sym, t_ms * 1_000_000, ts_recv_ns, recv_seq, str(tid), side, px, qty)
         if last is not None and tid != last + 1:
             # Binance trade ids (and aggregate trade ids) are consecutive per symbol.
             self.gap(out, sym, ts_recv_ns, recv_seq,
