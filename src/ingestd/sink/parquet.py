@@ -39,14 +39,26 @@ class Committed:
     bytes: int
 
 
+# Rows converted per Arrow call. Converting Python objects holds the GIL for the whole
+# call; small chunks let the event loop thread run between them (latency, not speed).
+CHUNK_ROWS = 4096
+
+
 def to_arrow(table: str, exchange: str, rows: list[tuple[Any, ...]]) -> pa.Table:
     """Transpose row tuples into typed Arrow columns (plus the constant `exchange`)."""
     schema = SCHEMAS[table]
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in range(len(schema) - 1)]
-    arrays = [pa.repeat(pa.scalar(exchange, pa.string()), len(rows))]
-    for fld, col in zip(list(schema)[1:], columns, strict=True):
-        arrays.append(pa.array(col, type=fld.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    fields = list(schema)[1:]
+    chunks: list[list[pa.Array]] = [[] for _ in fields]
+    for start in range(0, len(rows), CHUNK_ROWS):
+        part = rows[start:start + CHUNK_ROWS]
+        for out, fld, col in zip(chunks, fields, zip(*part, strict=True), strict=True):
+            out.append(pa.array(col, type=fld.type))
+    if not rows:
+        chunks = [[pa.array([], type=fld.type)] for fld in fields]
+    columns = [pa.chunked_array([pa.repeat(pa.scalar(exchange, pa.string()), len(rows))])]
+    columns += [pa.chunked_array(c, type=fld.type) for c, fld in zip(chunks, fields,
+                                                                     strict=True)]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def partition_dir(root: Path, table: str, exchange: str, date: str) -> Path:
