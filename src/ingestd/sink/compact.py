@@ -29,7 +29,7 @@ import structlog
 
 from ingestd.schema import SCHEMAS, TABLES
 from ingestd.sink.fsutil import fsync_dir
-from ingestd.sink.parquet import COVERAGE_KEY
+from ingestd.sink.parquet import COVERAGE_KEY, DICTIONARY_COLUMNS
 
 log = structlog.get_logger("ingestd.compact")
 
@@ -110,7 +110,8 @@ def compact_partition(root: Path, partition: Path, table_name: str,
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / (name + ".tmp")
     with open(tmp, "wb") as f:
-        pq.write_table(out_table, f, compression="zstd", row_group_size=row_group_rows)
+        pq.write_table(out_table, f, compression="zstd", row_group_size=row_group_rows,
+                       use_dictionary=DICTIONARY_COLUMNS[table_name])
         f.flush()
         os.fsync(f.fileno())
     # Verify before anything is deleted: the file read back is exactly the sorted merge
