@@ -95,8 +95,11 @@ def _ensure_dir(path: Path, root: Path) -> None:
 
 
 def unique_name(batch: Batch) -> str:
-    """`<first ts_recv ns>-<random>.parquet`: sortable by time, never colliding."""
-    first_ts = min(row[2] for row in batch.rows)
+    """`<ts_recv ns of the first row>-<random>.parquet`: sortable by time, never colliding.
+    (Rows are in recv_seq order; a released book diff may carry an earlier ts_recv, so
+    the name is an upper bound of the file's oldest ts_recv - the direction recovery's
+    file filter tolerates.)"""
+    first_ts = batch.rows[0][2]
     return f"{first_ts:019d}-{uuid.uuid4().hex}.parquet"
 
 
