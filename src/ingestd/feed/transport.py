@@ -191,9 +191,9 @@ class _PicowsConnection:
                 self._closed = TransportClosed(None, "", by_peer=True)
         self._wake()
 
-    async def recv(self) -> bytes:
-        q = self._q
-        while not q:
+    async def _wait_for_data(self) -> None:
+        """Until a message is queued (cancelling this never loses one) or the end."""
+        while not self._q:
             if self._closed is not None:
                 raise self._closed
             self._waiter = asyncio.get_running_loop().create_future()
@@ -201,31 +201,31 @@ class _PicowsConnection:
                 await self._waiter
             finally:
                 self._waiter = None
-        if self._paused and len(q) <= LOW_WATER:
+
+    def _maybe_resume(self) -> None:
+        if self._paused and len(self._q) <= LOW_WATER:
             self._paused = False
             self._transport.underlying_transport.resume_reading()
-        return q.popleft()
+
+    async def recv(self) -> bytes:
+        if not self._q:
+            await self._wait_for_data()
+        frame = self._q.popleft()
+        self._maybe_resume()
+        return frame
 
     async def recv_many(self, limit: int) -> list[bytes]:
         """Every message already received (at least one, at most `limit`), in order:
         the frames of one socket read arrive together, so they are handed on together."""
         q = self._q
-        while not q:
-            if self._closed is not None:
-                raise self._closed
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        if not q:
+            await self._wait_for_data()
         if len(q) <= limit:
             out = list(q)
             q.clear()
         else:
             out = [q.popleft() for _ in range(limit)]
-        if self._paused and len(q) <= LOW_WATER:
-            self._paused = False
-            self._transport.underlying_transport.resume_reading()
+        self._maybe_resume()
         return out
 
     async def send(self, text: str) -> None:

@@ -14,6 +14,19 @@ if TYPE_CHECKING:
     from ingestd.sim.server import SimConn
 
 
+def without_nth(frames: list[bytes], n: int, marker: bytes) -> list[bytes]:
+    """`frames` minus the n-th one containing `marker` (a lost update, for gap tests)."""
+    seen = 0
+    kept = []
+    for frame in frames:
+        if marker in frame:
+            seen += 1
+            if seen == n:
+                continue
+        kept.append(frame)
+    return kept
+
+
 class Venue(ABC):
     exchange: ClassVar[str]
     # A feed (the `[[feeds]]` keys other than name/exchange/url) that shows this venue's

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 
 from ingestd.sim import recorded
-from ingestd.sim.venues.base import Venue
+from ingestd.sim.venues.base import Venue, without_nth
 
 if TYPE_CHECKING:
     from ingestd.sim.server import SimConn
@@ -94,15 +94,7 @@ class KrakenVenue(Venue):
         n = self.skip_book_update
         if not (first and n and key[0] == "book"):
             return frames
-        updates = 0
-        kept = []
-        for frame in frames:
-            if b'"type":"update"' in frame:
-                updates += 1
-                if updates == n:
-                    continue
-            kept.append(frame)
-        return kept
+        return without_nth(frames, n, b'"type":"update"')
 
     async def session(self, conn: SimConn) -> None:
         # One task per subscribed (channel, symbol): an unsubscribe cancels it, so nothing

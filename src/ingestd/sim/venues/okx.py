@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import orjson
 
 from ingestd.sim import recorded
-from ingestd.sim.venues.base import Venue
+from ingestd.sim.venues.base import Venue, without_nth
 
 if TYPE_CHECKING:
     from ingestd.sim.server import SimConn
@@ -92,15 +92,7 @@ class OkxVenue(Venue):
         n = self.skip_book_update
         if not (first and n and key[0] == "books"):
             return frames
-        updates = 0
-        kept = []
-        for frame in frames:
-            if b'"action":"update"' in frame:
-                updates += 1
-                if updates == n:
-                    continue
-            kept.append(frame)
-        return kept
+        return without_nth(frames, n, b'"action":"update"')
 
     async def session(self, conn: SimConn) -> None:
         from ingestd.sim.server import merge_streams
