@@ -4,6 +4,7 @@ input (hand-picked and hypothesis), and the real daemon end to end on loopback."
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import Counter
@@ -578,7 +579,9 @@ def test_mutated_real_frames_never_raise(which: int, data: st.DataObject) -> Non
             if data.draw(st.booleans()):
                 del parent[path[-1]]
             else:
-                parent[path[-1]] = data.draw(st.sampled_from(SWAPS))
+                # A copy: the swap values are shared by every example and must not be
+                # mutated (later mutations could make one contain itself).
+                parent[path[-1]] = copy.deepcopy(data.draw(st.sampled_from(SWAPS)))
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed or replaced this path
     c = codec()
