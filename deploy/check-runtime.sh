@@ -91,7 +91,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "creating test venv $VENV"
     "$PY" -m venv "$VENV"
 fi
-snap=$(mktemp -d "$BASE/src.XXXXXX")
+snap=$(mktemp -d -p "$BASE")
 cp -a "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/src" "$snap/"
 rm -rf "$snap"/src/*.egg-info
 echo "installing the working tree's ingestd into $VENV"
@@ -101,7 +101,7 @@ rm -rf "$snap"
 chmod -R a+rX "$VENV"
 
 # --- run directory: what the private systemd sees instead of /etc, /var/lib ... -----------
-W=$(mktemp -d "$BASE/run.XXXXXX")
+W=$(mktemp -d -p "$BASE")
 chmod 0755 "$W"
 mkdir -p "$W/etc" "$W/var-lib" "$W/var-log" "$W/usr-local-bin" "$W/units" "$W/logs" "$W/probe"
 cp -a /etc/. "$W/etc/"

@@ -100,3 +100,20 @@ def book_table_rows(df: pl.DataFrame) -> list[tuple[Any, ...]]:
     """A `book` table read back as row tuples in schema order."""
     return list(df.select("symbol", "ts_event", "ts_recv", "recv_seq", "is_snapshot", "side",
                           "price", "amount", "update_id").iter_rows())
+
+
+def mutate_json(obj: Any, path: list[int], value: Any) -> Any:
+    """A copy of decoded JSON `obj` with one nested field, chosen by `path` (indices taken
+    modulo each level's size), replaced by `value` - or deleted when `value` is `...`.
+    The property tests feed codecs real frames mutated this way."""
+    if not path or not isinstance(obj, dict | list) or not obj:
+        return None if value is ... else value
+    keys = list(obj) if isinstance(obj, dict) else list(range(len(obj)))
+    key = keys[path[0] % len(keys)]
+    if len(path) == 1 and value is ...:
+        if isinstance(obj, dict):
+            return {k: v for k, v in obj.items() if k != key}
+        return [v for i, v in enumerate(obj) if i != key]
+    copy: Any = dict(obj) if isinstance(obj, dict) else list(obj)
+    copy[key] = mutate_json(obj[key], path[1:], value)
+    return copy

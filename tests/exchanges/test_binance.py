@@ -16,7 +16,7 @@ from ingestd.exchanges.base import Output, RestRequest
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
 from ingestd.schema import ROW_WIDTH
 from ingestd.sim.recorded import frames
-from tests.support import rebuild_books
+from tests.support import mutate_json, rebuild_books
 
 SPOT_BOOK = ["NKNUSDT", "BLZETH", "LRCBTC", "RUNEEUR"]
 USDM_BOOK = ["SUSHIUSDT", "AKROUSDT", "KEEPUSDT", "CTKUSDT"]
@@ -302,19 +302,7 @@ ALL_FRAMES = [f for name in ("aggTrade.jsonl", "trade.jsonl", "bookTicker.jsonl"
               for f in frames("binance_spot", name)]
 
 
-def _mutate(obj: Any, path: list[int], value: Any) -> Any:
-    """Replace or delete (value is ...) one nested field chosen by `path`."""
-    if not path or not isinstance(obj, dict | list) or not obj:
-        return None if value is ... else value
-    keys = list(obj) if isinstance(obj, dict) else list(range(len(obj)))
-    key = keys[path[0] % len(keys)]
-    if len(path) == 1 and value is ...:
-        if isinstance(obj, dict):
-            return {k: v for k, v in obj.items() if k != key}
-        return [v for i, v in enumerate(obj) if i != key]
-    copy: Any = dict(obj) if isinstance(obj, dict) else list(obj)
-    copy[key] = _mutate(obj[key], path[1:], value)
-    return copy
+_mutate = mutate_json
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -26,7 +26,7 @@ from ingestd.schema import ROW_WIDTH
 from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
 from ingestd.sim.venues import VENUES
-from tests.support import feed_for, make_config, read_table, rebuild_books, run_daemon
+from tests.support import feed_for, make_config, mutate_json, read_table, rebuild_books, run_daemon
 
 BOOK_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "DOGEUSDT"]   # publicTrade + orderbook.200
 BBO_SYMBOLS = ["BANDUSDT", "RADUSDT", "SNTUSDT", "AIOZUSDT"]   # orderbook.1
@@ -560,19 +560,7 @@ def _check(out: Output) -> None:
 ALL_FRAMES = [*TRADES[:20], *BOOK[:40], *BBO[:20], *TICKERS[:5], *PING, *SUBSCRIBE[-3:]]
 
 
-def _mutate(obj: Any, path: list[int], value: Any) -> Any:
-    """Replace or delete (value is ...) one nested field chosen by `path`."""
-    if not path or not isinstance(obj, dict | list) or not obj:
-        return None if value is ... else value
-    keys = list(obj) if isinstance(obj, dict) else list(range(len(obj)))
-    key = keys[path[0] % len(keys)]
-    if len(path) == 1 and value is ...:
-        if isinstance(obj, dict):
-            return {k: v for k, v in obj.items() if k != key}
-        return [v for i, v in enumerate(obj) if i != key]
-    copy: Any = dict(obj) if isinstance(obj, dict) else list(obj)
-    copy[key] = _mutate(obj[key], path[1:], value)
-    return copy
+_mutate = mutate_json
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
