@@ -149,38 +149,32 @@ class Writer:
         key = self._feed_keys.get(feed)
         if key is None:
             key = self._feed_keys[feed] = f"{self.instance}/{feed}"
-        add = self.batcher.add
+        # Usually one table per message: test each, call the shared step only for those
+        # that have rows (a loop over all four tables costs ~0.25 us per message).
         top = 0
-        rows: list[Any] | None = out.trades
-        if rows:
-            top = rows[-1][3]
-            full = add(TRADES, exchange, rows, now, key)
-            if full is not None:
-                self._start_commit(full.key)
-        rows = out.quotes
-        if rows:
-            top = max(top, rows[-1][3])
-            full = add(QUOTES, exchange, rows, now, key)
-            if full is not None:
-                self._start_commit(full.key)
-        rows = out.book
-        if rows:
-            top = max(top, rows[-1][3])
-            full = add(BOOK, exchange, rows, now, key)
-            if full is not None:
-                self._start_commit(full.key)
-        rows = out.events
-        if rows:
-            top = max(top, rows[-1][3])
-            full = add(EVENTS, exchange, rows, now, key)
-            if full is not None:
-                self._start_commit(full.key)
+        if out.trades:
+            top = self._add(TRADES, exchange, out.trades, now, key, top)
+        if out.quotes:
+            top = self._add(QUOTES, exchange, out.quotes, now, key, top)
+        if out.book:
+            top = self._add(BOOK, exchange, out.book, now, key, top)
+        if out.events:
+            top = self._add(EVENTS, exchange, out.events, now, key, top)
         consumed = self.consumed_seq
         if top > consumed.get(key, 0):
             consumed[key] = top
         if self.trace is not None:
             self.trace.accepted(top)
         self.stats.buffered_rows = self.batcher.buffered_rows
+
+    def _add(self, table: str, exchange: str, rows: list[Any], now: float, key: str,
+             top: int) -> int:
+        """Buffer one table's rows of an item; returns the highest recv_seq seen so far."""
+        full = self.batcher.add(table, exchange, rows, now, key)
+        if full is not None:
+            self._start_commit(full.key)
+        last: int = rows[-1][3]
+        return last if last > top else top
 
     async def _tick(self) -> None:
         while True:
