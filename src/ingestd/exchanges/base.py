@@ -1,27 +1,30 @@
-"""The shape every exchange codec has, and the helpers codecs share.
+"""The shape every exchange codec has, and the decode-and-validate policy they share.
 
-Owns: `Codec` (the sans-I/O protocol object for one feed), `Output` (what one input
-produced), `RestRequest` (a REST fetch the codec needs, e.g. a book snapshot), and exact
-conversions (decimal strings and venue timestamps to floats and integer nanoseconds).
+Owns: `Codec` (the sans-I/O protocol object for one feed), `Output` (what the frames of
+one socket read - or one REST answer - produced: at most one columnar block per table,
+plus requests, replies, rejects and counters), `RestRequest`, the one policy for bad
+input (`DECODE_ERRORS`: a frame that fails is rejected whole - its rows rolled back -
+and its neighbours are kept), explicit versioned codec state (`state()` / `restore()`),
+and exact conversions (decimal strings and venue timestamps to floats and integer ns).
 
 Must not: do I/O, read a clock, log, sleep or touch asyncio. A codec only turns inputs
-(WebSocket frames and REST bodies, each with its receive time and `recv_seq`) into rows,
+(WebSocket frames and REST bodies, each with its receive time and `recv_seq`) into blocks,
 events, requests and replies. The reader (feed/reader.py) is the only socket owner; the
 journal replays the same inputs through the same codec, so a codec must be deterministic
-given its inputs.
+given its inputs and its restored state.
 
 Lifecycle, driven by the reader:
-  codec = CodecClass(feed_config)
+  codec = CodecClass(feed_config); codec.restore(saved_state)   (optional)
   per connection: codec.ws_url(); codec.on_connect(); send codec.subscribe_messages()
-  per frame:      out = codec.parse(frame, ts_recv_ns, recv_seq)
-                  send out.replies, fetch out.requests (then codec.on_rest(...)),
-                  reconnect if out.reconnect is set
+  per socket read: out = codec.parse_batch(frames, ts_recv_ns, first_seq)
+                  frame i has recv_seq first_seq + i; send out.replies, fetch
+                  out.requests (then codec.on_rest(...)), rotate if out.reconnect is set
   every `keepalive_interval_s` of the codec: send codec.keepalive_message()
 
 `recv_seq` is allocated by the reader, strictly increasing per feed. Rows decoded from one
-input carry that input's value. A codec that releases rows it held back (e.g. book diffs
-buffered until a REST snapshot arrives) gives them `recv_seq + 1, + 2, ...` and reports the
-highest value it used in `Output.last_seq`, so replaying by `recv_seq` is exact.
+frame carry that frame's value. Only `on_rest` may release rows it held back (book diffs
+buffered until a REST snapshot arrives): it gives them `recv_seq + 1, + 2, ...` and
+reports the highest value used in `Output.last_seq`, so replaying by `recv_seq` is exact.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import orjson
 
 from ingestd.config import FeedConfig
 from ingestd.schema import (
@@ -42,21 +48,25 @@ from ingestd.schema import (
     EV_REFUSED,
     EV_RESYNC,
     EV_SUBSCRIBED,
-    BookRow,
-    EventRow,
-    QuoteRow,
-    TradeRow,
+    Block,
+    BookBlock,
+    EventsBlock,
+    QuotesBlock,
+    TradesBlock,
 )
 
 __all__ = [
+    "DECODE_ERRORS",
     "BadFrame",
     "Codec",
     "Output",
     "RestRequest",
+    "StateError",
     "amount",
     "iso_to_ns",
     "ms_to_ns",
     "override_url",
+    "parse_levels",
     "price",
     "s_decimal_to_ns",
     "us_to_ns",
@@ -74,6 +84,21 @@ class BadFrame(ValueError):
     """A frame that does not have the shape its type promises (counted, kept raw)."""
 
 
+class StateError(ValueError):
+    """A saved codec state this version cannot restore (older version, other venue,
+    corrupt). The caller logs it and starts from a fresh codec (books resync)."""
+
+
+# The one list of exceptions that mean "this input is bad" for every codec: decoding
+# (msgspec, orjson), validation (BadFrame, msgspec.ValidationError) and the errors Python
+# raises on wrong shapes. Anything else escaping a codec is a bug: it is rejected the
+# same way (the frame kept raw, reason "codec_error") so a feed never dies of it.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    msgspec.DecodeError, msgspec.ValidationError, orjson.JSONDecodeError, BadFrame,
+    KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+    UnicodeDecodeError)
+
+
 @dataclass(frozen=True, slots=True)
 class RestRequest:
     """A REST GET the codec needs answered; the reply goes back through `Codec.on_rest`."""
@@ -84,29 +109,81 @@ class RestRequest:
 
 
 class Output:
-    """Everything one input (frame or REST body) produced. Lists are created on demand."""
+    """Everything one codec call produced: at most one block per table, plus what the
+    reader must do. Attributes are None until used (the common read has one table)."""
 
-    __slots__ = ("book", "drops", "error", "events", "last_seq", "quotes", "reconnect",
-                 "replies", "requests", "trades", "unknown")
+    __slots__ = ("book", "drops", "events", "exchange", "feed", "last_seq", "messages",
+                 "quotes", "raw_rejects", "reconnect", "rejects", "replies", "requests",
+                 "trades", "unknown")
 
-    def __init__(self) -> None:
-        self.trades: list[TradeRow] | None = None
-        self.quotes: list[QuoteRow] | None = None
-        self.book: list[BookRow] | None = None
-        self.events: list[EventRow] | None = None
+    TABLE_ATTRS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "events")
+
+    def __init__(self, feed: str = "", exchange: str = "") -> None:
+        self.feed = feed
+        self.exchange = exchange
+        self.trades: TradesBlock | None = None
+        self.quotes: QuotesBlock | None = None
+        self.book: BookBlock | None = None
+        self.events: EventsBlock | None = None
         self.requests: list[RestRequest] | None = None
         self.replies: list[str] | None = None    # text frames to send back (e.g. pong)
-        self.error: str | None = None            # why the frame was rejected (kept raw)
-        self.unknown: bool = False               # valid JSON of a type we do not handle
+        self.rejects: list[tuple[int, str]] | None = None  # (frame index, why) kept raw
+        self.raw_rejects: list[Any] | None = None  # the reader's Reject records (sink)
+        self.unknown: int = 0                    # valid frames of a type we do not handle
         self.drops: dict[str, int] | None = None  # rows/frames deliberately dropped, by reason
         self.reconnect: str | None = None        # the venue asked us to reconnect (reason)
         self.last_seq: int = 0                   # highest recv_seq used, if above the input's
+        self.messages: int = 0                   # frames this output came from (queue weight)
 
-    # Small helpers so codecs read clearly; not used on the per-trade hot path.
-    def event(self, row: EventRow) -> None:
-        if self.events is None:
-            self.events = []
-        self.events.append(row)
+    # ---- blocks ------------------------------------------------------------------------
+    def trades_block(self) -> TradesBlock:
+        b = self.trades
+        if b is None:
+            b = self.trades = TradesBlock()
+        return b
+
+    def quotes_block(self) -> QuotesBlock:
+        b = self.quotes
+        if b is None:
+            b = self.quotes = QuotesBlock()
+        return b
+
+    def book_block(self) -> BookBlock:
+        b = self.book
+        if b is None:
+            b = self.book = BookBlock()
+        return b
+
+    def events_block(self) -> EventsBlock:
+        b = self.events
+        if b is None:
+            b = self.events = EventsBlock()
+        return b
+
+    def blocks(self) -> Iterator[Block]:
+        """The non-empty blocks, in table order."""
+        for attr in self.TABLE_ATTRS:
+            b = getattr(self, attr)
+            if b is not None and len(b):
+                yield b
+
+    def mark(self) -> tuple[int, ...]:
+        """Row counts per table now (see `rollback`)."""
+        return tuple(0 if (b := getattr(self, a)) is None else len(b)
+                     for a in self.TABLE_ATTRS)
+
+    def rollback(self, mark: tuple[int, ...]) -> None:
+        """Drop every row added since `mark` (a frame that failed half-way)."""
+        for attr, n in zip(self.TABLE_ATTRS, mark, strict=True):
+            b = getattr(self, attr)
+            if b is not None and len(b) > n:
+                b.truncate(n)
+
+    # ---- what the reader must do -------------------------------------------------------
+    def event(self, symbol: str | None, ts_event_ns: int | None, ts_recv_ns: int,
+              recv_seq: int, feed: str, event: str, detail: str | None) -> None:
+        self.events_block().add(symbol, ts_event_ns, ts_recv_ns, recv_seq, feed, event,
+                                detail)
 
     def request(self, req: RestRequest) -> None:
         if self.requests is None:
@@ -118,14 +195,43 @@ class Output:
             self.replies = []
         self.replies.append(text)
 
+    def reject(self, index: int, reason: str) -> None:
+        if self.rejects is None:
+            self.rejects = []
+        self.rejects.append((index, reason))
+
     def drop(self, reason: str, n: int = 1) -> None:
         if self.drops is None:
             self.drops = {}
         self.drops[reason] = self.drops.get(reason, 0) + n
 
     @property
+    def error(self) -> str | None:
+        """The reason the first rejected frame was rejected (single-frame calls)."""
+        return self.rejects[0][1] if self.rejects else None
+
+    @property
     def has_rows(self) -> bool:
-        return bool(self.trades or self.quotes or self.book or self.events)
+        return any(True for _ in self.blocks())
+
+    def rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Row tuples of one table (tests and debugging only)."""
+        b = getattr(self, table)
+        return [] if b is None else b.rows()
+
+
+class Stateful(Protocol):
+    """A part of a codec whose position must survive restarts (watermarks, sequences)."""
+
+    def state(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
+
+
+def reject_reason(e: BaseException) -> str:
+    if isinstance(e, DECODE_ERRORS):
+        return f"{type(e).__name__}: {e}"[:200]
+    return f"codec_error: {type(e).__name__}: {e}"[:200]
 
 
 class Codec(ABC):
@@ -145,12 +251,20 @@ class Codec(ABC):
     # Connection attempts allowed per window, shared by every feed of the venue:
     # (attempts, window_s). Venues ban IPs that exceed their documented limits.
     connect_limit: ClassVar[tuple[int, float]] = (5, 1.0)
+    # Version of what `state()` returns; bump when its shape changes.
+    STATE_VERSION: ClassVar[int] = 1
 
     def __init__(self, feed: FeedConfig) -> None:
         self.feed = feed
         self.name = feed.name
         self.symbols: frozenset[str] = frozenset(feed.symbols)
         self.channels: frozenset[str] = frozenset(feed.channels)
+        self._parts: dict[str, Stateful] = {}
+
+    def stateful(self, name: str, part: Any) -> Any:
+        """Register a part whose `state()` is saved and restored (returns the part)."""
+        self._parts[name] = part
+        return part
 
     @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
@@ -186,26 +300,76 @@ class Codec(ABC):
     def subscribe_messages(self) -> Sequence[str]:
         """Text frames to send right after connecting (may be empty)."""
 
-    @abstractmethod
+    def new_output(self) -> Output:
+        return Output(self.name, self.exchange)
+
+    def parse_batch(self, frames: Sequence[bytes | str], ts_recv_ns: int,
+                    first_seq: int) -> Output:
+        """Decode the frames of one socket read (frame i has recv_seq first_seq + i) into
+        one Output. Never raises: a frame that fails is rolled back and rejected."""
+        out = self.new_output()
+        out.messages = len(frames)
+        parse_frame = self.parse_frame
+        for i, frame in enumerate(frames):
+            mark = out.mark()
+            try:
+                parse_frame(frame, ts_recv_ns, first_seq + i, out)
+            except Exception as e:  # the policy: any failure rejects this frame only
+                out.rollback(mark)
+                out.reject(i, reject_reason(e))
+        return out
+
     def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        """Decode one frame. Never raises: problems become `Output.error`."""
+        """One frame (tests, replay): `parse_batch([frame], ...)`."""
+        return self.parse_batch((frame,), ts_recv_ns, recv_seq)
+
+    @abstractmethod
+    def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        """Decode one frame into `out`. May raise any of DECODE_ERRORS; must validate
+        before it changes its own state (rows it added are rolled back on error)."""
 
     def on_rest(self, request: RestRequest, status: int, body: bytes,
                 ts_recv_ns: int, recv_seq: int) -> Output:
-        """Handle the answer to a `RestRequest` (status 0: the request failed to connect)."""
-        out = Output()
-        out.error = f"unexpected REST answer for {request.key}"
+        """Handle the answer to a `RestRequest` (status 0: no HTTP answer; body says why)."""
+        out = self.new_output()
+        self.venue_error(out, ts_recv_ns, recv_seq, f"unexpected REST answer for {request.key}")
         return out
 
     def keepalive_message(self) -> str | None:
         """The application-level ping to send every `keepalive_interval_s` (None: none)."""
         return None
 
+    # ---- explicit, versioned state -------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What must survive a restart or seed a journal replay, as JSON-able data:
+        never the codec object itself (a reshaped class must not change a file format)."""
+        return {"v": self.STATE_VERSION, "exchange": self.exchange,
+                "parts": {name: part.state() for name, part in self._parts.items()}}
+
+    def restore(self, state: Any) -> None:
+        """Take a `state()` back. Raises StateError if it is not one this version wrote
+        for this venue; the caller then discards this codec and starts a fresh one."""
+        if not isinstance(state, dict) or state.get("v") != self.STATE_VERSION \
+                or state.get("exchange") != self.exchange:
+            raise StateError(f"state version {state.get('v') if isinstance(state, dict) else '?'}"
+                             f" for {state.get('exchange') if isinstance(state, dict) else '?'}"
+                             f" is not {self.STATE_VERSION} for {self.exchange}")
+        parts = state.get("parts")
+        if not isinstance(parts, dict):
+            raise StateError("state has no parts")
+        try:
+            for name, part in self._parts.items():
+                if name in parts:
+                    part.restore(parts[name])
+        except (*DECODE_ERRORS, StateError) as e:
+            raise StateError(f"unreadable state part: {type(e).__name__}: {e}") from e
+
     # ---- event helpers -------------------------------------------------------------------
     def ev(self, out: Output, event: str, ts_recv_ns: int, recv_seq: int,
            symbol: str | None = None, detail: str | None = None,
            ts_event_ns: int | None = None) -> None:
-        out.event((symbol, ts_event_ns, ts_recv_ns, recv_seq, self.name, event, detail))
+        out.event(symbol, ts_event_ns, ts_recv_ns, recv_seq, self.name, event, detail)
 
     def gap(self, out: Output, symbol: str | None, ts_recv_ns: int, recv_seq: int,
             detail: str) -> None:
@@ -260,6 +424,18 @@ def amount(text: str | bytes | float | int) -> float:
 
 
 _MAX_NS = 2**63 - 1
+
+
+def parse_levels(raw: Any) -> list[tuple[float, float]]:
+    """[[price, size], ...] (decimal strings or numbers) -> float pairs; every price
+    finite and > 0, every size finite and >= 0 (else BadFrame). One pass of conversions,
+    one pass of checks: cheaper than a checked conversion per value on the book hot path."""
+    levels = [(float(p), float(q)) for p, q in raw]
+    for px, sz in levels:
+        if not (0.0 < px < _INF and 0.0 <= sz < _INF):
+            price(px)
+            amount(sz)  # raise with the offending value
+    return levels
 
 
 def ms_to_ns(ms: int | str | bytes) -> int:

@@ -15,7 +15,14 @@ Owns: Binance's combined-stream URL, the decoding of `@trade` / `@aggTrade`,
 
 Trades: `trade_stream = "trade"` (default: every fill, `trade_id` = `t`) or `"aggTrade"`
 (fills of one taker order at one price, `trade_id` = `a`). `m` (buyer is maker) true means
-the taker sold. Duplicate or older trade ids per symbol are dropped (counted).
+the taker sold. Trade ids go through the shared exact de-duplication (exchanges/trades.py):
+a replayed id is dropped (counted), a jump is a `gap` event, a never-seen lower id is
+stored with an `out_of_order` event.
+
+Frames are decoded with typed msgspec structs: one decode of the combined-stream envelope
+with the payload as a union tagged by `e` (spot `@bookTicker` has no `e`: its own
+envelope); anything else (acks, errors, raw payloads without the envelope) takes the
+generic path, which converts the payload into the same structs.
 
 Must not: do I/O, read a clock or log (see exchanges/base.py).
 """
@@ -23,69 +30,175 @@ Must not: do I/O, read a clock or log (see exchanges/base.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Final
 
+import msgspec
 import orjson
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
-    DROP_BUFFER_OVERFLOW,
-    DROP_DUPLICATE_TRADE,
-    DROP_STALE_BOOK,
     DROP_UNSUBSCRIBED,
     BadFrame,
     Codec,
     Output,
     RestRequest,
     amount,
-    ms_to_ns,
+    parse_levels,
     price,
 )
-from ingestd.schema import ASK, BID, BUY, SELL, BookRow, TradeRow
+from ingestd.exchanges.book import BookSync, Diff
+from ingestd.exchanges.trades import NEW, TradeIds, report_trade
+from ingestd.schema import BUY, SELL
 
 MAX_STREAMS_PER_CONNECTION = 1024
 _INF = float("inf")
-_MAX_MS = (2**63 - 1) // 1_000_000
-MAX_BUFFERED_DIFFS = 10_000
-SNAPSHOT_RETRY_MIN_S = 0.5
-SNAPSHOT_RETRY_MAX_S = 30.0
+_MAX_MS: Final = (2**63 - 1) // 1_000_000
 
-Levels = list[tuple[float, float]]
-
-
-@dataclass(slots=True)
-class _Diff:
-    first_id: int      # U
-    last_id: int       # u
-    prev_id: int       # pu (USD-M only; -1 on spot)
-    ts_event_ns: int | None
-    ts_recv_ns: int
-    bids: Levels
-    asks: Levels
+Ms = Annotated[int, msgspec.Meta(ge=0, le=_MAX_MS)]
+Id = Annotated[int, msgspec.Meta(ge=0)]
+Price = list[tuple[str, str]]
 
 
-@dataclass(slots=True)
-class _BookState:
-    synced: bool = False
-    ever_synced: bool = False
-    awaiting_snapshot: bool = False
-    snapshot_attempts: int = 0
-    last_id: int = 0          # u of the last applied diff (or the snapshot's lastUpdateId)
-    first_after_snapshot: bool = False
-    buffer: list[_Diff] = field(default_factory=list)
+# ---- wire structs ------------------------------------------------------------------------
+class _Trade(msgspec.Struct, tag_field="e", tag="trade"):
+    s: str
+    t: Id
+    p: str
+    q: str
+    T: Ms
+    m: bool
 
 
-def _levels(raw: Any) -> Levels:
-    """[[price, size], ...] decimal strings -> floats; every price finite and > 0, every
-    size finite and >= 0 (else BadFrame). One pass of conversions, one pass of checks:
-    cheaper than a checked conversion per value on the book hot path."""
-    levels = [(float(p), float(q)) for p, q in raw]
-    for px, sz in levels:
-        if not (0.0 < px < _INF and 0.0 <= sz < _INF):
-            price(px)
-            amount(sz)  # raise with the offending value
-    return levels
+class _AggTrade(msgspec.Struct, tag_field="e", tag="aggTrade"):
+    s: str
+    a: Id
+    p: str
+    q: str
+    T: Ms
+    m: bool
+
+
+class _Depth(msgspec.Struct, tag_field="e", tag="depthUpdate"):
+    s: str
+    U: Id
+    u: Id
+    b: Price
+    a: Price
+    E: Ms | None = None
+    T: Ms | None = None
+    pu: int = -1
+
+
+class _BookTickerUsdm(msgspec.Struct, tag_field="e", tag="bookTicker"):
+    s: str
+    b: str
+    B: str
+    a: str
+    A: str
+    u: Id | None = None
+    T: Ms | None = None
+    E: Ms | None = None
+
+
+class _BookTicker(msgspec.Struct):
+    """Spot `@bookTicker`: no event type, no time."""
+
+    s: str
+    b: str
+    B: str
+    a: str
+    A: str
+    u: Id | None = None
+    T: Ms | None = None
+    E: Ms | None = None
+
+
+class _ServerShutdown(msgspec.Struct, tag_field="e", tag="serverShutdown"):
+    E: Ms
+
+
+_Payload = _Trade | _AggTrade | _Depth | _BookTickerUsdm | _ServerShutdown
+
+
+class _Envelope(msgspec.Struct):
+    stream: str
+    data: _Payload
+
+
+class _TickerEnvelope(msgspec.Struct):
+    stream: str
+    data: _BookTicker
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_TICKER_ENVELOPE = msgspec.json.Decoder(_TickerEnvelope)
+_KINDS: Final[dict[str, type[msgspec.Struct]]] = {
+    "trade": _Trade, "aggTrade": _AggTrade, "depthUpdate": _Depth,
+    "bookTicker": _BookTickerUsdm, "serverShutdown": _ServerShutdown}
+
+
+# ---- continuity rules ----------------------------------------------------------------------
+class SpotRules:
+    """Spot: drop diffs with u <= lastUpdateId; the first applied diff has
+    U <= lastUpdateId + 1 <= u; then U == previous u + 1."""
+
+    @staticmethod
+    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
+        return diff.last_id <= last_id
+
+    @staticmethod
+    def bridges(diff: Diff, snapshot_id: int) -> bool:
+        return diff.first_id <= snapshot_id + 1 <= diff.last_id
+
+    @staticmethod
+    def continues(diff: Diff, last_id: int) -> bool:
+        return diff.first_id == last_id + 1
+
+    @staticmethod
+    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
+        return snapshot_id + 1 < first_buffered.first_id
+
+    @staticmethod
+    def gap_detail(diff: Diff, last_id: int) -> str:
+        return f"expected U={last_id + 1}, got U={diff.first_id} u={diff.last_id}"
+
+
+class UsdmRules:
+    """USD-M: drop diffs with u < lastUpdateId; the first applied diff has
+    U <= lastUpdateId <= u; then pu == previous u."""
+
+    @staticmethod
+    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
+        return diff.last_id < last_id or (diff.last_id == last_id and not just_synced)
+
+    @staticmethod
+    def bridges(diff: Diff, snapshot_id: int) -> bool:
+        return diff.first_id <= snapshot_id <= diff.last_id
+
+    @staticmethod
+    def continues(diff: Diff, last_id: int) -> bool:
+        return diff.prev_id == last_id
+
+    @staticmethod
+    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
+        return snapshot_id < first_buffered.first_id
+
+    @staticmethod
+    def gap_detail(diff: Diff, last_id: int) -> str:
+        return f"expected pu={last_id}, got pu={diff.prev_id} u={diff.last_id}"
+
+
+class _QuoteIds:
+    """The last bookTicker update id per symbol (quotes older than it are replays)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def state(self) -> dict[str, int]:
+        return dict(self.last)
+
+    def restore(self, state: Any) -> None:
+        self.last = {str(k): int(v) for k, v in dict(state).items()}
 
 
 class BinanceSpot(Codec):
@@ -95,8 +208,9 @@ class BinanceSpot(Codec):
     depth_path: ClassVar[str] = "/api/v3/depth"
     default_depth_limit: ClassVar[int] = 1000
     max_depth_limit: ClassVar[int] = 5000
-    # Binance pings every 20 s and expects pongs (websockets answers them); our own pings
-    # detect a dead TCP path sooner than the venue's 1-minute pong timeout.
+    rules: ClassVar[type[SpotRules] | type[UsdmRules]] = SpotRules
+    # Binance pings every 20 s and expects pongs (the transport answers them); our own
+    # pings detect a dead TCP path sooner than the venue's 1-minute pong timeout.
     ws_ping_interval_s: ClassVar[float | None] = 20.0
     default_stale_after_s: ClassVar[float] = 30.0
     # Binance closes connections at 24 h: rotate (make-before-break) after 23 h.
@@ -108,10 +222,12 @@ class BinanceSpot(Codec):
         super().__init__(feed)
         self.trade_stream = feed.trade_stream or "trade"
         self.depth_limit = feed.book_depth or self.default_depth_limit
-        self._books: dict[str, _BookState] = {}
-        self._last_trade_id: dict[str, int] = {}
-        self._last_quote_id: dict[str, int] = {}
+        self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
+        self.quote_ids = self.stateful("quotes", _QuoteIds())
+        self.books = self.stateful("books", BookSync(
+            self, self.rules(), snapshot_request=self._snapshot_url))
         self._want_book = "book" in self.channels
+        self._want_trades = "trades" in self.channels
 
     # ---- config --------------------------------------------------------------------------
     @classmethod
@@ -149,11 +265,7 @@ class BinanceSpot(Codec):
 
     def on_connect(self) -> None:
         # A new connection: every book must be rebuilt from a fresh snapshot.
-        for state in self._books.values():
-            state.synced = False
-            state.awaiting_snapshot = False
-            state.snapshot_attempts = 0
-            state.buffer.clear()
+        self.books.reset()
 
     def on_rotate(self) -> None:
         # Same streams, same ids on the new connection: keep books, trade and quote ids;
@@ -163,248 +275,145 @@ class BinanceSpot(Codec):
     def subscribe_messages(self) -> Sequence[str]:
         return ()  # the combined-stream URL carries the subscription
 
-    # ---- frames ----------------------------------------------------------------------------
-    def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        out = Output()
-        try:
-            msg = orjson.loads(frame)
-            if not isinstance(msg, dict):
-                raise BadFrame("not a JSON object")
-            data = msg.get("data", msg)
-            if not isinstance(data, dict):
-                raise BadFrame("data is not an object")
-            kind = data.get("e")
-            if kind == "trade" or kind == "aggTrade":
-                self._trade(data, kind, ts_recv_ns, recv_seq, out)
-            elif kind == "depthUpdate":
-                self._diff(data, ts_recv_ns, recv_seq, out)
-            elif kind == "bookTicker" or (kind is None and "b" in data and "A" in data):
-                self._quote(data, ts_recv_ns, recv_seq, out)
-            elif kind == "serverShutdown":
-                self.ev(out, "server_shutdown", ts_recv_ns, recv_seq, None,
-                        "venue announced shutdown", ms_to_ns(data["E"]))
-                out.reconnect = "serverShutdown"
-            elif "result" in msg and "id" in msg:
-                pass  # ack of a SUBSCRIBE / property request
-            elif "code" in msg and "msg" in msg:
-                self.venue_error(out, ts_recv_ns, recv_seq, f"{msg['code']}: {msg['msg']}")
-            else:
-                out.unknown = True
-        except (orjson.JSONDecodeError, BadFrame, KeyError, TypeError, ValueError,
-                IndexError, AttributeError, OverflowError) as e:
-            fresh = Output()
-            fresh.error = f"{type(e).__name__}: {e}"[:200]
-            return fresh
-        return out
+    def _snapshot_url(self, symbol: str) -> str:
+        return self.rest_url(f"{self.depth_path}?symbol={symbol}&limit={self.depth_limit}")
 
-    def _trade(self, d: dict[str, Any], kind: str, ts_recv_ns: int, recv_seq: int,
-               out: Output) -> None:
-        sym = d["s"]
-        if sym not in self.symbols:
+    # ---- frames ----------------------------------------------------------------------------
+    def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        try:
+            if b"@bookTicker" in (frame[:48] if isinstance(frame, bytes) else
+                                  frame[:48].encode()):
+                self._quote(_TICKER_ENVELOPE.decode(frame).data, ts_recv_ns, recv_seq, out)
+                return
+            data: Any = _ENVELOPE.decode(frame).data
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            data = self._generic(frame, ts_recv_ns, recv_seq, out)
+            if data is None:
+                return
+        cls = type(data)
+        if cls is _Trade:
+            self._trade(data.s, data.t, data.m, data.p, data.q, data.T, ts_recv_ns,
+                        recv_seq, out)
+        elif cls is _AggTrade:
+            self._trade(data.s, data.a, data.m, data.p, data.q, data.T, ts_recv_ns,
+                        recv_seq, out)
+        elif cls is _Depth:
+            self._diff(data, len(frame), ts_recv_ns, recv_seq, out)
+        elif cls is _BookTickerUsdm or cls is _BookTicker:
+            self._quote(data, ts_recv_ns, recv_seq, out)
+        elif cls is _ServerShutdown:
+            self.ev(out, "server_shutdown", ts_recv_ns, recv_seq, None,
+                    "venue announced shutdown", data.E * 1_000_000)
+            out.reconnect = "serverShutdown"
+
+    def _generic(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                 out: Output) -> msgspec.Struct | None:
+        """Frames off the fast path: payloads without the envelope, acks, errors, unknown
+        kinds, and bad frames (which raise here with a precise reason)."""
+        msg = orjson.loads(frame)
+        if not isinstance(msg, dict):
+            raise BadFrame("not a JSON object")
+        data = msg.get("data", msg)
+        if not isinstance(data, dict):
+            raise BadFrame("data is not an object")
+        kind = data.get("e")
+        if isinstance(kind, str) and kind in _KINDS:
+            return msgspec.convert(data, _KINDS[kind])
+        if kind is None and "b" in data and "A" in data:
+            return msgspec.convert(data, _BookTicker)
+        if "result" in msg and "id" in msg:
+            return None  # ack of a SUBSCRIBE / property request
+        if "code" in msg and "msg" in msg:
+            self.venue_error(out, ts_recv_ns, recv_seq, f"{msg['code']}: {msg['msg']}")
+            return None
+        out.unknown += 1
+        return None
+
+    def _trade(self, sym: str, tid: int, buyer_is_maker: bool, p: str, q: str, t_ms: int,
+               ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        if sym not in self.symbols or not self._want_trades:
             out.drop(DROP_UNSUBSCRIBED)
             return
-        tid = d["t"] if kind == "trade" else d["a"]
-        if type(tid) is not int:
-            tid = int(tid)
-        last = self._last_trade_id.get(sym)
-        if last is not None and tid <= last:
-            out.drop(DROP_DUPLICATE_TRADE)
-            return
-        m = d["m"]
-        if m is True:
-            side = SELL   # the buyer was the maker: the taker sold
-        elif m is False:
-            side = BUY
-        else:
-            raise BadFrame("m is not a boolean")
-        # Inline conversions with the same checks as base.price/amount/ms_to_ns (hot path).
-        px, qty, t_ms = float(d["p"]), float(d["q"]), d["T"]
+        px, qty = float(p), float(q)
         if not (0.0 < px < _INF and 0.0 <= qty < _INF):
             price(px)
             amount(qty)
-        if type(t_ms) is not int or not 0 <= t_ms <= _MAX_MS:
-            t_ms = ms_to_ns(t_ms) // 1_000_000
-        row: TradeRow = (sym, t_ms * 1_000_000, ts_recv_ns, recv_seq, str(tid), side, px, qty)
-        if last is not None and tid != last + 1:
-            # Binance trade ids (and aggregate trade ids) are consecutive per symbol.
-            self.gap(out, sym, ts_recv_ns, recv_seq,
-                     f"trade id expected {last + 1}, got {tid} ({tid - last - 1} missing)")
-        self._last_trade_id[sym] = tid
-        out.trades = [row]
+        # The next id is the common case; everything else gets the shared event or drop.
+        verdict = self.trade_ids.admit(sym, tid)
+        if verdict != NEW and not report_trade(self, out, self.trade_ids, verdict, sym, tid,
+                                               ts_recv_ns, recv_seq):
+            return
+        out.trades_block().add(sym, t_ms * 1_000_000, ts_recv_ns, recv_seq, str(tid),
+                               SELL if buyer_is_maker else BUY, px, qty)
 
-    def _quote(self, d: dict[str, Any], ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        sym = d["s"]
+    def _quote(self, d: _BookTicker | _BookTickerUsdm, ts_recv_ns: int, recv_seq: int,
+               out: Output) -> None:
+        sym = d.s
         if sym not in self.symbols:
             out.drop(DROP_UNSUBSCRIBED)
             return
-        uid = d.get("u")
+        uid = d.u
+        last_ids = self.quote_ids.last
         if uid is not None:
-            uid = int(uid)
-            last = self._last_quote_id.get(sym)
+            last = last_ids.get(sym)
             if last is not None and uid <= last:
                 out.drop("duplicate_quote")
                 return
-        ts = d.get("T") or d.get("E")
-        bid_px, bid_sz = float(d["b"]), amount(d["B"])
-        ask_px, ask_sz = float(d["a"]), amount(d["A"])
+        ts = d.T or d.E
+        bid_px, bid_sz = float(d.b), amount(d.B)
+        ask_px, ask_sz = float(d.a), amount(d.A)
         # Binance sends zeros for an empty side.
         bid = (price(bid_px), bid_sz) if bid_px or bid_sz else (None, None)
         ask = (price(ask_px), ask_sz) if ask_px or ask_sz else (None, None)
-        out.quotes = [(sym, ms_to_ns(ts) if ts is not None else None, ts_recv_ns, recv_seq,
-                       bid[0], bid[1], ask[0], ask[1])]
+        out.quotes_block().add(sym, ts * 1_000_000 if ts is not None else None, ts_recv_ns,
+                               recv_seq, bid[0], bid[1], ask[0], ask[1])
         if uid is not None:
-            self._last_quote_id[sym] = uid
+            last_ids[sym] = uid
 
     # ---- order book ------------------------------------------------------------------------
-    def _event_time(self, d: dict[str, Any]) -> int | None:
-        return ms_to_ns(d["E"]) if "E" in d else None
+    def _event_time(self, d: _Depth) -> int | None:
+        return d.E * 1_000_000 if d.E is not None else None
 
-    def _diff(self, d: dict[str, Any], ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        sym = d["s"]
+    def _diff(self, d: _Depth, nbytes: int, ts_recv_ns: int, recv_seq: int,
+              out: Output) -> None:
+        sym = d.s
         if sym not in self.symbols or not self._want_book:
             out.drop(DROP_UNSUBSCRIBED)
             return
-        diff = _Diff(int(d["U"]), int(d["u"]), int(d.get("pu", -1)), self._event_time(d),
-                     ts_recv_ns, _levels(d["b"]), _levels(d["a"]))
-        state = self._books.get(sym)
-        if state is None:
-            state = self._books[sym] = _BookState()
-        if not state.synced:
-            self._buffer(sym, state, diff, out)
-            return
-        if self._is_stale(diff, state):
-            out.drop(DROP_STALE_BOOK)
-            return
-        if state.first_after_snapshot:
-            ok = self._bridges(diff, state.last_id)
-        else:
-            ok = self._continues(diff, state.last_id)
-        if not ok:
-            self.gap(out, sym, ts_recv_ns, recv_seq, self._gap_detail(diff, state.last_id))
-            state.synced = False
-            self._buffer(sym, state, diff, out)
-            return
-        state.first_after_snapshot = False
-        state.last_id = diff.last_id
-        rows = out.book = []
-        self._emit_diff(sym, diff, recv_seq, rows)
-
-    def _buffer(self, sym: str, state: _BookState, diff: _Diff, out: Output) -> None:
-        if len(state.buffer) >= MAX_BUFFERED_DIFFS:
-            del state.buffer[0]
-            out.drop(DROP_BUFFER_OVERFLOW)
-        state.buffer.append(diff)
-        if not state.awaiting_snapshot:
-            state.awaiting_snapshot = True
-            out.request(self._snapshot_request(sym, state))
-
-    def _snapshot_request(self, sym: str, state: _BookState) -> RestRequest:
-        delay = 0.0
-        if state.snapshot_attempts:
-            delay = min(SNAPSHOT_RETRY_MAX_S,
-                        SNAPSHOT_RETRY_MIN_S * 2 ** (state.snapshot_attempts - 1))
-        state.snapshot_attempts += 1
-        return RestRequest(sym, self.rest_url(
-            f"{self.depth_path}?symbol={sym}&limit={self.depth_limit}"), delay)
-
-    def _is_stale(self, diff: _Diff, state: _BookState) -> bool:
-        """Already contained in the book (older than, or equal to, what was applied)."""
-        if diff.last_id != state.last_id:
-            return diff.last_id < state.last_id
-        return not (state.first_after_snapshot and self._applies_at_snapshot_id())
-
-    # Continuity rules (spot); USD-M overrides them.
-    def _applies_at_snapshot_id(self) -> bool:
-        return False  # spot drops diffs with u <= lastUpdateId
-
-    def _bridges(self, diff: _Diff, snapshot_id: int) -> bool:
-        return diff.first_id <= snapshot_id + 1 <= diff.last_id
-
-    def _too_old(self, snapshot_id: int, first_buffered: _Diff) -> bool:
-        return snapshot_id + 1 < first_buffered.first_id
-
-    def _continues(self, diff: _Diff, prev_last_id: int) -> bool:
-        return diff.first_id == prev_last_id + 1
-
-    def _gap_detail(self, diff: _Diff, prev_last_id: int) -> str:
-        return (f"expected U={prev_last_id + 1}, got U={diff.first_id} u={diff.last_id}")
+        diff = Diff(d.U, d.u, d.pu, self._event_time(d), ts_recv_ns, parse_levels(d.b),
+                    parse_levels(d.a), nbytes)
+        self.books.diff(sym, diff, out, recv_seq)
 
     def _snapshot_time(self, body: dict[str, Any]) -> int | None:
         return None  # spot REST depth has no timestamp
 
     def on_rest(self, request: RestRequest, status: int, body: bytes,
                 ts_recv_ns: int, recv_seq: int) -> Output:
-        out = Output()
+        out = self.new_output()
         sym = request.key
-        state = self._books.get(sym)
-        if state is None or not state.awaiting_snapshot:
+        books = self.books
+        if not books.awaiting(sym):
             return out  # a late answer for a connection that is gone
-        state.awaiting_snapshot = False
         if status != 200:
-            detail = f"snapshot HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
-            self.venue_error(out, ts_recv_ns, recv_seq, detail)
-            state.awaiting_snapshot = True
-            out.request(self._snapshot_request(sym, state))
+            what = (f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}" if status
+                    else f"no answer: {body[:200].decode('utf-8', 'replace')}")
+            books.snapshot_failed(sym, out, f"snapshot {what}", ts_recv_ns, recv_seq)
             return out
         try:
             snap = orjson.loads(body)
             last_id = int(snap["lastUpdateId"])
-            bids, asks = _levels(snap["bids"]), _levels(snap["asks"])
+            bids, asks = parse_levels(snap["bids"]), parse_levels(snap["asks"])
             ts_event = self._snapshot_time(snap)
-        except (orjson.JSONDecodeError, BadFrame, KeyError, TypeError, ValueError,
-                IndexError) as e:
-            out.error = f"bad snapshot for {sym}: {type(e).__name__}: {e}"[:200]
-            state.awaiting_snapshot = True
-            out.request(self._snapshot_request(sym, state))
+        except Exception as e:  # the decode policy: garbage is a failed snapshot
+            books.snapshot_failed(sym, out, f"bad snapshot: {type(e).__name__}: {e}"[:200],
+                                  ts_recv_ns, recv_seq)
             return out
-        buffered = state.buffer
-        if buffered and self._too_old(last_id, buffered[0]):
-            # Older than the first buffered diff: it cannot be bridged. Fetch again.
-            state.awaiting_snapshot = True
-            out.request(self._snapshot_request(sym, state))
-            return out
-        state.buffer = []
-        state.snapshot_attempts = 0
-        rows: list[BookRow] = []
-        out.book = rows
-        for px, sz in bids:
-            rows.append((sym, ts_event, ts_recv_ns, recv_seq, True, BID, px, sz, last_id))
-        for px, sz in asks:
-            rows.append((sym, ts_event, ts_recv_ns, recv_seq, True, ASK, px, sz, last_id))
-        if state.ever_synced:
-            self.resync(out, sym, ts_recv_ns, recv_seq, f"snapshot lastUpdateId={last_id}")
-        state.synced = state.ever_synced = True
-        state.last_id = last_id
-        state.first_after_snapshot = True
-        # Release what was buffered, in order, each diff with its own recv_seq.
-        seq = recv_seq
-        for idx, diff in enumerate(buffered):
-            if self._is_stale(diff, state):
-                out.drop(DROP_STALE_BOOK)
-                continue
-            ok = (self._bridges(diff, state.last_id) if state.first_after_snapshot
-                  else self._continues(diff, state.last_id))
-            if not ok:
-                seq += 1
-                self.gap(out, sym, diff.ts_recv_ns, seq, self._gap_detail(diff, state.last_id))
-                # Everything from here on needs a new snapshot.
-                state.synced = False
-                state.buffer = buffered[idx:]
-                state.awaiting_snapshot = True
-                out.request(self._snapshot_request(sym, state))
-                break
-            seq += 1
-            state.first_after_snapshot = False
-            state.last_id = diff.last_id
-            self._emit_diff(sym, diff, seq, rows)
-        out.last_seq = seq
+        out.last_seq = books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
+                                      recv_seq=recv_seq, bids=bids, asks=asks,
+                                      snapshot_id=last_id,
+                                      detail=f"snapshot lastUpdateId={last_id}")
         return out
-
-    @staticmethod
-    def _emit_diff(sym: str, diff: _Diff, seq: int, rows: list[BookRow]) -> None:
-        ts_e, ts_r, uid = diff.ts_event_ns, diff.ts_recv_ns, diff.last_id
-        rows.extend([(sym, ts_e, ts_r, seq, False, BID, px, sz, uid) for px, sz in diff.bids])
-        rows.extend([(sym, ts_e, ts_r, seq, False, ASK, px, sz, uid) for px, sz in diff.asks])
 
 
 class BinanceUsdm(BinanceSpot):
@@ -415,26 +424,12 @@ class BinanceUsdm(BinanceSpot):
     default_rest_url: ClassVar[str | None] = "https://fapi.binance.com"
     depth_path: ClassVar[str] = "/fapi/v1/depth"
     max_depth_limit: ClassVar[int] = 1000
+    rules: ClassVar[type[SpotRules] | type[UsdmRules]] = UsdmRules
 
-    def _applies_at_snapshot_id(self) -> bool:
-        return True  # USD-M drops only diffs with u < lastUpdateId
-
-    def _bridges(self, diff: _Diff, snapshot_id: int) -> bool:
-        return diff.first_id <= snapshot_id <= diff.last_id
-
-    def _too_old(self, snapshot_id: int, first_buffered: _Diff) -> bool:
-        return snapshot_id < first_buffered.first_id
-
-    def _continues(self, diff: _Diff, prev_last_id: int) -> bool:
-        return diff.prev_id == prev_last_id
-
-    def _gap_detail(self, diff: _Diff, prev_last_id: int) -> str:
-        return f"expected pu={prev_last_id}, got pu={diff.prev_id} u={diff.last_id}"
-
-    def _event_time(self, d: dict[str, Any]) -> int | None:
-        ts = d.get("T") or d.get("E")
-        return ms_to_ns(ts) if ts is not None else None
+    def _event_time(self, d: _Depth) -> int | None:
+        ts = d.T or d.E
+        return ts * 1_000_000 if ts is not None else None
 
     def _snapshot_time(self, body: dict[str, Any]) -> int | None:
         ts = body.get("T") or body.get("E")
-        return ms_to_ns(ts) if ts is not None else None
+        return int(ts) * 1_000_000 if ts is not None else None

@@ -1,0 +1,459 @@
+"""Sequenced order-book sync and sorted book sides, shared by every codec.
+
+Owns:
+- `BookSide`: one side of a book, sorted best first, keeping the venue's level text
+  (checksums are computed on the numbers as sent) - for venues that must keep levels
+  (checksums, truncation to the subscribed depth, best bid/ask from the book);
+- `BookSync`: the per-symbol state machine every venue's book follows -
+  unsynced -> awaiting a snapshot (from REST, or from the channel after a (re)subscribe)
+  -> synced; diffs received meanwhile are buffered (REST snapshots: bounded by a byte cap
+  per feed; a hit is a `gap` event) or dropped (channel snapshots: the venue sends a new
+  one); the snapshot is written as a snapshot block (rows sharing one recv_seq, followed
+  by a `resync` event after the first sync); buffered diffs are bridged to it by the
+  venue's rule and released in order with their own recv_seq; every later diff must
+  continue the previous one by the venue's rule; a break is a `gap` event and a resync.
+  A snapshot request that fails (no answer, not HTTP, cut short, garbage, an HTTP error)
+  is a `snapshot_failed` event and is retried with capped exponential backoff: a book is
+  never left waiting for an answer that will not come;
+- explicit state (`state()` / `restore()`) of all of it, for journal checkpoints.
+
+Must not: know any venue's wire format: venues pass `Diff`s, snapshots and their
+continuity `Rules`; do I/O, read a clock or log.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from ingestd.exchanges.base import (
+    DROP_BUFFER_OVERFLOW,
+    DROP_STALE_BOOK,
+    DROP_UNSYNCED_BOOK,
+    BadFrame,
+    Codec,
+    Output,
+    RestRequest,
+)
+from ingestd.schema import EV_SNAPSHOT_FAILED
+
+Levels = list[tuple[float, float]]
+TextLevels = list[tuple[str, str]]
+
+SNAPSHOT_RETRY_MIN_S: Final = 0.5
+SNAPSHOT_RETRY_MAX_S: Final = 30.0
+# Diffs buffered while snapshots are pending, per feed (all symbols), in frame bytes.
+MAX_BUFFER_BYTES: Final = 32 * 1024 * 1024
+
+
+# ---- sorted sides ------------------------------------------------------------------------
+class BookSide:
+    """Price -> amount of one side, sorted; best first for `top`. Keeps each level's text
+    (price text, amount text) when given, for checksums over the numbers as sent."""
+
+    __slots__ = ("_amounts", "_prices", "_texts", "descending")
+
+    def __init__(self, descending: bool) -> None:
+        self.descending = descending          # bids: best is the highest price
+        self._prices: list[float] = []        # ascending
+        self._amounts: dict[float, float] = {}
+        self._texts: dict[float, tuple[str, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+    def __contains__(self, px: float) -> bool:
+        return px in self._amounts
+
+    def set(self, px: float, amt: float, text: tuple[str, str] | None = None) -> None:
+        """Set a level's absolute amount (0 removes it)."""
+        if amt == 0.0:
+            self.remove(px)
+            return
+        if px not in self._amounts:
+            bisect.insort(self._prices, px)
+        self._amounts[px] = amt
+        if text is not None:
+            self._texts[px] = text
+
+    def remove(self, px: float) -> None:
+        if self._amounts.pop(px, None) is not None:
+            i = bisect.bisect_left(self._prices, px)
+            del self._prices[i]
+        self._texts.pop(px, None)
+
+    def clear(self) -> None:
+        self._prices.clear()
+        self._amounts.clear()
+        self._texts.clear()
+
+    def amount(self, px: float) -> float:
+        return self._amounts.get(px, 0.0)
+
+    def _best_prices(self, n: int | None) -> list[float]:
+        p = self._prices
+        if self.descending:
+            sel = p[::-1] if n is None else p[:-n - 1:-1] if n else []
+        else:
+            sel = p[:] if n is None else p[:n]
+        return sel
+
+    def top(self, n: int | None = None) -> Levels:
+        """The best `n` levels (all when None), best first."""
+        a = self._amounts
+        return [(px, a[px]) for px in self._best_prices(n)]
+
+    def top_text(self, n: int | None = None) -> TextLevels:
+        """The best `n` levels as the venue's text, best first."""
+        t = self._texts
+        return [t[px] for px in self._best_prices(n)]
+
+    def best(self) -> tuple[float, float] | None:
+        if not self._prices:
+            return None
+        px = self._prices[-1] if self.descending else self._prices[0]
+        return px, self._amounts[px]
+
+    def truncate(self, depth: int) -> list[float]:
+        """Remove every level beyond the best `depth`; returns the removed prices."""
+        extra = len(self._prices) - depth
+        if extra <= 0:
+            return []
+        if self.descending:
+            removed = self._prices[:extra]
+            del self._prices[:extra]
+        else:
+            removed = self._prices[depth:]
+            del self._prices[depth:]
+        for px in removed:
+            del self._amounts[px]
+            self._texts.pop(px, None)
+        return removed
+
+    def state(self) -> list[Any]:
+        t = self._texts
+        return [[px, self._amounts[px], *(t[px] if px in t else ())] for px in self._prices]
+
+    def restore(self, levels: Any) -> None:
+        self.clear()
+        for lv in levels:
+            px, amt = float(lv[0]), float(lv[1])
+            self.set(px, amt, (str(lv[2]), str(lv[3])) if len(lv) == 4 else None)
+
+
+# ---- sequenced sync ----------------------------------------------------------------------
+@dataclass(slots=True)
+class Diff:
+    """One incremental book message of one symbol, decoded and validated."""
+
+    first_id: int                  # the venue's first update id in it (or its only id)
+    last_id: int                   # the venue's last update id in it (`update_id` column)
+    prev_id: int                   # the venue's "previous id" field (-1 if it has none)
+    ts_event_ns: int | None
+    ts_recv_ns: int
+    bids: Levels
+    asks: Levels
+    nbytes: int = 0                # what buffering it costs (frame bytes)
+    texts: tuple[TextLevels, TextLevels] | None = None  # levels as sent (checksum venues)
+
+    def to_state(self) -> list[Any]:
+        return [self.first_id, self.last_id, self.prev_id, self.ts_event_ns,
+                self.ts_recv_ns, self.bids, self.asks, self.nbytes,
+                None if self.texts is None else [self.texts[0], self.texts[1]]]
+
+    @classmethod
+    def from_state(cls, s: Any) -> Diff:
+        texts = None
+        if s[8] is not None:
+            texts = ([(str(a), str(b)) for a, b in s[8][0]],
+                     [(str(a), str(b)) for a, b in s[8][1]])
+        return cls(int(s[0]), int(s[1]), int(s[2]), None if s[3] is None else int(s[3]),
+                   int(s[4]), [(float(p), float(q)) for p, q in s[5]],
+                   [(float(p), float(q)) for p, q in s[6]], int(s[7]), texts)
+
+
+class Rules(Protocol):
+    """A venue's continuity rules for sequenced diffs (see BinanceRules for an example)."""
+
+    def stale(self, diff: Diff, last_id: int, just_synced: bool) -> bool:
+        """Already contained in the book (drop it silently, counted)."""
+        ...
+
+    def bridges(self, diff: Diff, snapshot_id: int) -> bool:
+        """May be the first diff applied after a snapshot whose id is `snapshot_id`."""
+        ...
+
+    def continues(self, diff: Diff, last_id: int) -> bool:
+        """Follows the previously applied diff (whose last id is `last_id`)."""
+        ...
+
+    def too_old(self, snapshot_id: int, first_buffered: Diff) -> bool:
+        """The snapshot predates the first buffered diff: it cannot be bridged."""
+        ...
+
+    def gap_detail(self, diff: Diff, last_id: int) -> str:
+        ...
+
+
+UNSYNCED: Final = 0
+AWAITING: Final = 1
+SYNCED: Final = 2
+
+
+@dataclass(slots=True)
+class SymbolBook:
+    status: int = UNSYNCED
+    last_id: int = 0            # last id applied (or the snapshot's id)
+    just_synced: bool = False   # nothing applied since the snapshot yet
+    ever_synced: bool = False
+    attempts: int = 0           # snapshot requests since the last success
+    buffer: list[Diff] = field(default_factory=list)
+    bids: BookSide | None = None
+    asks: BookSide | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"status": self.status, "last_id": self.last_id,
+                             "just_synced": self.just_synced,
+                             "ever_synced": self.ever_synced, "attempts": self.attempts,
+                             "buffer": [d.to_state() for d in self.buffer]}
+        if self.bids is not None and self.asks is not None:
+            s["bids"] = self.bids.state()
+            s["asks"] = self.asks.state()
+        return s
+
+
+class BookSync:
+    """Every symbol's book of one feed. `snapshot_request(symbol)` builds the REST
+    request of a snapshot (REST venues); `resubscribe(symbol, out)` asks the venue for a
+    fresh snapshot on the channel (channel venues). `keep_levels`: keep sorted sides."""
+
+    def __init__(self, codec: Codec, rules: Rules | None, *,
+                 snapshot_request: Callable[[str], str] | None = None,
+                 resubscribe: Callable[[str, Output], None] | None = None,
+                 keep_levels: bool = False, max_buffer_bytes: int = MAX_BUFFER_BYTES) -> None:
+        if (snapshot_request is None) == (resubscribe is None):
+            raise ValueError("a book is synced either from REST or from its channel")
+        self.codec = codec
+        self.rules = rules
+        self.snapshot_url = snapshot_request
+        self.resubscribe = resubscribe
+        self.keep_levels = keep_levels
+        self.max_buffer_bytes = max_buffer_bytes
+        self.books: dict[str, SymbolBook] = {}
+        self.buffer_bytes = 0
+
+    def book(self, symbol: str) -> SymbolBook:
+        b = self.books.get(symbol)
+        if b is None:
+            b = self.books[symbol] = SymbolBook()
+            if self.keep_levels:
+                b.bids, b.asks = BookSide(True), BookSide(False)
+        return b
+
+    def synced(self, symbol: str) -> bool:
+        b = self.books.get(symbol)
+        return b is not None and b.status == SYNCED
+
+    # ---- connection lifecycle ---------------------------------------------------------
+    def reset(self) -> None:
+        """A new connection: every book must be rebuilt from a fresh snapshot."""
+        for b in self.books.values():
+            b.status = UNSYNCED
+            b.attempts = 0
+            b.buffer.clear()
+            if b.bids is not None and b.asks is not None:
+                b.bids.clear()
+                b.asks.clear()
+        self.buffer_bytes = 0
+
+    # ---- resync -----------------------------------------------------------------------
+    def request_snapshot(self, symbol: str, out: Output) -> None:
+        """Ask for a snapshot (REST with backoff after failures, or a resubscribe)."""
+        b = self.book(symbol)
+        b.status = AWAITING
+        if self.snapshot_url is not None:
+            delay = 0.0
+            if b.attempts:
+                delay = min(SNAPSHOT_RETRY_MAX_S, SNAPSHOT_RETRY_MIN_S * 2 ** (b.attempts - 1))
+            b.attempts += 1
+            out.request(RestRequest(symbol, self.snapshot_url(symbol), delay))
+        elif self.resubscribe is not None:
+            b.attempts += 1
+            self.resubscribe(symbol, out)
+
+    def break_sync(self, symbol: str, out: Output, detail: str, ts_recv_ns: int,
+                   recv_seq: int, *, event: bool = True) -> None:
+        """Continuity is lost: a `gap` event, the book is unsynced and a snapshot asked."""
+        b = self.book(symbol)
+        if event:
+            self.codec.gap(out, symbol, ts_recv_ns, recv_seq, detail)
+        self._drop_buffer(b)
+        if b.bids is not None and b.asks is not None:
+            b.bids.clear()
+            b.asks.clear()
+        self.request_snapshot(symbol, out)
+
+    def snapshot_failed(self, symbol: str, out: Output, reason: str, ts_recv_ns: int,
+                        recv_seq: int) -> None:
+        """A snapshot answer was unusable: an event, and a retry after a backoff."""
+        b = self.books.get(symbol)
+        if b is None or b.status != AWAITING:
+            return
+        self.codec.ev(out, EV_SNAPSHOT_FAILED, ts_recv_ns, recv_seq, symbol,
+                      f"{reason}; attempt {b.attempts}, retrying")
+        self.request_snapshot(symbol, out)
+
+    def awaiting(self, symbol: str) -> bool:
+        b = self.books.get(symbol)
+        return b is not None and b.status == AWAITING
+
+    # ---- diffs ------------------------------------------------------------------------
+    def diff(self, symbol: str, diff: Diff, out: Output, recv_seq: int) -> bool:
+        """Handle one diff; True if it was applied and written (rows emitted)."""
+        b = self.books.get(symbol) or self.book(symbol)
+        if b.status != SYNCED:
+            self._hold(symbol, b, diff, out, recv_seq)
+            return False
+        rules = self.rules
+        if rules is not None:
+            if rules.stale(diff, b.last_id, b.just_synced):
+                out.drop(DROP_STALE_BOOK)
+                return False
+            ok = (rules.bridges(diff, b.last_id) if b.just_synced
+                  else rules.continues(diff, b.last_id))
+            if not ok:
+                self.codec.gap(out, symbol, diff.ts_recv_ns, recv_seq,
+                               rules.gap_detail(diff, b.last_id))
+                b.status = UNSYNCED
+                self._hold(symbol, b, diff, out, recv_seq)
+                return False
+        self._apply(symbol, b, diff, out, recv_seq)
+        return True
+
+    def _hold(self, symbol: str, b: SymbolBook, diff: Diff, out: Output,
+              recv_seq: int) -> None:
+        """A diff for a book that is not synced: buffer it (REST) or drop it (channel)."""
+        if self.snapshot_url is None:
+            out.drop(DROP_UNSYNCED_BOOK)
+            if b.status == UNSYNCED:
+                self.request_snapshot(symbol, out)
+            return
+        if self.buffer_bytes + diff.nbytes > self.max_buffer_bytes:
+            # Bounded memory: forget this symbol's buffer; the snapshot that comes will be
+            # bridged to later diffs (or fetched again).
+            self.codec.gap(out, symbol, diff.ts_recv_ns, recv_seq,
+                           f"book buffer cap of {self.max_buffer_bytes} bytes reached while "
+                           f"waiting for a snapshot; {len(b.buffer)} buffered diffs dropped")
+            out.drop(DROP_BUFFER_OVERFLOW, len(b.buffer) + 1)
+            self._drop_buffer(b)
+            if b.status == UNSYNCED:
+                self.request_snapshot(symbol, out)
+            return
+        b.buffer.append(diff)
+        self.buffer_bytes += diff.nbytes
+        if b.status == UNSYNCED:
+            self.request_snapshot(symbol, out)
+
+    def _drop_buffer(self, b: SymbolBook) -> None:
+        self.buffer_bytes -= sum(d.nbytes for d in b.buffer)
+        b.buffer.clear()
+
+    def _apply(self, symbol: str, b: SymbolBook, diff: Diff, out: Output,
+               recv_seq: int) -> None:
+        b.just_synced = False
+        b.last_id = diff.last_id
+        if b.bids is not None and b.asks is not None:
+            self._apply_levels(b, diff)
+        out.book_block().add_levels(symbol, diff.ts_event_ns, diff.ts_recv_ns, recv_seq,
+                                    False, diff.bids, diff.asks,
+                                    diff.last_id if self.rules is not None else None)
+
+    @staticmethod
+    def _apply_levels(b: SymbolBook, diff: Diff) -> None:
+        assert b.bids is not None and b.asks is not None
+        if diff.texts is None:
+            for px, amt in diff.bids:
+                b.bids.set(px, amt)
+            for px, amt in diff.asks:
+                b.asks.set(px, amt)
+        else:
+            for (px, amt), text in zip(diff.bids, diff.texts[0], strict=True):
+                b.bids.set(px, amt, text)
+            for (px, amt), text in zip(diff.asks, diff.texts[1], strict=True):
+                b.asks.set(px, amt, text)
+
+    # ---- snapshots --------------------------------------------------------------------
+    def snapshot(self, symbol: str, out: Output, *, ts_event_ns: int | None,
+                 ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
+                 snapshot_id: int | None, texts: tuple[TextLevels, TextLevels] | None = None,
+                 detail: str | None = None) -> int:
+        """A full book: written as a snapshot block; buffered diffs that follow it are
+        released with recv_seq + 1, + 2, ... Returns the highest recv_seq used."""
+        b = self.book(symbol)
+        rules = self.rules
+        if (rules is not None and snapshot_id is not None and b.buffer
+                and rules.too_old(snapshot_id, b.buffer[0])):
+            # Older than the first buffered diff: it cannot be bridged. Fetch again.
+            self.request_snapshot(symbol, out)
+            return recv_seq
+        buffered = b.buffer
+        b.buffer = []
+        self.buffer_bytes -= sum(d.nbytes for d in buffered)
+        b.attempts = 0
+        if b.bids is not None and b.asks is not None:
+            b.bids.clear()
+            b.asks.clear()
+            self._apply_levels(b, Diff(0, 0, -1, None, 0, bids, asks, 0, texts))
+        out.book_block().add_levels(symbol, ts_event_ns, ts_recv_ns, recv_seq, True, bids,
+                                    asks, snapshot_id)
+        if b.ever_synced:
+            self.codec.resync(out, symbol, ts_recv_ns, recv_seq,
+                              detail or (f"snapshot id {snapshot_id}"
+                                         if snapshot_id is not None else "snapshot"))
+        b.status = SYNCED
+        b.ever_synced = True
+        b.last_id = snapshot_id if snapshot_id is not None else 0
+        b.just_synced = True
+        seq = recv_seq
+        for idx, diff in enumerate(buffered):
+            seq += 1
+            if b.status != SYNCED:
+                # A gap among the buffered diffs: keep the rest for the next snapshot.
+                rest = buffered[idx:]
+                b.buffer.extend(rest)
+                self.buffer_bytes += sum(d.nbytes for d in rest)
+                break
+            self.diff(symbol, diff, out, seq)
+        return seq
+
+    # ---- state ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {sym: b.to_state() for sym, b in self.books.items()}
+
+    def restore(self, state: Any) -> None:
+        books: dict[str, SymbolBook] = {}
+        total = 0
+        for sym, s in dict(state).items():
+            b = SymbolBook(int(s["status"]), int(s["last_id"]), bool(s["just_synced"]),
+                           bool(s["ever_synced"]), int(s["attempts"]),
+                           [Diff.from_state(d) for d in s["buffer"]])
+            if b.status not in (UNSYNCED, AWAITING, SYNCED):
+                raise BadFrame(f"book status {b.status} of {sym!r}")
+            if self.keep_levels:
+                b.bids, b.asks = BookSide(True), BookSide(False)
+                b.bids.restore(s.get("bids", ()))
+                b.asks.restore(s.get("asks", ()))
+            total += sum(d.nbytes for d in b.buffer)
+            books[str(sym)] = b
+        self.books = books
+        self.buffer_bytes = total
+
+
+def levels_with_text(raw: Sequence[Sequence[str]]) -> tuple[Levels, TextLevels]:
+    """[[price text, amount text, ...], ...] -> float levels and the texts as sent."""
+    from ingestd.exchanges.base import parse_levels
+
+    texts = [(str(lv[0]), str(lv[1])) for lv in raw]
+    return parse_levels(texts), texts
