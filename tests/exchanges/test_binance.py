@@ -43,7 +43,7 @@ def test_agg_trades_golden() -> None:
     for i, f in enumerate(recorded):
         out = c.parse(f, 1_000 + i, 5_000 + i)
         assert out.error is None
-        rows.extend(out.trades or [])
+        rows.extend(out.rows("trades"))
     assert len(rows) == len(recorded) == 150
     for i, (row, f) in enumerate(zip(rows, recorded, strict=True)):
         d = data(f)
@@ -59,26 +59,75 @@ def test_raw_trades_golden_and_sides() -> None:
     symbols = sorted({data(f)["s"] for f in recorded})
     c = codec(BinanceSpot, symbols, ["trades"])
     assert c.streams()[0].endswith("@trade")
-    first = c.parse(recorded[0], 7, 8).trades
+    first = c.parse(recorded[0], 7, 8).rows("trades")
     assert first == [("BTCUSDT", 1751132780368_000_000, 7, 8, "5052328858", "sell",
                       107407.88, 0.00024)]
 
 
-def test_duplicate_and_old_trade_ids_are_dropped_and_counted() -> None:
+def test_duplicate_trade_ids_are_dropped_and_counted() -> None:
     f = frames("binance_spot", "aggTrade.jsonl")
     c = codec(BinanceSpot, ["ZILUSDT", "DENTUSDT", "MANAUSDT", "QTUMETH", "ETHBRL",
                             "BTCSTUSDT"], ["trades"], trade_stream="aggTrade")
     assert c.parse(f[1], 1, 1).trades
     again = c.parse(f[1], 2, 2)
-    older = c.parse(f[0], 3, 3)
-    assert again.trades is None and again.drops == {"duplicate_trade": 1}
-    assert older.trades is None and older.drops == {"duplicate_trade": 1}
+    assert not again.trades and again.drops == {"duplicate_trade": 1}
+
+
+def test_never_seen_lower_trade_id_is_stored_with_an_event() -> None:
+    """A trade id below the highest seen but never seen before is a real trade (e.g. the
+    venue delivered out of order): stored once, with an `out_of_order` event; its
+    replay is then a duplicate."""
+    t = data(frames("binance_spot", "trade.jsonl")[0])
+    c = codec(BinanceSpot, ["BTCUSDT"], ["trades"])
+
+    def frame(tid: int) -> bytes:
+        return orjson.dumps({"stream": "btcusdt@trade", "data": {**t, "t": tid}})
+
+    assert c.parse(frame(100), 1, 1).rows("trades")[0][4] == "100"
+    assert c.parse(frame(101), 2, 2).rows("trades")[0][4] == "101"
+    gap = c.parse(frame(105), 3, 3)
+    assert gap.rows("trades") and gap.rows("events")[0][5] == "gap"
+    late = c.parse(frame(103), 4, 4)
+    assert late.rows("trades")[0][4] == "103"
+    ((_s, _te, _tr, _q, _feed, event, detail),) = late.rows("events")
+    assert event == "out_of_order" and "103" in detail
+    replay = c.parse_batch([frame(t) for t in (100, 101, 103, 105)], 5, 5)
+    assert not replay.trades and replay.drops == {"duplicate_trade": 4}
+    assert c.parse(frame(104), 9, 9).rows("trades")[0][4] == "104"
+
+
+def test_state_round_trips_as_json_and_garbage_is_refused() -> None:
+    from ingestd.exchanges.base import StateError
+
+    f = frames("binance_spot", "aggTrade.jsonl")
+    syms = ["ZILUSDT", "DENTUSDT", "MANAUSDT", "QTUMETH", "ETHBRL", "BTCSTUSDT"]
+    c = codec(BinanceSpot, syms, ["trades"], trade_stream="aggTrade")
+    kept = c.parse_batch(f[:20], 1, 1)
+    saved = orjson.loads(orjson.dumps(c.state()))
+    fresh = codec(BinanceSpot, syms, ["trades"], trade_stream="aggTrade")
+    fresh.restore(saved)
+    replay = fresh.parse_batch(f[:20], 2, 100)
+    assert not replay.trades and replay.drops == {"duplicate_trade": len(kept.rows("trades"))}
+    for bad in (None, [], {"v": 999, "exchange": "binance", "parts": {}},
+                {**saved, "exchange": "kraken"},
+                {**saved, "parts": {"trades": {"ints": {"X": [[5, 1], [2]]}}}}):
+        with pytest.raises(StateError):
+            codec(BinanceSpot, syms, ["trades"]).restore(bad)
+
+
+def test_a_bad_frame_in_a_batch_keeps_its_neighbours() -> None:
+    f = frames("binance_spot", "trade.jsonl")[:3]
+    c = codec(BinanceSpot, ["BTCUSDT", "BTCFDUSD"], ["trades"])
+    out = c.parse_batch([f[0], b'{"stream":"x","data":{"e":"trade","s":"BTCUSDT","t":1,'
+                         b'"p":"abc","q":"1","T":1,"m":true}}', f[1], f[2]], 10, 20)
+    assert out.rejects is not None and [i for i, _ in out.rejects] == [1]
+    assert [r[3] for r in out.rows("trades")] == [20, 22, 23]
 
 
 def test_unsubscribed_symbol_rows_are_dropped_and_counted() -> None:
     c = codec(BinanceSpot, ["BTCUSDT"], ["trades"], trade_stream="aggTrade")
     out = c.parse(frames("binance_spot", "aggTrade.jsonl")[0], 1, 1)
-    assert out.trades is None and out.drops == {"unsubscribed_symbol": 1}
+    assert not out.trades and out.drops == {"unsubscribed_symbol": 1}
 
 
 # ---- quotes ---------------------------------------------------------------------------------
@@ -88,15 +137,15 @@ def test_book_ticker_quotes_golden() -> None:
     for i, f in enumerate(recorded):
         d = data(f)
         out = c.parse(f, i, i)
-        assert out.quotes == [(d["s"], None, i, i, float(d["b"]), float(d["B"]),
+        assert out.rows("quotes") == [(d["s"], None, i, i, float(d["b"]), float(d["B"]),
                                float(d["a"]), float(d["A"]))]
 
 
 def test_usdm_quotes_carry_transaction_time() -> None:
     f = frames("binance_usdm", "bookTicker.jsonl")[0]
     c = codec(BinanceUsdm, USDM_BOOK, ["quotes"])
-    q = c.parse(f, 1, 1).quotes
-    assert q is not None and q[0][1] == data(f)["T"] * 1_000_000
+    q = c.parse(f, 1, 1).rows("quotes")
+    assert q and q[0][1] == data(f)["T"] * 1_000_000
 
 
 # ---- book sync ------------------------------------------------------------------------------
@@ -136,7 +185,7 @@ def drive_book(c: BinanceSpot, venue: str, symbols: list[str], answer_after: int
     def take(out: Output) -> None:
         nonlocal seq
         assert out.error is None, out.error
-        rows.extend(out.book or [])
+        rows.extend(out.rows("book"))
         seq = max(seq, out.last_seq)
         for r in out.requests or []:
             pending.append((seq + answer_after, r))
@@ -175,22 +224,23 @@ def test_snapshot_block_shares_one_recv_seq_and_deltas_follow() -> None:
     diffs = [f for f in frames("binance_spot", "depthUpdate.jsonl")
              if data(f)["s"] == "NKNUSDT"]
     out = c.parse(diffs[0], 10, 10)
-    assert out.book is None and out.requests and out.requests[0].url.endswith(
+    assert not out.book and out.requests and out.requests[0].url.endswith(
         "/api/v3/depth?symbol=NKNUSDT&limit=1000")
     c.parse(diffs[1], 11, 11)
     c.parse(diffs[2], 12, 12)
     snap = frames("binance_spot", "depth_snapshot_rest.jsonl")[0]
     done = c.on_rest(out.requests[0], 200, snap, 13, 13)
     assert done.book is not None
-    snap_rows = [r for r in done.book if r[4]]
+    book = done.rows("book")
+    snap_rows = [r for r in book if r[4]]
     assert {r[3] for r in snap_rows} == {13}
     assert len(snap_rows) == 609 + 1000
     assert {r[8] for r in snap_rows} == {499869752}
     # diffs[0] (u = lastUpdateId) is dropped; diffs[1..2] follow with their own seqs.
-    delta_seqs = sorted({r[3] for r in done.book if not r[4]})
+    delta_seqs = sorted({r[3] for r in book if not r[4]})
     assert delta_seqs == [14, 15] and done.last_seq == 15
     assert done.drops == {"stale_book_update": 1}
-    assert {r[2] for r in done.book if not r[4]} == {11, 12}  # their own receive times
+    assert {r[2] for r in book if not r[4]} == {11, 12}  # their own receive times
 
 
 def test_gap_records_event_and_resyncs_with_new_snapshot() -> None:
@@ -203,9 +253,8 @@ def test_gap_records_event_and_resyncs_with_new_snapshot() -> None:
     c.on_rest(req[0], 200, snap, 2, 2)
     assert c.parse(diffs[1], 3, 3).book
     skipped = c.parse(diffs[3], 4, 4)  # diffs[2] never arrives
-    assert skipped.book is None
-    assert skipped.events is not None
-    (ev,) = skipped.events
+    assert not skipped.book
+    (ev,) = skipped.rows("events")
     assert ev[5] == "gap" and ev[0] == "NKNUSDT"
     assert ev[6] == "expected U=499869755, got U=499869758 u=499869759"
     assert skipped.requests, "a gap asks for a new snapshot"
@@ -213,9 +262,9 @@ def test_gap_records_event_and_resyncs_with_new_snapshot() -> None:
     body = orjson.dumps({"lastUpdateId": 499869757, "bids": [["0.1", "1"]],
                          "asks": [["0.2", "2"]]})
     again = c.on_rest(skipped.requests[0], 200, body, 5, 5)
-    assert again.events is not None and again.events[0][5] == "resync"
-    assert again.book is not None
-    assert [r[4] for r in again.book] == [True, True] + [False] * (len(again.book) - 2)
+    assert again.rows("events")[0][5] == "resync"
+    book = again.rows("book")
+    assert [r[4] for r in book] == [True, True] + [False] * (len(book) - 2)
 
 
 def test_snapshot_older_than_first_buffered_diff_is_fetched_again() -> None:
@@ -226,7 +275,7 @@ def test_snapshot_older_than_first_buffered_diff_is_fetched_again() -> None:
     assert req
     old = frames("binance_spot", "depth_snapshot_rest.jsonl")[0]  # lastUpdateId < U
     out = c.on_rest(req[0], 200, old, 2, 2)
-    assert out.book is None and out.requests and out.requests[0].delay_s > 0
+    assert not out.book and out.requests and out.requests[0].delay_s > 0
 
 
 def test_snapshot_http_error_is_an_event_and_a_retry() -> None:
@@ -234,8 +283,8 @@ def test_snapshot_http_error_is_an_event_and_a_retry() -> None:
     req = c.parse(frames("binance_spot", "depthUpdate.jsonl")[0], 1, 1).requests
     assert req
     out = c.on_rest(req[0], 503, b"busy", 2, 2)
-    assert out.events is not None and out.events[0][5] == "error"
-    assert out.requests and out.book is None
+    assert out.rows("events")[0][5] == "snapshot_failed"
+    assert out.requests and not out.book
 
 
 def test_reconnect_discards_book_state() -> None:
@@ -247,7 +296,7 @@ def test_reconnect_discards_book_state() -> None:
     c.on_rest(req[0], 200, frames("binance_spot", "depth_snapshot_rest.jsonl")[0], 2, 2)
     c.on_connect()
     out = c.parse(diffs[4], 3, 3)
-    assert out.book is None and out.requests  # buffered until a new snapshot
+    assert not out.book and out.requests  # buffered until a new snapshot
 
 
 # ---- control and bad input ---------------------------------------------------------------
@@ -257,7 +306,7 @@ def test_acks_errors_shutdown_and_unknown() -> None:
     ack = c.parse(sub[1], 1, 1)
     assert not ack.has_rows and ack.error is None and not ack.unknown
     err = c.parse(sub[10], 2, 2)
-    assert err.events and err.events[0][5] == "error"
+    assert err.rows("events")[0][5] == "error"
     shutdown = c.parse(sub[11], 3, 3)
     assert shutdown.reconnect == "serverShutdown"
     unknown = c.parse(b'{"stream":"btcusdt@kline_1m","data":{"e":"kline"}}', 4, 4)
@@ -291,9 +340,8 @@ def _valid_row(table: str, row: tuple[Any, ...]) -> bool:
 
 
 def _check(out: Output) -> None:
-    for table, rows in (("trades", out.trades), ("quotes", out.quotes),
-                        ("book", out.book), ("events", out.events)):
-        for row in rows or []:
+    for table in ("trades", "quotes", "book", "events"):
+        for row in out.rows(table):
             assert _valid_row(table, row), (table, row)
 
 

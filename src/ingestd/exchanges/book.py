@@ -418,13 +418,16 @@ class BookSync:
         b.just_synced = True
         seq = recv_seq
         for idx, diff in enumerate(buffered):
-            seq += 1
             if b.status != SYNCED:
                 # A gap among the buffered diffs: keep the rest for the next snapshot.
                 rest = buffered[idx:]
                 b.buffer.extend(rest)
                 self.buffer_bytes += sum(d.nbytes for d in rest)
                 break
+            if rules is not None and rules.stale(diff, b.last_id, b.just_synced):
+                out.drop(DROP_STALE_BOOK)
+                continue
+            seq += 1
             self.diff(symbol, diff, out, seq)
         return seq
 
