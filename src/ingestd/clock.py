@@ -51,6 +51,14 @@ class SeqAllocator:
         self.last = seq
         return seq
 
+    def take(self, ts_ns: int, n: int) -> int:
+        """`n` consecutive values for the frames of one read: returns the first."""
+        first = self.last + 1
+        if ts_ns > first:
+            first = ts_ns
+        self.last = first + n - 1
+        return first
+
     def bump(self, used: int) -> None:
         """A codec used values up to `used` (released buffered rows)."""
         if used > self.last:

@@ -23,8 +23,8 @@ import structlog
 from ingestd import __version__
 from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
 from ingestd.config import Config, ConfigError, FeedConfig, load_config
-from ingestd.exchanges import CODECS
-from ingestd.feed.intake import Intake
+from ingestd.exchanges import CODECS, Codec, make_codec
+from ingestd.feed.intake import STOP, Intake, MessageQueue
 from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.reader import FeedReader
 from ingestd.health import HealthServer, writer_progressing
@@ -32,7 +32,7 @@ from ingestd.notify import Notifier
 from ingestd.sink.journal import Journal
 from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.state import load_feed_state, save_feed_states
-from ingestd.sink.writer import STOP, QueueItem, Writer
+from ingestd.sink.writer import Writer
 from ingestd.stats import FeedStats, QueueStats, WriterStats
 
 log = structlog.get_logger("ingestd.daemon")
@@ -81,8 +81,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._background: list[asyncio.Task[Any]] = []
         self.root = Path(cfg.storage.root)
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(cfg.queue.capacity)
         self.queue_stats = QueueStats(cfg.queue.capacity)
+        self.queue = MessageQueue(cfg.queue.capacity, self.queue_stats)
         self.writer_stats = WriterStats()
         self.intake = Intake(self.queue, cfg.queue.when_full, self.queue_stats)
         jc = cfg.journal
@@ -176,10 +176,15 @@ class Daemon:
             removed = sorted(set(old) - set(want))
             added = sorted(set(want) - set(old))
             changed = sorted(n for n in set(old) & set(want) if old[n] != want[n])
+            carried: dict[str, dict[str, Any]] = {}
             for name in removed + changed:
-                await self._stop_feed(name)
+                reader = await self._stop_feed(name)
+                if reader is not None and name in changed:
+                    # A changed feed keeps its trade de-duplication state: the venue's
+                    # replay of recent trades on the new connection is not stored twice.
+                    carried[name] = reader.codec.state()
             for name in added + changed:
-                self._start_feed(want[name])
+                self._start_feed(want[name], carried.get(name))
             self.cfg = msgspec.structs.replace(self.cfg, feeds=new.feeds)
             self.reloads += 1
             log.info("reloaded", added=added, removed=removed, changed=changed,
@@ -187,16 +192,17 @@ class Daemon:
             self.notifier.send("READY=1", f"STATUS={self._status_line()}")
             return True
 
-    async def _stop_feed(self, name: str) -> None:
+    async def _stop_feed(self, name: str) -> FeedReader | None:
         reader = self.readers.pop(name, None)
         if reader is None:
-            return
+            return None
         reader.stop()
         if reader.task is not None:
             await asyncio.gather(reader.task, return_exceptions=True)
         if self.journal is not None:
             self.journal.unregister(name)
         self.feed_stats.pop(name, None)
+        return reader
 
     # ---- background monitors ---------------------------------------------------------------
     async def _lag_monitor(self) -> None:
@@ -260,7 +266,7 @@ class Daemon:
                         rows_already_committed=r.rows_already_committed,
                         torn_segments=r.torn_segments, files=r.files)
 
-    def _start_feed(self, feed: FeedConfig) -> None:
+    def _start_feed(self, feed: FeedConfig, carried: dict[str, Any] | None = None) -> None:
         stats = FeedStats(feed.name, feed.exchange)
         self.feed_stats[feed.name] = stats
         limiter = self.limiters.get(feed.exchange)
@@ -268,21 +274,43 @@ class Daemon:
             limiter = ConnectLimiter(*CODECS[feed.exchange].connect_limit)
             self.limiters[feed.exchange] = limiter
         seq = SeqAllocator(self.clock.time_ns())
-        codec = None
+        codec: Codec | None = None
+        problem: str | None = None
         restored = self.recovery.feeds.get(feed.name) if self.recovery else None
-        if restored is not None and restored.exchange == feed.exchange \
+        if carried is not None and carried.get("exchange") == feed.exchange:
+            codec, problem = make_codec(feed, carried)
+        elif restored is not None and restored.exchange == feed.exchange \
                 and restored.codec.feed == feed:
             codec = restored.codec
             seq.bump(restored.last_seq)
         else:
             saved = load_feed_state(self.root, feed)
             if saved is not None:
-                codec, last_seq = saved
+                state, last_seq = saved
+                codec, problem = make_codec(feed, state)
                 seq.bump(last_seq)
+        if problem is not None:
+            log.warning("codec_state_unusable", feed=feed.name, error=problem[:200],
+                        detail="starting with a fresh codec; books resync")
         reader = FeedReader(feed, self.intake, clock=self.clock, stats=stats, seq=seq,
                             limiter=limiter, journal=self.journal, codec=codec)
         self.readers[feed.name] = reader
         reader.start()
+
+    def _committed_below(self) -> dict[str, int | None]:
+        """Per feed key, the lowest recv_seq not yet committed (None: nothing pending).
+        A feed whose reader handed on more than the writer consumed has rows in the
+        queue: everything after what was consumed is pending."""
+        low = self.writer.committed_below()
+        if self.journal is None:
+            return low
+        for name, reader in self.readers.items():
+            key = self.journal.feed_key(name)
+            consumed = self.writer.consumed_seq.get(key, 0)
+            if reader.handed_seq > consumed:
+                pending = low.get(key)
+                low[key] = consumed + 1 if pending is None else min(pending, consumed + 1)
+        return low
 
     async def _journal_retention(self) -> None:
         """Delete journal segments once everything derived from them is committed."""
@@ -290,7 +318,7 @@ class Daemon:
         assert journal is not None
         while True:
             await asyncio.sleep(1.0)
-            segments = journal.deletable(self.writer.committed_below())
+            segments = journal.deletable(self._committed_below())
             if segments:
                 await journal.delete_segments(segments)
 
@@ -357,7 +385,8 @@ class Daemon:
             if install_signals:
                 self._remove_signals()
         await asyncio.to_thread(save_feed_states, self.root,
-                                [(r.feed, r.codec, r.seq.last) for r in self.readers.values()])
+                                [(r.feed, r.codec.state(), r.seq.last)
+                                 for r in self.readers.values()])
         if self.journal is not None:
             # Safe to drop the journal only if every row reached Parquet.
             complete = self.exit_code == EXIT_OK and not self.writer_stats.buffered_rows \
@@ -376,5 +405,5 @@ class Daemon:
                 tasks.append(reader.task)
         await asyncio.gather(*tasks, return_exceptions=True)
         if not writer_task.done():
-            await self.queue.put(STOP)
+            self.queue.put_nowait(STOP)
             await writer_task

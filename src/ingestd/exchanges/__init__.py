@@ -6,7 +6,10 @@ Must not: hold any state or import anything that does I/O.
 
 from __future__ import annotations
 
-from ingestd.exchanges.base import Codec
+from typing import Any
+
+from ingestd.config import FeedConfig
+from ingestd.exchanges.base import Codec, StateError
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
@@ -26,4 +29,20 @@ CODECS: dict[str, type[Codec]] = {
     )
 }
 
-__all__ = ["CODECS", "Codec"]
+
+
+def make_codec(feed: FeedConfig, state: Any = None) -> tuple[Codec, str | None]:
+    """A codec for `feed`, seeded with a saved `state()` if one is given. A state it
+    cannot take (older version, another venue, corrupt) is not fatal: the codec starts
+    fresh and the reason is returned for the caller to log."""
+    codec = CODECS[feed.exchange](feed)
+    if state is None:
+        return codec, None
+    try:
+        codec.restore(state)
+    except StateError as e:
+        return CODECS[feed.exchange](feed), str(e)
+    return codec, None
+
+
+__all__ = ["CODECS", "Codec", "make_codec"]

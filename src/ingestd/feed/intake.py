@@ -1,54 +1,150 @@
-"""The entry of the bounded queue between readers and the writer.
+"""The bounded queue between readers and the writer, and each feed's ordered way into it.
 
-Owns: the `when_full` policy - "block" waits for room (backpressure reaches the
-sockets), "drop_newest" drops the message and counts it - strict FIFO among waiting
-producers (asyncio.Queue alone lets a new put overtake a woken waiter; per-feed order
-matters to the journal's commit bookkeeping), and queue statistics.
+Owns:
+- `MessageQueue`: items are codec Outputs (the blocks of one socket read of one feed, or
+  of one REST answer) and the STOP marker; capacity is counted in messages (frames), not
+  items; one consumer (the writer) takes everything queued at once;
+- `FeedOutbox`: one feed's hand-off. `push` is synchronous, so a producer that allocated
+  recv_seq values and ran the codec hands its output on before anything else of that feed
+  can run: a feed's items reach the writer in recv_seq order, always (a commit then never
+  covers a recv_seq that lies after one not yet committed). When the queue is full,
+  `block` keeps the feed's items in order in the outbox and the reader waits for it to
+  drain (backpressure reaches the socket); `drop_newest` drops the item and counts what
+  it held (messages, rows and rejects) in the named drop counters.
 
-Must not: look inside items or buffer anything itself.
+Must not: look inside items beyond their weight and counts, or reorder one feed's items.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
 
-from ingestd.sink.writer import QueueItem
+import structlog
+
+from ingestd.exchanges.base import Output
 from ingestd.stats import QueueStats
+
+log = structlog.get_logger("ingestd.intake")
 
 DROP_QUEUE_FULL = "queue_full"
 
+QueueItem = Output | None
+STOP: QueueItem = None
+
+
+class MessageQueue:
+    """FIFO of Outputs with a capacity in messages; one consumer."""
+
+    def __init__(self, capacity: int, stats: QueueStats) -> None:
+        self.capacity = capacity
+        self.stats = stats
+        self.messages = 0
+        self._items: deque[QueueItem] = deque()
+        self._has_items = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def full(self) -> bool:
+        return self.messages >= self.capacity
+
+    def qsize(self) -> int:
+        """Messages queued."""
+        return self.messages
+
+    def put_nowait(self, item: QueueItem) -> None:
+        """Append regardless of room (callers check `full()`; one item may overshoot)."""
+        self._items.append(item)
+        if item is not None:
+            self.messages += item.messages or 1
+        st = self.stats
+        if self.messages > st.peak_depth:
+            st.peak_depth = self.messages
+        self._has_items.set()
+        if self.messages >= self.capacity:
+            self._room.clear()
+
+    async def wait_room(self) -> None:
+        await self._room.wait()
+
+    async def get_all(self) -> list[QueueItem]:
+        """Everything queued (at least one item), oldest first."""
+        while not self._items:
+            self._has_items.clear()
+            await self._has_items.wait()
+        items = list(self._items)
+        self._items.clear()
+        self.messages = 0
+        self._has_items.clear()
+        self._room.set()
+        return items
+
+
+class FeedOutbox:
+    """One feed's ordered hand-off into the queue (see the module docstring)."""
+
+    def __init__(self, queue: MessageQueue, block: bool, stats: QueueStats,
+                 on_drop: Callable[[Output], None] | None = None) -> None:
+        self.queue = queue
+        self.block = block
+        self.stats = stats
+        self.on_drop = on_drop
+        self._pending: deque[Output] = deque()
+        self._pump: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def push(self, item: Output) -> bool:
+        """Hand `item` on, after every earlier item of this feed. False: dropped."""
+        q = self.queue
+        if not self._pending and not q.full():
+            q.put_nowait(item)
+            return True
+        if not self.block:
+            self.stats.dropped[DROP_QUEUE_FULL] += item.messages or 1
+            if self.on_drop is not None:
+                self.on_drop(item)
+            return False
+        self._pending.append(item)
+        self._drained.clear()
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump(),
+                                                                name="outbox-pump")
+        return True
+
+    async def drained(self) -> None:
+        """Wait until everything pushed is in the queue (backpressure for the reader)."""
+        await self._drained.wait()
+
+    async def _run_pump(self) -> None:
+        q, pending = self.queue, self._pending
+        try:
+            while pending:
+                while q.full():
+                    await q.wait_room()
+                q.put_nowait(pending.popleft())
+        finally:
+            self._pump = None
+            if not pending:
+                self._drained.set()
+            else:  # cancelled with items left (shutdown): hand them on anyway, in order
+                while pending:
+                    q.put_nowait(pending.popleft())
+                self._drained.set()
+
 
 class Intake:
-    def __init__(self, queue: asyncio.Queue[QueueItem], when_full: str,
-                 stats: QueueStats) -> None:
+    """The `when_full` policy and one outbox per feed."""
+
+    def __init__(self, queue: MessageQueue, when_full: str, stats: QueueStats) -> None:
         self.queue = queue
         self.block = when_full == "block"
         self.stats = stats
-        self._lock = asyncio.Lock()
 
-    def try_put(self, item: QueueItem) -> bool:
-        """Hand one item on without waiting, if there is room and nobody is waiting."""
-        q = self.queue
-        if self._lock.locked() or q.full():
-            return False
-        q.put_nowait(item)
-        depth = q.qsize()
-        if depth > self.stats.peak_depth:
-            self.stats.peak_depth = depth
-        return True
-
-    async def put(self, item: QueueItem) -> bool:
-        """Hand one item on; False if it was dropped (counted)."""
-        q = self.queue
-        if not self._lock.locked() and not q.full():
-            q.put_nowait(item)
-        elif not self.block:
-            self.stats.dropped[DROP_QUEUE_FULL] += 1
-            return False
-        else:
-            async with self._lock:
-                await q.put(item)
-        depth = q.qsize()
-        if depth > self.stats.peak_depth:
-            self.stats.peak_depth = depth
-        return True
+    def outbox(self, on_drop: Callable[[Output], None] | None = None) -> FeedOutbox:
+        return FeedOutbox(self.queue, self.block, self.stats, on_drop)

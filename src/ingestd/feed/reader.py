@@ -1,12 +1,21 @@
 """The reader task of one feed: the only owner of that feed's WebSocket connections.
 
 Owns: connecting (through the feed's circuit breaker and the venue's connection-rate
-limit), subscribing, receiving frames and stamping them (`ts_recv`, `recv_seq`), handing
-them to the feed's codec, sending what the codec asks to send (replies, keepalives),
-fetching the REST snapshots it requests, handing each message's rows to the intake as one
-queue item, keeping bad frames raw, detecting stale streams, reconnecting with backoff,
-planned make-before-break rotation, and the feed's counters and `events` rows
-(connected, disconnected with the reason, stale).
+limit), subscribing, receiving the frames of each socket read (stamped with `ts_recv` by
+the transport when they were read) and numbering them (`recv_seq`), the ONE ingest path
+(journal the read, decode it with one codec call, hand its blocks on through the feed's
+ordered outbox, synchronously, before anything else of the feed can run) used by normal
+streaming, rotation and REST answers alike, then sending what the codec asks to send
+(replies, keepalives) - a reply that cannot be sent never costs the rows of its read -
+fetching the REST snapshots it requests, keeping bad frames raw, detecting stale
+streams, reconnecting with backoff, make-before-break rotation (feed/rotation.py), and
+the feed's counters and `events` rows (connected, disconnected with the reason, stale).
+
+Supervision: every task of a feed is watched. An unexpected exception in a session is
+classified, logged, written as an `error` event and retried with backoff; a fetch that
+crashes is reported to the codec as a failed snapshot (retried); a crashed watchdog or
+keepalive ends the session (reconnect); a crash of the reader loop itself is logged,
+recorded and the loop restarts.
 
 Must not: decode venue formats (codecs do), write files (the writer does), or block the
 loop. Stopping is graceful: a frame already received is always handed on before the
@@ -26,8 +35,10 @@ import asyncio
 import email.utils
 import random
 import time
+from collections.abc import Coroutine
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -40,6 +51,7 @@ from ingestd.feed.breaker import Breaker
 from ingestd.feed.intake import Intake
 from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.rest import USER_AGENT, http_get
+from ingestd.feed.rotation import Rotation
 from ingestd.feed.transport import Connection, HandshakeRejected, TransportClosed, connect
 from ingestd.logs import RateLimit
 from ingestd.schema import (
@@ -48,6 +60,7 @@ from ingestd.schema import (
     EV_BREAKER_OPEN,
     EV_CONNECTED,
     EV_DISCONNECTED,
+    EV_ERROR,
     EV_GAP,
     EV_RESYNC,
     EV_STALE,
@@ -59,13 +72,14 @@ from ingestd.stats import FeedStats
 log = structlog.get_logger("ingestd.reader")
 
 OPEN_TIMEOUT_S = 10.0
-REST_TIMEOUT_S = 10.0
+# Total deadline of one REST snapshot fetch (connect, request and the whole body).
+REST_DEADLINE_S = 10.0
 # Make-before-break: the new connection must have streamed this long before the switch,
 # so that its first frames overlap what the old one delivered (the codec drops the
 # overlap by exchange ids).
 ROTATION_OVERLAP_S = 1.0
-# At most this many already-received frames are taken per loop turn.
-RECV_BATCH = 256
+# A crashed reader loop restarts after this long.
+CRASH_RESTART_S = 1.0
 
 
 @dataclass(slots=True)
@@ -74,10 +88,6 @@ class SessionEnd:
     streamed_s: float = 0.0          # time between connect and the end (0: never connected)
     retry_after_s: float | None = None
     trip_breaker: bool = False       # a non-retryable answer: open the breaker at once
-
-
-class _Reconnect(Exception):
-    """The venue asked us to reconnect and rotation was not possible."""
 
 
 def retry_after_s(value: str | None, now_wall_s: float) -> float | None:
@@ -105,10 +115,12 @@ class FeedReader:
         self.feed = feed
         self.name = feed.name
         self.exchange = feed.exchange
-        # A codec restored by crash recovery keeps its trade-id watermarks (no duplicates,
-        # gap detection across the restart); its book state resets on connect.
+        # A codec restored from saved state or crash recovery keeps its trade-id
+        # watermarks (no duplicates, gap detection across the restart); its book state
+        # resets on connect.
         self.codec: Codec = codec or CODECS[feed.exchange](feed)
         self.intake = intake
+        self.outbox = intake.outbox(self._count_dropped)
         self.clock = clock
         self.stats = stats or FeedStats(feed.name, feed.exchange)
         self.seq = seq or SeqAllocator()
@@ -123,12 +135,12 @@ class FeedReader:
         self._stopping = False
         self._interruptible = False
         self._task: asyncio.Task[None] | None = None
-        self._fetches: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()     # supervised helpers of a session
         self._ws: Connection | None = None
-        self._rotation: asyncio.Task[Connection | None] | None = None
-        self._rotation_buffer: list[tuple[bytes, int]] = []
-        self._rotate_requested: str | None = None
+        self._rotation: Rotation | None = None
+        self._session_error: str | None = None          # a crashed helper ends the session
         self._went_stale = False
+        self.handed_seq = 0                              # highest recv_seq pushed
         self.journal = journal
         self._fid = journal.register(feed, self.codec, self.seq) if journal else 0
         self._drop_when_journal_full = intake.block is False
@@ -150,19 +162,20 @@ class FeedReader:
             self._task.cancel()
 
     async def run(self) -> None:
+        """The supervised reader loop: sessions until stopped; a crash restarts it."""
         st = self.stats
         try:
             while not self._stopping:
-                await self._wait_for_breaker()
-                wait_s = self.limiter.reserve(self.clock.monotonic())
-                if wait_s > 0:
-                    await self._interruptible_sleep(wait_s)
-                end = await self._session()
-                if self._stopping:
-                    break
-                delay_s = await self._after_session(end)
-                st.state = "reconnecting"
-                await self._interruptible_sleep(delay_s)
+                try:
+                    await self._sessions()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a bug outside a session: log, record, restart
+                    reason = f"reader crashed: {type(e).__name__}: {e}"[:300]
+                    st.last_error = reason
+                    self.log.exception("reader_crashed")
+                    self._feed_event(EV_ERROR, reason)
+                    await self._interruptible_sleep(CRASH_RESTART_S)
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
@@ -174,6 +187,19 @@ class FeedReader:
         self.log.info("feed_stopped", messages=st.messages, reconnects=st.reconnects,
                       gaps=st.gaps, parse_errors=sum(st.parse_errors.values()))
 
+    async def _sessions(self) -> None:
+        while not self._stopping:
+            await self._wait_for_breaker()
+            wait_s = self.limiter.reserve(self.clock.monotonic())
+            if wait_s > 0:
+                await self._interruptible_sleep(wait_s)
+            end = await self._session()
+            if self._stopping:
+                break
+            delay_s = self._after_session(end)
+            self.stats.state = "reconnecting"
+            await self._interruptible_sleep(delay_s)
+
     async def _wait_for_breaker(self) -> None:
         wait_s = self.breaker.wait_s(self.clock.monotonic())
         if wait_s > 0:
@@ -182,9 +208,9 @@ class FeedReader:
         if self.breaker.before_attempt(self.clock.monotonic()) is not None:
             self.stats.breaker = self.breaker.state
             self.log.info("breaker_half_open")
-            await self._feed_event(EV_BREAKER_HALF_OPEN, None)
+            self._feed_event(EV_BREAKER_HALF_OPEN, None)
 
-    async def _after_session(self, end: SessionEnd) -> float:
+    def _after_session(self, end: SessionEnd) -> float:
         """Classify the finished session; returns the delay before the next attempt."""
         st = self.stats
         now = self.clock.monotonic()
@@ -193,13 +219,13 @@ class FeedReader:
             self.backoff.reset()
             if self.breaker.success() is not None:
                 self.log.info("breaker_closed")
-                await self._feed_event(EV_BREAKER_CLOSED, None)
+                self._feed_event(EV_BREAKER_CLOSED, None)
         else:
             changed = self.breaker.failure(now, trip=end.trip_breaker)
             if changed is not None:
                 self.log.error("breaker_opened", failures=self.breaker.consecutive_failures,
                                cooldown_s=self.breaker.cooldown_s, reason=end.reason)
-                await self._feed_event(
+                self._feed_event(
                     EV_BREAKER_OPEN, f"after {self.breaker.consecutive_failures} failed "
                     f"session(s), cooling down {self.breaker.cooldown_s:g} s: {end.reason}")
         st.breaker = self.breaker.state
@@ -239,7 +265,12 @@ class FeedReader:
                 return SessionEnd(f"handshake refused: HTTP {status}")
             return SessionEnd(f"handshake refused: HTTP {status} (not retryable: check the "
                               "feed's url and symbols)", trip_breaker=True)
-        return SessionEnd(f"connect failed: {type(e).__name__}: {e}")
+        if isinstance(e, OSError | TimeoutError):
+            return SessionEnd(f"connect failed: {type(e).__name__}: {e}")
+        # Anything else is unexpected (e.g. a URL no connection can use): classified,
+        # logged and retried with backoff like a failed connect.
+        self.log.error("connect_crashed", error=f"{type(e).__name__}: {e}")
+        return SessionEnd(f"connect failed (unexpected): {type(e).__name__}: {e}")
 
     # ---- one session -----------------------------------------------------------------------
     async def _session(self) -> SessionEnd:
@@ -250,7 +281,9 @@ class FeedReader:
         self._interruptible = True
         try:
             ws = await self._connect(url)
-        except (OSError, TimeoutError, HandshakeRejected) as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
             end = self._handshake_failure(e)
             st.last_error = end.reason
             return end
@@ -260,19 +293,19 @@ class FeedReader:
         self._count_connect()
         self.log.info("feed_connected", url=url.split("?", 1)[0], connects=st.connects)
         end = SessionEnd("closed")
-        watchdog = keepalive = None
         self._ws = ws
         self._went_stale = False
+        self._session_error = None
         try:
             if self.journal is not None:
                 self.journal.connect(self.name, self._fid, self.clock.time_ns())
             self.codec.on_connect()
-            await self._feed_event(EV_CONNECTED, url.split("?", 1)[0])
+            self._feed_event(EV_CONNECTED, url.split("?", 1)[0])
             await self._subscribe(ws)
             st.last_message_mono = self.clock.monotonic()
-            watchdog = asyncio.create_task(self._watchdog())
+            self._spawn(self._watchdog(), "watchdog")
             if self.codec.keepalive_interval_s:
-                keepalive = asyncio.create_task(self._keepalive(self.codec.keepalive_interval_s))
+                self._spawn(self._keepalive(self.codec.keepalive_interval_s), "keepalive")
             while True:
                 try:
                     await self._stream(self._ws)
@@ -282,34 +315,61 @@ class FeedReader:
                         raise
         except TransportClosed as e:
             end.reason = e.describe()
-            if self._went_stale:
+            if self._session_error is not None:
+                end.reason = self._session_error
+            elif self._went_stale:
                 end.reason = f"stale: no data for {self.stale_after_s:g} s"
             elif e.code == 1009:
                 st.parse_errors["oversized_frame"] += 1
-        except _Reconnect as e:
-            end.reason = f"venue requested reconnect: {e}"
         except asyncio.CancelledError:
             end.reason = "shutdown"
             if not self._stopping:
                 raise
+        except Exception as e:  # supervision: a bug must not end the feed silently
+            end.reason = f"internal error: {type(e).__name__}: {e}"[:300]
+            self.log.exception("session_crashed")
+            self._feed_event(EV_ERROR, end.reason)
         finally:
-            for t in (watchdog, keepalive):
-                if t is not None:
-                    t.cancel()
-            await self._cancel_rotation()
-            for t in list(self._fetches):
-                t.cancel()
-            self._fetches.clear()
-            current = self._ws
-            self._ws = None
-            if current is not None:
-                with suppress(Exception):
-                    await asyncio.shield(current.close())
-            st.state = "stopped" if self._stopping else "reconnecting"
-            st.last_error = None if end.reason == "shutdown" else end.reason
-            await self._feed_event(EV_DISCONNECTED, end.reason)
+            await self._end_session(end)
         end.streamed_s = self.clock.monotonic() - connected_at
         return end
+
+    async def _end_session(self, end: SessionEnd) -> None:
+        st = self.stats
+        await self._cancel_rotation()
+        tasks, self._tasks = list(self._tasks), set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        current = self._ws
+        self._ws = None
+        if current is not None:
+            with suppress(Exception):
+                await asyncio.shield(current.close())
+        st.state = "stopped" if self._stopping else "reconnecting"
+        st.last_error = None if end.reason == "shutdown" else end.reason
+        self._feed_event(EV_DISCONNECTED, end.reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """A supervised helper task of this session."""
+        task = asyncio.create_task(coro, name=f"{what}:{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._helper_done(t, what))
+
+    def _helper_done(self, task: asyncio.Task[None], what: str) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        reason = f"{what} crashed: {type(exc).__name__}: {exc}"[:300]
+        self.log.error("task_crashed", task=what, error=reason)
+        self._feed_event(EV_ERROR, reason)
+        if what != "fetch" and self._ws is not None:
+            # Without its watchdog or keepalive the session cannot be trusted: end it.
+            self._session_error = reason
+            self._ws.abort()
 
     def _count_connect(self) -> None:
         st = self.stats
@@ -322,133 +382,164 @@ class FeedReader:
         for msg in self.codec.subscribe_messages():
             await ws.send(msg)
 
+    # ---- the ingest path -----------------------------------------------------------------
     async def _stream(self, ws: Connection) -> None:
         """Receive until the connection closes (raises) or the reader stops (returns).
-
-        Frames are taken in batches (everything one socket read delivered): they share a
-        receive time, each gets its own recv_seq, and each becomes its own queue item.
-        A batch is always handed on whole, even if a stop arrives meanwhile."""
-        codec_parse = self.codec.parse
+        A read is always handed on whole, even if a stop arrives meanwhile."""
         clock = self.clock
-        seq_next = self.seq.next
         st = self.stats
-        rows = st.rows
+        outbox = self.outbox
         journal = self.journal
-        name, exchange, fid = self.name, self.exchange, self._fid
-        try_put = self.intake.try_put
         while not self._stopping:
             self._interruptible = True
             try:
-                frames = await ws.recv_many(RECV_BATCH)
+                ts_recv_ns, frames = await ws.recv_batch()
             finally:
                 self._interruptible = False
-            ts_recv_ns = clock.time_ns()
             st.last_message_mono = clock.monotonic()
-            st.messages += len(frames)
-            for frame in frames:
-                st.bytes += len(frame)
-                if journal is not None:
-                    if journal.full and not await self._journal_room():
-                        continue
-                    seq = seq_next(ts_recv_ns)
-                    journal.frame(name, fid, ts_recv_ns, seq, frame)
-                else:
-                    seq = seq_next(ts_recv_ns)
-                out = codec_parse(frame, ts_recv_ns, seq)
-                if out.error is not None:
-                    await self._reject(frame, ts_recv_ns, out.error)
-                    continue
-                trades = out.trades
-                if (trades is not None and out.quotes is None and out.book is None
-                        and out.events is None and out.drops is None
-                        and out.requests is None and out.replies is None
-                        and not out.last_seq and not out.unknown and out.reconnect is None):
-                    # The common case, a message of trades only: no coroutine hops.
-                    rows["trades"] += len(trades)
-                    if try_put((name, exchange, out)):
-                        continue
-                    if not await self.intake.put((name, exchange, out)):
-                        st.drops["queue_full"] += 1
-                    continue
-                await self._handle(out)
+            if journal is not None and journal.full and not await self._journal_room(frames):
+                continue
+            out = self.ingest(ts_recv_ns, frames)
+            if out.requests or out.replies or out.reconnect:
+                await self._follow_up(out)
+            if outbox.pending:
+                await outbox.drained()
 
-    async def _journal_room(self) -> bool:
-        """The journal cannot write (disk failing): block, or drop and count the frame."""
+    def ingest(self, ts_recv_ns: int, frames: list[bytes]) -> Output:
+        """Journal, decode and hand on the frames of one socket read. Synchronous: the
+        recv_seq values it allocates reach the queue before anything else of the feed."""
+        st = self.stats
+        n = len(frames)
+        st.messages += n
+        st.bytes += sum(map(len, frames))
+        first = self.seq.take(ts_recv_ns, n)
+        if self.journal is not None:
+            self.journal.frames(self.name, self._fid, ts_recv_ns, first, frames)
+        out = self.codec.parse_batch(frames, ts_recv_ns, first)
+        last = first + n - 1
+        if out.last_seq < last:
+            out.last_seq = last
+        if out.rejects:
+            self._keep_rejects(out, [(frames[i], reason) for i, reason in out.rejects],
+                               ts_recv_ns)
+        self._hand_on(out)
+        return out
+
+    def _hand_on(self, out: Output) -> None:
+        """Counters, then push (rows or rejects) through the ordered outbox."""
+        st = self.stats
+        if out.last_seq > self.seq.last:
+            self.seq.bump(out.last_seq)
+            if self.journal is not None:
+                self.journal.note_seq(self.name, out.last_seq)
+        if out.unknown:
+            st.unknown_messages += out.unknown
+        if out.drops:
+            st.drops.update(out.drops)
+        rows = st.rows
+        has_rows = False
+        t = out.trades
+        if t is not None:
+            rows["trades"] += len(t)
+            has_rows = True
+        for block in (out.quotes, out.book, out.events):
+            if block is not None:
+                rows[block.TABLE] += len(block)
+                has_rows = True
+        if out.events is not None:
+            self._count_events(out)
+        if has_rows or out.raw_rejects:
+            self.handed_seq = out.last_seq
+            self.outbox.push(out)
+
+    async def _follow_up(self, out: Output) -> None:
+        """What the codec asked for beyond rows: fetches, replies, a reconnect. The rows
+        are already handed on: a reply that cannot be sent costs nothing but the reply."""
+        if out.requests:
+            for req in out.requests:
+                self._spawn(self._fetch(req), "fetch")
+        if out.replies:
+            ws = self._ws
+            for text in out.replies:
+                if ws is None:
+                    break
+                try:
+                    await ws.send(text)
+                except (TransportClosed, OSError) as e:
+                    self.log.info("reply_not_sent", error=str(e)[:200])
+                    break
+        if out.reconnect:
+            self._request_rotation(out.reconnect)
+
+    def _count_dropped(self, out: Output) -> None:
+        """`drop_newest` dropped this output at the queue: count what it held."""
+        st = self.stats
+        st.drops["queue_full"] += out.messages or 1
+        for block in out.blocks():
+            st.drops[f"queue_full_{block.TABLE}_rows"] += len(block)
+        if out.raw_rejects:
+            st.drops["queue_full_rejects"] += len(out.raw_rejects)
+
+    async def _journal_room(self, frames: list[bytes]) -> bool:
+        """The journal cannot write (disk failing): block, or drop and count the read."""
         journal = self.journal
         assert journal is not None
         if self._drop_when_journal_full:
-            self.stats.drops["journal_full"] += 1
+            self.stats.drops["journal_full"] += len(frames)
             return False
         await journal.wait_room()
         return True
 
-    async def _handle(self, out: Output) -> None:
-        """Act on a codec output: counters, requests, replies, rows to the intake."""
-        st = self.stats
-        if out.last_seq:
-            self.seq.bump(out.last_seq)
-        if out.unknown:
-            st.unknown_messages += 1
-        if out.drops:
-            st.drops.update(out.drops)
-        if out.events:
-            self._count_events(out)
-        if out.requests:
-            for req in out.requests:
-                task = asyncio.create_task(self._fetch(req))
-                self._fetches.add(task)
-                task.add_done_callback(self._fetches.discard)
-        if out.replies and self._ws is not None:
-            for text in out.replies:
-                await self._ws.send(text)
-        if out.trades or out.quotes or out.book or out.events:
-            rows = st.rows
-            if out.trades:
-                rows["trades"] += len(out.trades)
-            if out.quotes:
-                rows["quotes"] += len(out.quotes)
-            if out.book:
-                rows["book"] += len(out.book)
-            if out.events:
-                rows["events"] += len(out.events)
-            if not await self.intake.put((self.name, self.exchange, out)):
-                st.drops["queue_full"] += 1
-        if out.reconnect:
-            self._request_rotation(out.reconnect)
-
     def _count_events(self, out: Output) -> None:
         st = self.stats
-        for ev in out.events or ():
-            if ev[5] == EV_GAP:
+        assert out.events is not None
+        names = out.events.event
+        for ev in names:
+            if ev == EV_GAP:
                 st.gaps += 1
-            elif ev[5] == EV_RESYNC:
+            elif ev == EV_RESYNC:
                 st.resyncs += 1
-        self.log.info("feed_events", events=[(e[0], e[5], e[6]) for e in out.events or ()])
+        self.log.info("feed_events", events=list(zip(out.events.symbol, names,
+                                                      out.events.detail, strict=True))[:20],
+                      count=len(names))
 
+    # ---- REST ------------------------------------------------------------------------------
     async def _fetch(self, req: RestRequest) -> None:
         if req.delay_s > 0:
             await asyncio.sleep(req.delay_s)
         started = time.monotonic()
-        status, body = await http_get(req.url, REST_TIMEOUT_S)
+        try:
+            answer = await http_get(req.url, REST_DEADLINE_S)
+            status, body, error = answer.status, answer.body, answer.error
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a crashed fetch is a failed snapshot: the codec retries
+            status, body, error = 0, b"", f"fetch crashed: {type(e).__name__}: {e}"
+        if error is not None:
+            status, body = 0, error.encode()
         ts_recv_ns = self.clock.time_ns()
         seq = self.seq.next(ts_recv_ns)
         if self.journal is not None:
             self.journal.rest(self.name, self._fid, ts_recv_ns, seq, status, req.key, req.url,
                               body)
         out = self.codec.on_rest(req, status, body, ts_recv_ns, seq)
+        out.last_seq = max(out.last_seq, seq)
         self.log.info("rest_fetched", key=req.key, status=status, bytes=len(body),
-                      elapsed_s=round(time.monotonic() - started, 3))
-        if out.error is not None:
-            await self._reject(body, ts_recv_ns, out.error)
-        await self._handle(out)
+                      error=error, elapsed_s=round(time.monotonic() - started, 3))
+        if out.rejects:
+            self._keep_rejects(out, [(body, reason) for _, reason in out.rejects],
+                               ts_recv_ns)
+        self._hand_on(out)
+        await self._follow_up(out)
 
+    # ---- keepalive and staleness -----------------------------------------------------------
     async def _keepalive(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
             msg = self.codec.keepalive_message()
             ws = self._ws
             if msg is not None and ws is not None:
-                with suppress(TransportClosed):
+                with suppress(TransportClosed, OSError):
                     await ws.send(msg)
 
     async def _watchdog(self) -> None:
@@ -464,7 +555,7 @@ class FeedReader:
                 st.stale += 1
                 self.log.warning("feed_stale", silent_s=round(now - last, 3),
                                  stale_after_s=self.stale_after_s)
-                await self._feed_event(EV_STALE, f"no data for {now - last:.3f} s")
+                self._feed_event(EV_STALE, f"no data for {now - last:.3f} s")
                 self._went_stale = True
                 ws = self._ws
                 if ws is not None:
@@ -480,114 +571,84 @@ class FeedReader:
     def _request_rotation(self, reason: str) -> None:
         if self._rotation is not None or self._stopping:
             return
-        self._rotate_requested = reason
         self.log.info("rotation_started", reason=reason)
-        self._rotation = asyncio.create_task(self._prepare_rotation())
-
-    async def _prepare_rotation(self) -> Connection | None:
-        """Open and subscribe a second connection, buffer what it receives; once it has
-        streamed for the overlap, close the old one (the main loop then switches)."""
         url = self.codec.ws_url()
-        try:
-            new = await self._connect(url)
-        except (OSError, TimeoutError, HandshakeRejected) as e:
-            self.log.warning("rotation_failed", error=str(e))
-            self._rotation = None
-            old = self._ws
-            if old is not None:  # fall back to break-before-make
-                await old.close(1000, "rotation")
-            return None
-        await self._subscribe(new)
-        first_data: float | None = None
-        buffer = self._rotation_buffer
-        while True:
-            if first_data is not None and self.clock.monotonic() - first_data >= \
-                    ROTATION_OVERLAP_S:
-                break
-            try:
-                frame = await asyncio.wait_for(new.recv(), ROTATION_OVERLAP_S)
-            except TimeoutError:
-                if first_data is None:
-                    first_data = self.clock.monotonic()
-                continue
-            buffer.append((frame, self.clock.time_ns()))
-            if first_data is None:
-                first_data = self.clock.monotonic()
+        rotation = Rotation(reason, lambda: self._connect(url), self._subscribe, self.clock,
+                            ROTATION_OVERLAP_S)
+        self._rotation = rotation
+        rotation.task.add_done_callback(lambda _t: self._rotation_done(rotation))
+
+    def _rotation_done(self, rotation: Rotation) -> None:
+        if rotation is not self._rotation or rotation.task.cancelled():
+            return
         old = self._ws
+        if rotation.ready() is None:
+            # Failed: forget it (later rotations and serverShutdown are honoured), and
+            # fall back to break-before-make.
+            self._rotation = None
+            self.log.warning("rotation_failed", error=rotation.error)
         if old is not None:
-            await old.close(1000, "rotation")
-        return new
+            self._spawn(old.close(1000, "rotation"), "rotation-close")
 
     async def _switch_to_rotated(self) -> bool:
         """The current connection closed: if a rotated one is ready, continue on it."""
-        task = self._rotation
-        if task is None:
+        rotation = self._rotation
+        if rotation is None:
             return False
-        if not task.done():
+        if not rotation.task.done():
             # The venue closed the old connection first: wait for the new one.
             with suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), OPEN_TIMEOUT_S + ROTATION_OVERLAP_S)
-        if not task.done() or task.cancelled() or task.result() is None:
-            return False
-        new = task.result()
-        assert new is not None
+                await asyncio.wait_for(asyncio.shield(rotation.task),
+                                       OPEN_TIMEOUT_S + ROTATION_OVERLAP_S)
+        new = rotation.ready()
         self._rotation = None
-        buffered, self._rotation_buffer = self._rotation_buffer, []
-        old_reason = self._rotate_requested or "rotation"
-        self._rotate_requested = None
-        await self._feed_event(EV_DISCONNECTED, f"rotated: {old_reason}")
+        if new is None:
+            await rotation.cancel()
+            return False
+        self._feed_event(EV_DISCONNECTED, f"rotated: {rotation.reason}")
         self._ws = new
         self._count_connect()
         if self.journal is not None:
             self.journal.rotate(self.name, self._fid, self.clock.time_ns())
         self.codec.on_rotate()
-        await self._feed_event(EV_CONNECTED, "rotation")
-        self.log.info("rotation_switched", buffered=len(buffered))
-        st = self.stats
-        # Frames the new connection received during the overlap, in arrival order; the
-        # codec drops those the old connection already delivered (by exchange ids).
-        for frame, ts_recv_ns in buffered:
-            st.messages += 1
-            st.bytes += len(frame)
-            seq = self.seq.next(ts_recv_ns)
-            if self.journal is not None:
-                self.journal.frame(self.name, self._fid, ts_recv_ns, seq, frame)
-            out = self.codec.parse(frame, ts_recv_ns, seq)
-            if out.error is not None:
-                await self._reject(frame, ts_recv_ns, out.error)
-                continue
-            await self._handle(out)
+        self._feed_event(EV_CONNECTED, "rotation")
+        self.log.info("rotation_switched", buffered_reads=len(rotation.kept))
+        # What the new connection received during the overlap, read by read, through the
+        # same ingest path; the codec drops what the old one already delivered (by ids).
+        for ts_recv_ns, frames in rotation.kept:
+            out = self.ingest(ts_recv_ns, frames)
+            if out.requests or out.replies or out.reconnect:
+                await self._follow_up(out)
         return True
 
     async def _cancel_rotation(self) -> None:
-        task, self._rotation = self._rotation, None
-        self._rotation_buffer = []
-        if task is None:
-            return
-        task.cancel()
-        results = await asyncio.gather(task, return_exceptions=True)
-        new = results[0]
-        if new is not None and not isinstance(new, BaseException):
-            with suppress(Exception):
-                await new.close()
+        rotation, self._rotation = self._rotation, None
+        if rotation is not None:
+            await rotation.cancel()
 
     # ---- bookkeeping -----------------------------------------------------------------------
-    async def _reject(self, frame: bytes, ts_recv_ns: int, reason: str) -> None:
+    def _keep_rejects(self, out: Output, bad: list[tuple[bytes, str]], ts_recv_ns: int) -> None:
         st = self.stats
-        kind = reason.split(":", 1)[0]
-        st.parse_errors[kind] += 1
+        kept: list[Reject] = []
         now = self.clock.monotonic()
-        if self._bad_frames.allow(kind, now):
-            self.log.warning("bad_frame", reason=reason, bytes=len(frame),
-                             suppressed=self._bad_frames.take_suppressed(kind),
-                             total=st.parse_errors[kind])
-        await self.intake.put(Reject(self.name, self.exchange, ts_recv_ns, reason, bytes(frame)))
+        for frame, reason in bad:
+            kind = reason.split(":", 1)[0]
+            st.parse_errors[kind] += 1
+            if self._bad_frames.allow(kind, now):
+                self.log.warning("bad_frame", reason=reason, bytes=len(frame),
+                                 suppressed=self._bad_frames.take_suppressed(kind),
+                                 total=st.parse_errors[kind])
+            kept.append(Reject(self.name, self.exchange, ts_recv_ns, reason, bytes(frame)))
+        out.raw_rejects = kept
 
-    async def _feed_event(self, event: str, detail: str | None) -> None:
+    def _feed_event(self, event: str, detail: str | None) -> None:
+        """A feed-level event row, handed on at once (synchronously, in recv_seq order)."""
         ts = self.clock.time_ns()
         seq = self.seq.next(ts)
         if self.journal is not None:
             self.journal.event(self.name, self._fid, ts, seq, event, detail)
-        out = Output()
-        out.events = [(None, None, ts, seq, self.name, event, detail)]
-        await self.intake.put((self.name, self.exchange, out))
+        out = self.codec.new_output()
+        out.event(None, None, ts, seq, self.name, event, detail)
+        out.messages = 0
+        out.last_seq = seq
+        self._hand_on(out)

@@ -1,7 +1,9 @@
 """WebSocket client transports behind one small interface: picows (fast) and websockets.
 
 Owns: `connect(url, ...) -> Connection` and the `Connection` the reader uses -
-`recv()` (the next message's bytes; cancelling it never loses a message), `send(text)`,
+`recv_batch()` (the messages of one socket read with the wall-clock time they were read
+at: `ts_recv` is stamped here, in the transport's receive callback, not when the reader
+gets to them; cancelling it never loses a message), `recv()`, `send(text)`,
 `close(code, reason)`, `abort()` - plus the two failure types the reader classifies:
 `HandshakeRejected` (an HTTP answer other than 101, with its status and headers) and
 `TransportClosed` (close code and reason, who closed, or no close frame at all).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -32,6 +35,10 @@ OPEN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 HIGH_WATER = 4096
 LOW_WATER = 1024
+# Frames stamped within this long of the first of a group were delivered by one socket
+# read (the receive callback runs them back to back); they share one ts_recv.
+GROUP_WINDOW_NS = 50_000
+GROUP_MAX_FRAMES = 256
 
 
 class HandshakeRejected(Exception):
@@ -62,7 +69,7 @@ class TransportClosed(Exception):
 
 class Connection(Protocol):
     async def recv(self) -> bytes: ...
-    async def recv_many(self, limit: int) -> list[bytes]: ...
+    async def recv_batch(self) -> tuple[int, list[bytes]]: ...
     async def send(self, text: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     def abort(self) -> None: ...
@@ -91,7 +98,9 @@ async def connect(url: str, *, ping_interval_s: float | None, max_size: int,
 # ---- picows ---------------------------------------------------------------------------------
 class _PicowsConnection:
     def __init__(self) -> None:
-        self._q: deque[bytes] = deque()
+        # Groups of frames: [ts_recv_ns, frames] - the frames of one socket read.
+        self._q: deque[tuple[int, list[bytes]]] = deque()
+        self._queued = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed: TransportClosed | None = None
         self._paused = False
@@ -144,7 +153,7 @@ class _PicowsConnection:
         mt = frame.msg_type
         if mt == picows.WSMsgType.TEXT or mt == picows.WSMsgType.BINARY:
             if frame.fin:
-                self._q.append(frame.get_payload_as_bytes())
+                self._append(frame.get_payload_as_bytes())
             else:
                 self._fragments = [frame.get_payload_as_bytes()]
                 return
@@ -161,7 +170,7 @@ class _PicowsConnection:
                 return
             if not frame.fin:
                 return
-            self._q.append(b"".join(self._fragments))
+            self._append(b"".join(self._fragments))
             self._fragments = None
         elif mt == picows.WSMsgType.CLOSE:
             if self._close_sent is not None:  # the echo of our own close
@@ -178,10 +187,21 @@ class _PicowsConnection:
             return
         else:
             return  # ping/pong are handled by picows
-        if len(self._q) >= HIGH_WATER and not self._paused:
+        if self._queued >= HIGH_WATER and not self._paused:
             self._paused = True
             self._transport.underlying_transport.pause_reading()
         self._wake()
+
+    def _append(self, payload: bytes) -> None:
+        now = time.time_ns()
+        q = self._q
+        self._queued += 1
+        if q:
+            ts, group = q[-1]
+            if now - ts <= GROUP_WINDOW_NS and len(group) < GROUP_MAX_FRAMES:
+                group.append(payload)
+                return
+        q.append((now, [payload]))
 
     def _on_disconnected(self) -> None:
         if self._closed is None:
@@ -203,30 +223,29 @@ class _PicowsConnection:
                 self._waiter = None
 
     def _maybe_resume(self) -> None:
-        if self._paused and len(self._q) <= LOW_WATER:
+        if self._paused and self._queued <= LOW_WATER:
             self._paused = False
             self._transport.underlying_transport.resume_reading()
 
     async def recv(self) -> bytes:
         if not self._q:
             await self._wait_for_data()
-        frame = self._q.popleft()
+        ts, group = self._q[0]
+        frame = group.pop(0)
+        if not group:
+            self._q.popleft()
+        self._queued -= 1
         self._maybe_resume()
         return frame
 
-    async def recv_many(self, limit: int) -> list[bytes]:
-        """Every message already received (at least one, at most `limit`), in order:
-        the frames of one socket read arrive together, so they are handed on together."""
-        q = self._q
-        if not q:
+    async def recv_batch(self) -> tuple[int, list[bytes]]:
+        """The oldest group of frames (one socket read) and the time it was read."""
+        if not self._q:
             await self._wait_for_data()
-        if len(q) <= limit:
-            out = list(q)
-            q.clear()
-        else:
-            out = [q.popleft() for _ in range(limit)]
+        ts, group = self._q.popleft()
+        self._queued -= len(group)
         self._maybe_resume()
-        return out
+        return ts, group
 
     async def send(self, text: str) -> None:
         import picows
@@ -293,8 +312,9 @@ class _WebsocketsConnection:
             raise self._closed(e) from None
         return data
 
-    async def recv_many(self, limit: int) -> list[bytes]:
-        return [await self.recv()]
+    async def recv_batch(self) -> tuple[int, list[bytes]]:
+        frame = await self.recv()
+        return time.time_ns(), [frame]
 
     async def send(self, text: str) -> None:
         from websockets.exceptions import ConnectionClosed

@@ -1,8 +1,9 @@
-"""Buffers rows per (table, exchange, UTC date) and decides when a buffer is due.
+"""Buffers blocks per (table, exchange, UTC date) and decides when a buffer is due.
 
-Owns: the in-memory row buffers between the queue and Parquet, the flush policy (row
-limit or age, age measured on an injected monotonic clock), and the partition date of a
-row (the UTC date of its `ts_recv`).
+Owns: the in-memory buffers of columnar blocks between the queue and Parquet (a buffer
+is a list of blocks, never rows), the flush policy (row limit or age, age measured on an
+injected monotonic clock), the partition date of a row (the UTC date of its `ts_recv`:
+a block that spans midnight is split), and the exact recv_seq coverage of each buffer.
 
 Must not: do I/O or touch asyncio; it is driven by sink/writer.py.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+
+from ingestd.schema import Block
 
 NS_PER_DAY = 86_400 * 1_000_000_000
-TS_RECV_INDEX = 2  # position of ts_recv in every row tuple (see schema.py)
 
 PartitionKey = tuple[str, str, int]  # (table, exchange, day number since the epoch)
 
@@ -22,8 +23,6 @@ PartitionKey = tuple[str, str, int]  # (table, exchange, day number since the ep
 def day_to_date(day: int) -> str:
     return datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%d")
 
-
-SEQ_INDEX = 3      # position of recv_seq in every row tuple
 
 # Which rows a buffer (and the file it becomes) holds: feed key -> [min_seq, max_seq].
 # Rows of one feed reach one partition in recv_seq order, so the interval is exact: every
@@ -35,19 +34,29 @@ Coverage = dict[str, list[int]]
 class Buffer:
     key: PartitionKey
     opened_mono: float
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    rows: int = 0
     coverage: Coverage = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Batch:
-    """A buffer taken out for commit."""
+    """A buffer taken out for commit: blocks of one table, exchange and date."""
 
     table: str
     exchange: str
     date: str
-    rows: list[tuple[Any, ...]]
+    blocks: list[Block]
+    rows: int
     coverage: Coverage = field(default_factory=dict)
+
+    @property
+    def first_ts_recv_ns(self) -> int:
+        return self.blocks[0].ts_recv[0]  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def max_ts_recv_ns(self) -> int:
+        return max(max(b.ts_recv) for b in self.blocks)  # type: ignore[attr-defined]
 
 
 class Batcher:
@@ -57,23 +66,30 @@ class Batcher:
         self._buffers: dict[PartitionKey, Buffer] = {}
         self.buffered_rows = 0
 
-    def add(self, table: str, exchange: str, rows: list[tuple[Any, ...]],
-            now_mono: float, feed_key: str = "") -> Buffer | None:
-        """Append rows (of one feed, in recv_seq order); return the buffer if it reached
-        the row limit (the caller takes it)."""
-        first_day = rows[0][TS_RECV_INDEX] // NS_PER_DAY
-        last_day = rows[-1][TS_RECV_INDEX] // NS_PER_DAY
+    def add(self, table: str, exchange: str, block: Block, now_mono: float,
+            feed_key: str = "") -> Buffer | None:
+        """Append a block (of one feed, in recv_seq order); return the buffer if it
+        reached the row limit (the caller takes it)."""
+        ts = block.ts_recv  # type: ignore[attr-defined]
+        first_day = min(ts) // NS_PER_DAY
+        last_day = max(ts) // NS_PER_DAY
         if first_day != last_day:
+            by_day: dict[int, list[int]] = {}
+            for i, t in enumerate(ts):
+                by_day.setdefault(t // NS_PER_DAY, []).append(i)
             full = None
-            for row in rows:
-                full = self.add(table, exchange, [row], now_mono, feed_key) or full
+            for idx in by_day.values():
+                full = self.add(table, exchange, block.take(idx), now_mono, feed_key) or full
             return full
         key = (table, exchange, first_day)
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = Buffer(key, now_mono)
-        buf.rows.extend(rows)
-        lo, hi = rows[0][SEQ_INDEX], rows[-1][SEQ_INDEX]
+        n = len(block)
+        buf.blocks.append(block)
+        buf.rows += n
+        seqs = block.recv_seq  # type: ignore[attr-defined]
+        lo, hi = min(seqs[0], seqs[-1]), max(seqs[0], seqs[-1])
         cov = buf.coverage.get(feed_key)
         if cov is None:
             buf.coverage[feed_key] = [lo, hi]
@@ -82,14 +98,14 @@ class Batcher:
                 cov[0] = lo
             if hi > cov[1]:
                 cov[1] = hi
-        self.buffered_rows += len(rows)
-        return buf if len(buf.rows) >= self.flush_max_rows else None
+        self.buffered_rows += n
+        return buf if buf.rows >= self.flush_max_rows else None
 
     def take(self, key: PartitionKey) -> Batch:
         buf = self._buffers.pop(key)
-        self.buffered_rows -= len(buf.rows)
+        self.buffered_rows -= buf.rows
         table, exchange, day = key
-        return Batch(table, exchange, day_to_date(day), buf.rows, buf.coverage)
+        return Batch(table, exchange, day_to_date(day), buf.blocks, buf.rows, buf.coverage)
 
     def lowest_seq(self) -> dict[str, int]:
         """Per feed key, the lowest recv_seq still buffered."""
@@ -121,12 +137,13 @@ class Batcher:
         """Put a batch whose commit failed back in front of anything buffered since."""
         buf = self._buffers.get(key)
         if buf is None:
-            self._buffers[key] = Buffer(key, now_mono, list(batch.rows),
+            self._buffers[key] = Buffer(key, now_mono, list(batch.blocks), batch.rows,
                                         {k: list(v) for k, v in batch.coverage.items()})
         else:
-            buf.rows[:0] = batch.rows
+            buf.blocks[:0] = batch.blocks
+            buf.rows += batch.rows
             buf.opened_mono = min(buf.opened_mono, now_mono)
             for feed, (lo, hi) in batch.coverage.items():
                 cov = buf.coverage.setdefault(feed, [lo, hi])
                 cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
-        self.buffered_rows += len(batch.rows)
+        self.buffered_rows += batch.rows

@@ -1,6 +1,7 @@
-"""Turns a batch of row tuples into one committed Parquet file. Blocking: worker thread only.
+"""Turns a batch of blocks into one committed Parquet file. Blocking: worker thread only.
 
-Owns: row tuples -> Arrow table (in bulk, column by column), the file naming scheme, and
+Owns: blocks -> Arrow table (one bulk conversion per column per chunk of rows), the file
+naming scheme, and
 the commit protocol: write to `<root>/.staging/`, fsync the file, rename it atomically
 into `<root>/<table>/exchange=<id>/date=<YYYY-MM-DD>/`, fsync the directory. Only
 complete, fsync'd files ever appear under a table directory.
@@ -16,13 +17,11 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingestd.schema import SCHEMAS
+from ingestd.schema import Block, schema_for, to_arrow_table
 from ingestd.sink.batcher import Batch
 from ingestd.sink.fsutil import fsync_dir, try_lock_dir
 
@@ -49,26 +48,38 @@ DICTIONARY_COLUMNS: dict[str, list[str]] = {
     "events": ["exchange", "symbol", "feed", "event"],
 }
 
-# Rows converted per Arrow call. Converting Python objects holds the GIL for the whole
-# call; small chunks let the event loop thread run between them (latency, not speed).
-CHUNK_ROWS = 4096
+# Rows converted per Arrow call. Converting Python lists holds the GIL for the whole call;
+# chunks this small let the event loop thread run between them (ts_recv truthfulness).
+CHUNK_ROWS = 2048
 
 
-def to_arrow(table: str, exchange: str, rows: list[tuple[Any, ...]]) -> pa.Table:
-    """Transpose row tuples into typed Arrow columns (plus the constant `exchange`)."""
-    schema = SCHEMAS[table]
-    fields = list(schema)[1:]
-    chunks: list[list[pa.Array]] = [[] for _ in fields]
-    for start in range(0, len(rows), CHUNK_ROWS):
-        part = rows[start:start + CHUNK_ROWS]
-        for out, fld, col in zip(chunks, fields, zip(*part, strict=True), strict=True):
-            out.append(pa.array(col, type=fld.type))
-    if not rows:
-        chunks = [[pa.array([], type=fld.type)] for fld in fields]
-    columns = [pa.chunked_array([pa.repeat(pa.scalar(exchange, pa.string()), len(rows))])]
-    columns += [pa.chunked_array(c, type=fld.type) for c, fld in zip(chunks, fields,
-                                                                     strict=True)]
-    return pa.Table.from_arrays(columns, schema=schema)
+def to_arrow(table: str, exchange: str, blocks: list[Block], unit: str = "ns") -> pa.Table:
+    """Blocks of one table -> one Arrow table: the blocks' column lists are joined into
+    chunks of about CHUNK_ROWS rows, and each chunk's columns converted in bulk."""
+    if not blocks:
+        return schema_for(table, unit).empty_table()
+    parts: list[pa.Table] = []
+    pending: list[Block] = []
+    rows = 0
+    for block in blocks:
+        pending.append(block)
+        rows += len(block)
+        if rows >= CHUNK_ROWS:
+            parts.append(_convert(table, exchange, pending, unit))
+            pending, rows = [], 0
+    if pending:
+        parts.append(_convert(table, exchange, pending, unit))
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+
+def _convert(table: str, exchange: str, blocks: list[Block], unit: str) -> pa.Table:
+    if len(blocks) == 1:
+        return to_arrow_table(table, exchange, blocks[0].columns(), unit)
+    columns: list[list[object]] = [[] for _ in blocks[0].COLUMNS]
+    for block in blocks:
+        for col, values in zip(columns, block.columns(), strict=True):
+            col.extend(values)
+    return to_arrow_table(table, exchange, columns, unit)
 
 
 def partition_dir(root: Path, table: str, exchange: str, date: str) -> Path:
@@ -99,8 +110,7 @@ def unique_name(batch: Batch) -> str:
     (Rows are in recv_seq order; a released book diff may carry an earlier ts_recv, so
     the name is an upper bound of the file's oldest ts_recv - the direction recovery's
     file filter tolerates.)"""
-    first_ts = batch.rows[0][2]
-    return f"{first_ts:019d}-{uuid.uuid4().hex}.parquet"
+    return f"{batch.first_ts_recv_ns:019d}-{uuid.uuid4().hex}.parquet"
 
 
 def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
@@ -108,7 +118,7 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     """Write `batch` as one Parquet file and atomically publish it. Raises OSError on failure
     (the staging file is removed; nothing becomes visible). `staging` is this process's
     own directory under `<root>/.staging/` (see `Staging`)."""
-    table = to_arrow(batch.table, batch.exchange, batch.rows)
+    table = to_arrow(batch.table, batch.exchange, batch.blocks)
     extra = dict(metadata or {})
     if batch.coverage:
         extra[COVERAGE_KEY] = orjson.dumps(
@@ -135,7 +145,7 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Committed(final, len(batch.rows), size)
+    return Committed(final, batch.rows, size)
 
 
 class Staging:

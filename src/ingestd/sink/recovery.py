@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import bisect
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pyarrow.parquet as pq
 import structlog
 
-from ingestd.exchanges import CODECS
+from ingestd.exchanges import CODECS, make_codec
 from ingestd.exchanges.base import Codec, Output, RestRequest
-from ingestd.schema import BOOK, EVENTS, QUOTES, TRADES
 from ingestd.sink.batcher import NS_PER_DAY, Batcher
 from ingestd.sink.fsutil import try_lock_dir
 from ingestd.sink.journal import (
@@ -38,6 +37,7 @@ from ingestd.sink.journal import (
     EVENT,
     FEED,
     FRAME,
+    FRAMES,
     JOURNAL_DIR,
     REST,
     ROTATE,
@@ -47,6 +47,9 @@ from ingestd.sink.journal import (
 from ingestd.sink.parquet import COVERAGE_KEY, commit, partition_dir
 
 log = structlog.get_logger("ingestd.recovery")
+
+# Journals that could not be replayed are moved here (kept, never replayed again).
+FAILED_DIR = ".journal-failed"
 
 # A file can hold rows from a journal only if its first ts_recv is at most this much
 # older than the journal's oldest record (buffers live seconds; released book diffs keep
@@ -65,6 +68,8 @@ class FeedState:
 @dataclass
 class RecoveryResult:
     journals: int = 0
+    unreadable_checkpoints: int = 0
+    failed_journals: int = 0
     records: int = 0
     rows_committed: int = 0
     rows_already_committed: int = 0
@@ -154,8 +159,14 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
             state = feeds.get(rec.feed)
             if kind == FEED:
                 if state is None:
-                    name, exchange, cfg = feed_config_from(rec.data)
-                    feeds[rec.feed] = FeedState(name, exchange, CODECS[exchange](cfg))
+                    try:
+                        name, exchange, cfg = feed_config_from(rec.data)
+                        codec = CODECS[exchange](cfg)
+                    except (ValueError, KeyError, TypeError, msgspec.ValidationError) as e:
+                        log.error("journal_feed_unreadable", journal=instance,
+                                  error=f"{type(e).__name__}: {e}"[:200])
+                        continue  # its records are skipped: this version cannot decode them
+                    feeds[rec.feed] = FeedState(name, exchange, codec)
                 continue
             if state is None:
                 continue  # records of a feed whose FEED record was lost: cannot decode
@@ -164,18 +175,36 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                 # Only the oldest segment's checkpoints matter: later ones describe the
                 # state replay has reached by itself.
                 if first_segment:
-                    state.codec = pickle.loads(rec.data)
                     state.last_seq = max(state.last_seq, rec.seq)
+                    try:
+                        saved = orjson.loads(rec.data)
+                    except orjson.JSONDecodeError as e:
+                        saved, problem = None, f"not JSON (an older format?): {e}"
+                    else:
+                        problem = None
+                    if saved is not None:
+                        state.codec, problem = make_codec(state.codec.feed, saved)
+                    if problem is not None:
+                        # Replay what can be replayed with a fresh codec: trades and
+                        # events decode as before; books resync at the next snapshot.
+                        result.unreadable_checkpoints += 1
+                        log.warning("checkpoint_unreadable", journal=instance,
+                                    feed=state.name, error=problem[:200])
                 continue
             if kind == CONNECT:
                 state.codec.on_connect()
             elif kind == ROTATE:
                 state.codec.on_rotate()
+            elif kind == FRAMES:
+                assert rec.frames is not None
+                out = state.codec.parse_batch(rec.frames, rec.ts, rec.seq)
+                state.last_seq = max(state.last_seq, rec.seq + len(rec.frames) - 1,
+                                     out.last_seq)
+                emit(key, state.exchange, state.name, out)
             elif kind == FRAME:
                 out = state.codec.parse(rec.data, rec.ts, rec.seq)
                 state.last_seq = max(state.last_seq, rec.seq, out.last_seq)
-                if out.error is None:
-                    emit(key, state.exchange, state.name, out)
+                emit(key, state.exchange, state.name, out)
             elif kind == REST:
                 req = RestRequest(rec.key, rec.url)
                 out = state.codec.on_rest(req, rec.status, rec.data, rec.ts, rec.seq)
@@ -183,8 +212,8 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                 emit(key, state.exchange, state.name, out)
             elif kind == EVENT:
                 event, detail = orjson.loads(rec.data)
-                out = Output()
-                out.events = [(None, None, rec.ts, rec.seq, state.name, event, detail)]
+                out = state.codec.new_output()
+                out.event(None, None, rec.ts, rec.seq, state.name, event, detail)
                 state.last_seq = max(state.last_seq, rec.seq)
                 emit(key, state.exchange, state.name, out)
         first_segment = False
@@ -211,6 +240,18 @@ def recover(root: Path, compression: str, staging: Path,
     for journal_dir, fd in adoptable_journals(root):
         try:
             _recover_one(root, journal_dir, compression, staging, flush_max_rows, result)
+        except Exception as e:
+            # Never crash-loop the daemon on a journal it cannot replay: keep it aside
+            # for inspection (and a later version) and carry on.
+            result.failed_journals += 1
+            aside = root / FAILED_DIR / journal_dir.name
+            log.exception("journal_unrecoverable", journal=journal_dir.name,
+                          error=f"{type(e).__name__}: {e}"[:300], kept_at=str(aside))
+            try:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(journal_dir, aside)
+            except OSError as move_error:
+                log.error("journal_set_aside_failed", error=str(move_error))
         finally:
             os.close(fd)
     return result
@@ -225,18 +266,24 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
     counts = {"new": 0, "old": 0}
 
     def emit(key: str, exchange: str, _feed: str, out: Output) -> None:
-        for table, rows in ((TRADES, out.trades), (QUOTES, out.quotes), (BOOK, out.book),
-                            (EVENTS, out.events)):
-            for row in rows or ():
-                day = row[2] // NS_PER_DAY
+        for block in out.blocks():
+            table = block.TABLE
+            keep = []
+            for i, (ts, seq) in enumerate(zip(block.ts_recv, block.recv_seq,  # type: ignore[attr-defined]
+                                              strict=True)):
+                day = ts // NS_PER_DAY
                 index.load(root, table, exchange, day, f"{instance}/", min_ts)
-                if index.covers(key, table, exchange, day, row[3]):
+                if index.covers(key, table, exchange, day, seq):
                     counts["old"] += 1
-                    continue
-                counts["new"] += 1
-                full = batcher.add(table, exchange, [row], 0.0, key)
-                if full is not None:
-                    _commit(full.key)
+                else:
+                    keep.append(i)
+            if not keep:
+                continue
+            counts["new"] += len(keep)
+            part = block if len(keep) == len(block) else block.take(keep)
+            full = batcher.add(table, exchange, part, 0.0, key)
+            if full is not None:
+                _commit(full.key)
 
     def _commit(key: Any) -> None:
         batch = batcher.take(key)

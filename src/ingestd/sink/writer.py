@@ -1,6 +1,7 @@
 """The writer task: drains the queue into the batcher and commits Parquet off the loop.
 
-Owns: consuming queue items (one per received message), the flush timer, handing due
+Owns: consuming queue items (the blocks of one socket read or REST answer of one feed,
+taken all at once), the flush timer, handing due
 batches to a single worker thread (so commits of one process are serialized and the loop
 never blocks on encoding or fsync), retrying failed commits with backoff without losing
 or reordering rows, keeping rejected frames raw under `<root>/.rejects/`, and the drain
@@ -24,8 +25,9 @@ import orjson
 import structlog
 
 from ingestd.clock import Clock
+from ingestd.feed.intake import MessageQueue
 from ingestd.exchanges.base import Output
-from ingestd.schema import BOOK, EVENTS, QUOTES, TRADES
+from ingestd.schema import Block
 from ingestd.sink.batcher import NS_PER_DAY, Batch, Batcher, PartitionKey, day_to_date
 from ingestd.sink.parquet import Committed, Staging, commit
 from ingestd.stats import WriterStats
@@ -50,10 +52,6 @@ class Reject:
     frame: bytes
 
 
-# Queue items: (feed, exchange, Output) for decoded messages, Reject for bad frames, STOP.
-RowsItem = tuple[str, str, Output]
-QueueItem = RowsItem | Reject | None
-STOP: QueueItem = None
 
 
 def write_rejects(root: Path, rejects: list[Reject]) -> None:
@@ -78,7 +76,7 @@ def write_rejects(root: Path, rejects: list[Reject]) -> None:
 
 
 class Writer:
-    def __init__(self, root: Path, queue: asyncio.Queue[QueueItem], *, flush_interval_s: float,
+    def __init__(self, root: Path, queue: MessageQueue, *, flush_interval_s: float,
                  flush_max_rows: int, compression: str, clock: Clock,
                  stats: WriterStats | None = None, instance: str = "") -> None:
         self.root = root
@@ -123,15 +121,11 @@ class Writer:
     async def _consume(self) -> None:
         q = self.queue
         while True:
-            item = await q.get()
-            while True:
+            items = await q.get_all()
+            for item in items:
                 if item is None:
                     return
                 self._accept(item)
-                try:
-                    item = q.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
             self.stats.last_progress_mono = self.clock.monotonic()
             if len(self._inflight) >= MAX_INFLIGHT_COMMITS:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
@@ -140,26 +134,26 @@ class Writer:
                 await asyncio.sleep(self._tick_s)
                 self._flush_due(force=True)
 
-    def _accept(self, item: RowsItem | Reject) -> None:
-        if isinstance(item, Reject):
-            self._rejects.append(item)
-            return
-        feed, exchange, out = item
+    def _accept(self, out: Output) -> None:
+        if out.raw_rejects:
+            self._rejects.extend(out.raw_rejects)
         now = self.clock.monotonic()
+        feed = out.feed
         key = self._feed_keys.get(feed)
         if key is None:
             key = self._feed_keys[feed] = f"{self.instance}/{feed}"
-        # Usually one table per message: test each, call the shared step only for those
-        # that have rows (a loop over all four tables costs ~0.25 us per message).
-        top = 0
+        exchange = out.exchange
+        # Usually one table per read: test each, call the shared step only for those
+        # that have rows.
         if out.trades:
-            top = self._add(TRADES, exchange, out.trades, now, key, top)
+            self._add(out.trades, exchange, now, key)
         if out.quotes:
-            top = self._add(QUOTES, exchange, out.quotes, now, key, top)
+            self._add(out.quotes, exchange, now, key)
         if out.book:
-            top = self._add(BOOK, exchange, out.book, now, key, top)
+            self._add(out.book, exchange, now, key)
         if out.events:
-            top = self._add(EVENTS, exchange, out.events, now, key, top)
+            self._add(out.events, exchange, now, key)
+        top = out.last_seq
         consumed = self.consumed_seq
         if top > consumed.get(key, 0):
             consumed[key] = top
@@ -167,14 +161,10 @@ class Writer:
             self.trace.accepted(top)
         self.stats.buffered_rows = self.batcher.buffered_rows
 
-    def _add(self, table: str, exchange: str, rows: list[Any], now: float, key: str,
-             top: int) -> int:
-        """Buffer one table's rows of an item; returns the highest recv_seq seen so far."""
-        full = self.batcher.add(table, exchange, rows, now, key)
+    def _add(self, block: Block, exchange: str, now: float, key: str) -> None:
+        full = self.batcher.add(block.TABLE, exchange, block, now, key)
         if full is not None:
             self._start_commit(full.key)
-        last: int = rows[-1][3]
-        return last if last > top else top
 
     async def _tick(self) -> None:
         while True:
@@ -237,7 +227,7 @@ class Writer:
             st.last_error = f"{type(exc).__name__}: {exc}" if exc else "cancelled"
             self._retry_at_mono = now + self._retry_delay_s
             log.error("commit_failed", table=batch.table, exchange=batch.exchange,
-                      rows=len(batch.rows), error=st.last_error,
+                      rows=batch.rows, error=st.last_error,
                       retry_in_s=round(self._retry_delay_s, 3))
             self._retry_delay_s = min(RETRY_MAX_S, self._retry_delay_s * 2)
             return
