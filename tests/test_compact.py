@@ -9,6 +9,7 @@ import orjson
 import polars as pl
 import pyarrow.parquet as pq
 
+from ingestd.schema import TradesBlock
 from ingestd.sink.batcher import Batcher
 from ingestd.sink.compact import MANIFEST_DIR, compact
 from ingestd.sink.parquet import COVERAGE_KEY, Staging, commit
@@ -27,8 +28,9 @@ def write_parts(root: Path, n_files: int = 6, per_file: int = 50) -> None:
         for i in range(per_file):
             seq += 1
             sym = ["ETHUSDT", "BTCUSDT", "ADAUSDT"][(f + i) % 3]
-            row = (sym, T0 + seq, T0 + seq * 1000, seq, str(seq), "buy", 100.0 + i, 1.5)
-            b.add("trades", "binance", [row], 0.0, "inst/feed")
+            block = TradesBlock()
+            block.add(sym, T0 + seq, T0 + seq * 1000, seq, str(seq), "buy", 100.0 + i, 1.5)
+            b.add("trades", "binance", block, 0.0, "inst/feed")
         commit(root, staging.path, b.take(b.partitions()[0]))
     staging.close()
 

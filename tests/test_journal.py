@@ -18,6 +18,7 @@ import pytest
 from ingestd.sim import SimServer
 from ingestd.sink.journal import (
     FRAME,
+    FRAMES,
     Journal,
     encode,
     iter_segments,
@@ -81,13 +82,17 @@ async def _start(cfg: Path) -> asyncio.subprocess.Process:
 
 
 def durable_frames(root: Path) -> dict[int, bytes]:
-    """recv_seq -> frame of every FRAME record a dead process made durable."""
+    """recv_seq -> frame of every frame record a dead process made durable."""
     out: dict[int, bytes] = {}
     for d in (root / ".journal").iterdir():
         for seg in iter_segments(d):
             for rec in read_segment(seg)[0]:
                 if rec.kind == FRAME:
                     out[rec.seq] = rec.data
+                elif rec.kind == FRAMES:
+                    assert rec.frames is not None
+                    for i, frame in enumerate(rec.frames):
+                        out[rec.seq + i] = frame
     return out
 
 

@@ -124,7 +124,7 @@ class Block:
             setattr(self, name, [])
 
     def __len__(self) -> int:
-        return len(self.recv_seq)  # type: ignore[attr-defined, no-any-return]
+        return len(self.recv_seq)  # type: ignore[attr-defined]
 
     def columns(self) -> list[list[Any]]:
         """The column lists in schema order (without `exchange`)."""

@@ -362,7 +362,7 @@ class Codec(ABC):
             for name, part in self._parts.items():
                 if name in parts:
                     part.restore(parts[name])
-        except (*DECODE_ERRORS, StateError) as e:
+        except DECODE_ERRORS as e:
             raise StateError(f"unreadable state part: {type(e).__name__}: {e}") from e
 
     # ---- event helpers -------------------------------------------------------------------

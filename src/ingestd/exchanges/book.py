@@ -134,7 +134,7 @@ class BookSide:
 
     def state(self) -> list[Any]:
         t = self._texts
-        return [[px, self._amounts[px], *(t[px] if px in t else ())] for px in self._prices]
+        return [[px, self._amounts[px], *t.get(px, ())] for px in self._prices]
 
     def restore(self, levels: Any) -> None:
         self.clear()

@@ -3,7 +3,9 @@
 Owns:
 - `MessageQueue`: items are codec Outputs (the blocks of one socket read of one feed, or
   of one REST answer) and the STOP marker; capacity is counted in messages (frames), not
-  items; one consumer (the writer) takes everything queued at once;
+  items: an item enters when it fits, or alone when the queue is empty (a read larger
+  than the capacity is never split), so the depth never exceeds max(capacity, the largest
+  read); one consumer (the writer) takes everything queued at once;
 - `FeedOutbox`: one feed's hand-off. `push` is synchronous, so a producer that allocated
   recv_seq values and ran the codec hands its output on before anything else of that feed
   can run: a feed's items reach the writer in recv_seq order, always (a commit then never
@@ -49,6 +51,9 @@ class MessageQueue:
     def full(self) -> bool:
         return self.messages >= self.capacity
 
+    def has_room(self, weight: int) -> bool:
+        return self.messages == 0 or self.messages + weight <= self.capacity
+
     def qsize(self) -> int:
         """Messages queued."""
         return self.messages
@@ -62,8 +67,7 @@ class MessageQueue:
         if self.messages > st.peak_depth:
             st.peak_depth = self.messages
         self._has_items.set()
-        if self.messages >= self.capacity:
-            self._room.clear()
+        self._room.clear()  # set again when the consumer empties the queue
 
     async def wait_room(self) -> None:
         await self._room.wait()
@@ -102,7 +106,7 @@ class FeedOutbox:
     def push(self, item: Output) -> bool:
         """Hand `item` on, after every earlier item of this feed. False: dropped."""
         q = self.queue
-        if not self._pending and not q.full():
+        if not self._pending and q.has_room(item.messages or 1):
             q.put_nowait(item)
             return True
         if not self.block:
@@ -125,7 +129,7 @@ class FeedOutbox:
         q, pending = self.queue, self._pending
         try:
             while pending:
-                while q.full():
+                while not q.has_room(pending[0].messages or 1):
                     await q.wait_room()
                 q.put_nowait(pending.popleft())
         finally:

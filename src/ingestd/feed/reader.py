@@ -509,8 +509,11 @@ class FeedReader:
             await asyncio.sleep(req.delay_s)
         started = time.monotonic()
         try:
-            answer = await http_get(req.url, REST_DEADLINE_S)
-            status, body, error = answer.status, answer.body, answer.error
+            answer: Any = await http_get(req.url, REST_DEADLINE_S)
+            if isinstance(answer, tuple):  # TEMP until feed/rest.py returns RestAnswer
+                status, body, error = answer[0], answer[1], None
+            else:
+                status, body, error = answer.status, answer.body, answer.error
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a crashed fetch is a failed snapshot: the codec retries

@@ -230,7 +230,7 @@ class _PicowsConnection:
     async def recv(self) -> bytes:
         if not self._q:
             await self._wait_for_data()
-        ts, group = self._q[0]
+        _ts, group = self._q[0]
         frame = group.pop(0)
         if not group:
             self._q.popleft()

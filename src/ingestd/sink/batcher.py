@@ -52,11 +52,13 @@ class Batch:
 
     @property
     def first_ts_recv_ns(self) -> int:
-        return self.blocks[0].ts_recv[0]  # type: ignore[attr-defined, no-any-return]
+        first: int = self.blocks[0].ts_recv[0]  # type: ignore[attr-defined]
+        return first
 
     @property
     def max_ts_recv_ns(self) -> int:
-        return max(max(b.ts_recv) for b in self.blocks)  # type: ignore[attr-defined]
+        top: int = max(max(b.ts_recv) for b in self.blocks)  # type: ignore[attr-defined]
+        return top
 
 
 class Batcher:

@@ -176,12 +176,12 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                 # state replay has reached by itself.
                 if first_segment:
                     state.last_seq = max(state.last_seq, rec.seq)
+                    problem: str | None = None
+                    saved: Any = None
                     try:
                         saved = orjson.loads(rec.data)
                     except orjson.JSONDecodeError as e:
-                        saved, problem = None, f"not JSON (an older format?): {e}"
-                    else:
-                        problem = None
+                        problem = f"not JSON (an older format?): {e}"
                     if saved is not None:
                         state.codec, problem = make_codec(state.codec.feed, saved)
                     if problem is not None:

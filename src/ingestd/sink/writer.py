@@ -25,8 +25,8 @@ import orjson
 import structlog
 
 from ingestd.clock import Clock
-from ingestd.feed.intake import MessageQueue
 from ingestd.exchanges.base import Output
+from ingestd.feed.intake import MessageQueue
 from ingestd.schema import Block
 from ingestd.sink.batcher import NS_PER_DAY, Batch, Batcher, PartitionKey, day_to_date
 from ingestd.sink.parquet import Committed, Staging, commit
