@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from ingestd.config import ConfigError, parse_config
 from ingestd.exchanges import CODECS
-from ingestd.exchanges.base import Output
-from ingestd.exchanges.bybit import RECENT_TRADE_IDS, BybitLinear, BybitSpot, _RecentIds
+from ingestd.exchanges.base import Output, StateError
+from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.schema import ROW_WIDTH
 from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
@@ -104,12 +104,12 @@ def feed_all(c: BybitSpot, recorded: list[bytes] | tuple[bytes, ...], start: int
         out = c.parse(f, i * 10, i)
         assert out.error is None, out.error
         outs.append(out)
-        rows.extend(out.book or [])
+        rows.extend(out.rows("book"))
     return outs, rows
 
 
 def events(outs: list[Output]) -> list[tuple[Any, ...]]:
-    return [e for o in outs for e in o.events or []]
+    return [e for o in outs for e in o.rows("events")]
 
 
 # ---- registry, config, connection ----------------------------------------------------------
@@ -172,7 +172,7 @@ def test_check_feed_accepts_usdc_contract_names_on_linear() -> None:
 def test_trades_golden() -> None:
     c = codec(BybitLinear, BOOK_SYMBOLS, ["trades"])
     outs, _ = feed_all(c, TRADES)
-    rows = [r for o in outs for r in o.trades or []]
+    rows = [r for o in outs for r in o.rows("trades")]
     want = []
     for i, f in enumerate(TRADES, 1):
         for t in msg(f)["data"]:
@@ -210,40 +210,117 @@ def test_side_is_the_takers_side_checked_against_the_recorded_book() -> None:
 def test_duplicate_trades_are_dropped_and_counted() -> None:
     c = codec(BybitLinear, BOOK_SYMBOLS, ["trades"])
     first = c.parse(TRADES[1], 1, 1)
-    assert first.trades is not None and len(first.trades) == 5
+    assert len(first.rows("trades")) == 5
     again = c.parse(TRADES[1], 2, 2)
-    assert again.trades is None and again.drops == {"duplicate_trade": 5}
+    assert not again.trades and again.drops == {"duplicate_trade": 5}
     m = msg(TRADES[0])
     m["data"] = m["data"] * 2  # the same trade twice in one frame
     twice = c.parse(orjson.dumps(m), 3, 3)
-    assert twice.trades is not None and len(twice.trades) == 1
+    assert len(twice.rows("trades")) == 1
     assert twice.drops == {"duplicate_trade": 1}
 
 
-def test_recent_trade_ids_are_bounded() -> None:
-    recent = _RecentIds(3)
-    for tid in "abcd":
-        recent.add(tid)
-    assert "a" not in recent and all(t in recent for t in "bcd")
-    assert len(recent.seen) == len(recent.order) == 3
-    assert RECENT_TRADE_IDS >= 1024
+def test_remembered_trade_ids_are_bounded() -> None:
+    """Linear UUIDs are remembered in a bounded window per symbol: the oldest is forgotten."""
+    c = codec(BybitLinear, ["BTCUSDT"], ["trades"])
+    assert c.trade_ids.window >= 1024
+    c.trade_ids.window = 3
+    assert all(c.parse(_trade(i=tid), 1, 1).trades for tid in "abcd")
+    assert not c.parse(_trade(i="d"), 2, 2).trades  # remembered
+    assert c.parse(_trade(i="a"), 3, 3).trades  # forgotten: the window holds b, c, d
+    assert len(c.state()["parts"]["trades"]["opaque"]["BTCUSDT"]) == 3
+
+
+def test_spot_never_seen_lower_trade_id_is_stored_with_an_event() -> None:
+    """Spot ids are digit strings: a never-seen id below the highest seen is stored with an
+    `out_of_order` event (they are not consecutive: a jump is no gap); a replay is
+    dropped, also after the state went through JSON into a fresh codec."""
+    c = codec(BybitSpot, ["BTCUSDT"], ["trades"])
+
+    def ids(out: Output) -> list[str]:
+        return [r[4] for r in out.rows("trades")]
+
+    assert ids(c.parse(_trade(i="2290000000061666327"), 1, 1)) == ["2290000000061666327"]
+    c = codec(BybitSpot, ["BTCUSDT"], ["trades"])
+    assert ids(c.parse_batch([_trade(i=str(t)) for t in (100, 101, 105)], 1, 1)) == \
+        ["100", "101", "105"]
+    late = c.parse(_trade(i="103"), 4, 4)
+    assert ids(late) == ["103"]
+    ((_s, _te, _tr, _q, _feed, event, detail),) = late.rows("events")
+    assert event == "out_of_order" and "103" in detail
+    replay = c.parse_batch([_trade(i=str(t)) for t in (100, 101, 103, 105)], 5, 5)
+    assert not replay.trades and replay.drops == {"duplicate_trade": 4}
+    fresh = codec(BybitSpot, ["BTCUSDT"], ["trades"])
+    fresh.restore(orjson.loads(orjson.dumps(c.state())))
+    again = fresh.parse_batch([_trade(i=str(t)) for t in (100, 105, 104)], 9, 9)
+    assert ids(again) == ["104"] and again.drops == {"duplicate_trade": 2}
+    assert [e[5] for e in again.rows("events")] == ["out_of_order"]
+    # Not the canonical spelling of an integer: an opaque id of its own.
+    assert ids(c.parse(_trade(i="0100"), 12, 12)) == ["0100"]
+    # Linear ids are opaque: no order, so no event for a lower one.
+    lin = codec(BybitLinear, ["BTCUSDT"], ["trades"])
+    out = lin.parse_batch([_trade(i=str(t)) for t in (100, 105, 103, 103)], 1, 1)
+    assert ids(out) == ["100", "105", "103"] and not out.events
+    assert out.drops == {"duplicate_trade": 1}
 
 
 def test_unsubscribed_symbols_and_channels_are_dropped_and_counted() -> None:
     c = codec(BybitLinear, ["BTCUSDT"], ["trades", "quotes"])
     eth = c.parse(TRADES[1], 1, 1)
-    assert eth.trades is None and eth.drops == {"unsubscribed_symbol": 5}
+    assert not eth.trades and eth.drops == {"unsubscribed_symbol": 5}
     book = c.parse(BOOK[0], 2, 2)  # orderbook.200: channel "book" not subscribed
-    assert book.book is None and book.drops == {"unsubscribed_symbol": 1}
+    assert not book.book and book.drops == {"unsubscribed_symbol": 1}
     other_depth = codec(BybitLinear, ["BTCUSDT"], ["book"], book_depth=50).parse(BOOK[0], 3, 3)
-    assert other_depth.book is None and other_depth.drops == {"unsubscribed_symbol": 1}
+    assert not other_depth.book and other_depth.drops == {"unsubscribed_symbol": 1}
+
+
+# ---- topics ------------------------------------------------------------------------------------
+def respelled(frame: bytes, topic: str) -> bytes:
+    m = msg(frame)
+    m["topic"] = topic
+    return dumps(m)
+
+
+def test_a_topic_is_parsed_strictly_other_spellings_are_unknown_not_books() -> None:
+    """`orderbook.01.X`, `orderbook.001.X` (for `orderbook.1.X`) or `orderbook.0200.X` are not
+    the topics the feed subscribed: unknown messages (counted), no rows, no book of their
+    own, and the subscribed topics continue as if they had not come."""
+    band = [f for f in BBO if msg(f)["data"]["s"] == "BANDUSDT"]
+    btc = topic_frames("orderbook.200.BTCUSDT")
+    misspelled = [respelled(band[1], "orderbook.01.BANDUSDT"),
+                  respelled(band[1], "orderbook.001.BANDUSDT"),
+                  respelled(btc[0], "orderbook.0200.BTCUSDT"),
+                  respelled(btc[1], "orderbook.+200.BTCUSDT"),
+                  respelled(btc[1], "orderbook.200.0.BTCUSDT")]
+    c = codec(BybitLinear, ["BANDUSDT", "BTCUSDT"], ["quotes", "book"])
+    for i, f in enumerate(misspelled):  # before any snapshot: no book starts from them
+        out = c.parse(f, i, i)
+        assert out.unknown == 1 and out.error is None and not out.has_rows, f
+    assert c.parse(band[0], 10, 10).quotes
+    first = c.parse(btc[0], 11, 11).rows("book")
+    assert first
+    for i, f in enumerate(misspelled, 20):
+        out = c.parse(f, i, i)
+        assert out.unknown == 1 and out.error is None, f
+        assert not out.has_rows and out.drops is None and out.replies is None, f
+    assert sorted(c.state()["parts"]["bbo"]) == ["BANDUSDT"]
+    assert sorted(c.state()["parts"]["book"]) == ["BTCUSDT"]
+    outs, rows = feed_all(c, [band[1], *btc[1:]], start=30)
+    assert outs[0].rows("quotes") and not events(outs)
+    assert all(o.drops is None and not o.unknown for o in outs)
+    assert rebuild(first + rows) == reference_books(btc)
+    # Bybit's own spelling of another depth, or of a symbol not subscribed: dropped.
+    other = c.parse(respelled(btc[0], "orderbook.50.BTCUSDT"), 40, 40)
+    assert other.drops == {"unsubscribed_symbol": 1} and not other.unknown
+    # The topic must name the data's symbol.
+    assert c.parse(respelled(band[1], "orderbook.1.BTCUSDT"), 41, 41).error is not None
 
 
 # ---- quotes (orderbook.1) ---------------------------------------------------------------------
 def test_quotes_golden() -> None:
     c = codec(BybitLinear, BBO_SYMBOLS, ["quotes"])
     outs, _ = feed_all(c, BBO)
-    rows = [r for o in outs for r in o.quotes or []]
+    rows = [r for o in outs for r in o.rows("quotes")]
     want = []
     for i, f in enumerate(BBO, 1):
         m = msg(f)
@@ -262,18 +339,18 @@ def test_quote_deltas_keep_the_full_best_bid_ask() -> None:
     assert c.parse(snap, 1, 1).quotes
     only_bid = c.parse(with_data(snap, "delta", u=u + 1,
                                  b=[["0.6131", "0"], ["0.6132", "5"]], a=[]), 2, 2)
-    assert only_bid.quotes == [("BANDUSDT", 1749833474768_000_000, 2, 2, 0.6132, 5.0,
+    assert only_bid.rows("quotes") == [("BANDUSDT", 1749833474768_000_000, 2, 2, 0.6132, 5.0,
                                 0.6134, 35.4)]
     ask_gone = c.parse(with_data(snap, "delta", u=u + 2, b=[], a=[["0.6134", "0"]]), 3, 3)
-    assert ask_gone.quotes == [("BANDUSDT", 1749833474768_000_000, 3, 3, 0.6132, 5.0,
+    assert ask_gone.rows("quotes") == [("BANDUSDT", 1749833474768_000_000, 3, 3, 0.6132, 5.0,
                                 None, None)]
     # A delta naming a new best without deleting the old one: depth 1 keeps the best.
     better = c.parse(with_data(snap, "delta", u=u + 3, b=[["0.6133", "1"]],
                                a=[["0.6140", "2"]]), 4, 4)
-    assert better.quotes == [("BANDUSDT", 1749833474768_000_000, 4, 4, 0.6133, 1.0,
+    assert better.rows("quotes") == [("BANDUSDT", 1749833474768_000_000, 4, 4, 0.6133, 1.0,
                               0.614, 2.0)]
     empty_snapshot = c.parse(with_data(snap, u=u + 4, b=[], a=[]), 5, 5)
-    assert empty_snapshot.quotes == [("BANDUSDT", 1749833474768_000_000, 5, 5,
+    assert empty_snapshot.rows("quotes") == [("BANDUSDT", 1749833474768_000_000, 5, 5,
                                       None, None, None, None)]
 
 
@@ -283,10 +360,10 @@ def test_quote_stream_gap_resubscribes_and_resyncs() -> None:
     u = msg(snap)["data"]["u"]
     c.parse(snap, 1, 1)
     gap = c.parse(with_data(snap, "delta", u=u + 5, b=[["0.6132", "1"]], a=[]), 2, 2)
-    assert gap.quotes is None and gap.events is not None and gap.events[0][5] == "gap"
+    assert not gap.quotes and gap.rows("events")[0][5] == "gap"
     assert [json.loads(r)["op"] for r in gap.replies or []] == ["unsubscribe", "subscribe"]
     back = c.parse(snap, 3, 3)
-    assert back.quotes and back.events and back.events[0][5] == "resync"
+    assert back.quotes and back.rows("events")[0][5] == "resync"
 
 
 # ---- book (orderbook.200) -----------------------------------------------------------------------
@@ -294,18 +371,20 @@ def test_book_snapshot_block_and_delta_golden() -> None:
     c = codec(BybitLinear, ["BTCUSDT"], ["book"])
     btc = topic_frames("orderbook.200.BTCUSDT")
     snap = c.parse(btc[0], 100, 7)
-    assert snap.book is not None and len(snap.book) == 400
-    assert snap.book[0] == ("BTCUSDT", 1786310818027_000_000, 100, 7, True, "bid",
+    rows = snap.rows("book")
+    assert len(rows) == 400
+    assert rows[0] == ("BTCUSDT", 1786310818027_000_000, 100, 7, True, "bid",
                             65114.2, 6.054, 15076952)
-    assert snap.book[200] == ("BTCUSDT", 1786310818027_000_000, 100, 7, True, "ask",
+    assert rows[200] == ("BTCUSDT", 1786310818027_000_000, 100, 7, True, "ask",
                               65114.3, 10.486, 15076952)
-    assert {r[3] for r in snap.book} == {7} and all(r[4] for r in snap.book)
-    assert snap.events is None  # the first snapshot of a subscription is no resync
+    assert {r[3] for r in rows} == {7} and all(r[4] for r in rows)
+    assert not snap.events  # the first snapshot of a subscription is no resync
     delta = c.parse(btc[1], 101, 8)
-    assert delta.book is not None and len(delta.book) == 22
-    assert delta.book[2] == ("BTCUSDT", 1786310818129_000_000, 101, 8, False, "bid",
+    drows = delta.rows("book")
+    assert len(drows) == 22
+    assert drows[2] == ("BTCUSDT", 1786310818129_000_000, 101, 8, False, "bid",
                              65093.1, 0.0, 15076953)
-    assert delta.book[6] == ("BTCUSDT", 1786310818129_000_000, 101, 8, False, "ask",
+    assert drows[6] == ("BTCUSDT", 1786310818129_000_000, 101, 8, False, "ask",
                              65116.6, 0.0, 15076953)
 
 
@@ -327,21 +406,21 @@ def test_gap_resubscribes_drops_until_snapshot_then_resyncs() -> None:
     c = codec(BybitLinear, ["BTCUSDT"], ["book"])
     _, rows = feed_all(c, btc[:5])
     gap = c.parse(btc[6], 60, 6)  # btc[5] never arrived
-    assert gap.book is None and gap.drops == {"book_not_synced": 1}
-    assert gap.events == [("BTCUSDT", None, 60, 6, "f", "gap",
+    assert not gap.book and gap.drops == {"book_not_synced": 1}
+    assert gap.rows("events") == [("BTCUSDT", None, 60, 6, "f", "gap",
                            f"{topic}: expected u=15076957, received u=15076958")]
     assert [json.loads(r) for r in gap.replies or []] == [
         {"op": "unsubscribe", "args": [topic], "req_id": "unsub-1"},
         {"op": "subscribe", "args": [topic], "req_id": "sub-2"}]
     late = c.parse(btc[7], 70, 7)
-    assert late.book is None and late.drops == {"book_not_synced": 1}
+    assert not late.book and late.drops == {"book_not_synced": 1}
     # The acks of the resubscription: one `subscribed` event naming the topic.
     unsub_ack = c.parse(b'{"success":true,"ret_msg":"","conn_id":"x","req_id":"unsub-1",'
                         b'"op":"unsubscribe"}', 71, 71)
     assert not unsub_ack.has_rows and not unsub_ack.unknown and unsub_ack.error is None
     sub_ack = c.parse(b'{"success":true,"ret_msg":"","conn_id":"x","req_id":"sub-2",'
                       b'"op":"subscribe"}', 72, 72)
-    assert sub_ack.events == [(None, None, 72, 72, "f", "subscribed", topic)]
+    assert sub_ack.rows("events") == [(None, None, 72, 72, "f", "subscribed", topic)]
     # The venue starts the topic again with a snapshot (the simulator replays it).
     outs, more = feed_all(c, btc, start=100)
     assert [e[5] for e in events(outs)] == ["resync"]
@@ -354,12 +433,13 @@ def test_u_equal_1_is_a_service_restart_written_as_a_snapshot() -> None:
     c = codec(BybitLinear, ["BTCUSDT"], ["book"])
     feed_all(c, btc[:3])
     restart = c.parse(with_data(btc[3], u=1), 40, 40)
-    assert restart.book is not None and all(r[4] and r[8] == 1 for r in restart.book)
-    assert {r[3] for r in restart.book} == {40}
-    assert restart.events is not None and restart.events[0][5] == "resync"
-    assert "u=1" in (restart.events[0][6] or "")
+    rrows = restart.rows("book")
+    assert rrows and all(r[4] and r[8] == 1 for r in rrows)
+    assert {r[3] for r in rrows} == {40}
+    (ev,) = restart.rows("events")
+    assert ev[5] == "resync" and "u=1" in (ev[6] or "")
     follow = c.parse(with_data(btc[4], u=2), 41, 41)
-    assert follow.book and not any(r[4] for r in follow.book) and follow.events is None
+    assert follow.book and not any(r[4] for r in follow.rows("book")) and not follow.events
 
 
 def test_repeated_delta_is_stale_and_unsolicited_snapshot_is_a_resync() -> None:
@@ -367,16 +447,16 @@ def test_repeated_delta_is_stale_and_unsolicited_snapshot_is_a_resync() -> None:
     c = codec(BybitLinear, ["BTCUSDT"], ["book"])
     feed_all(c, btc[:4])
     repeat = c.parse(btc[3], 50, 50)
-    assert repeat.book is None and repeat.drops == {"stale_book_update": 1}
+    assert not repeat.book and repeat.drops == {"stale_book_update": 1}
     again = c.parse(btc[0], 51, 51)  # a snapshot while in sync: the venue reset the book
-    assert again.book and again.events and again.events[0][5] == "resync"
+    assert again.book and again.rows("events")[0][5] == "resync"
 
 
 def test_deltas_before_any_snapshot_are_dropped_then_resubscribed() -> None:
     btc = topic_frames("orderbook.200.BTCUSDT")
     c = codec(BybitLinear, ["BTCUSDT"], ["book"])
     out = c.parse(btc[1], 1, 1)
-    assert out.book is None and out.drops == {"book_not_synced": 1} and out.replies is None
+    assert not out.book and out.drops == {"book_not_synced": 1} and out.replies is None
     replies = []
     for i in range(600):
         replies += c.parse(btc[1 + i % 60], 2 + i, 2 + i).replies or []
@@ -390,7 +470,7 @@ def test_reconnect_waits_for_a_snapshot_and_records_a_resync() -> None:
     c.on_connect()
     assert c.parse(btc[4], 5, 5).drops == {"book_not_synced": 1}
     snap = c.parse(btc[0], 6, 6)
-    assert snap.book and snap.events and snap.events[0][6] == (
+    assert snap.book and snap.rows("events")[0][6] == (
         "orderbook.200.BTCUSDT: snapshot u=15076952 (new connection)")
 
 
@@ -407,11 +487,11 @@ def test_rotation_keeps_books_and_skips_the_new_connections_overlap() -> None:
     drops = sum((o.drops or {}).get("stale_book_update", 0) for o in more_outs)
     assert drops == 1 + 4 + 1 + 2  # btc snapshot, btc[6..9], band snapshot, band[3..4]
     assert rebuild(rows + more) == reference_books(btc)
-    quotes = [q for o in more_outs for q in o.quotes or []]
+    quotes = [q for o in more_outs for q in o.rows("quotes")]
     assert len(quotes) == len(band) - 5
     ack = c.parse(orjson.dumps({"success": True, "ret_msg": "", "conn_id": "new",
                                 "req_id": json.loads(sub)["req_id"], "op": "subscribe"}), 1, 1)
-    assert ack.events and ack.events[0][6] == "orderbook.1.BTCUSDT orderbook.200.BTCUSDT " \
+    assert ack.rows("events")[0][6] == "orderbook.1.BTCUSDT orderbook.200.BTCUSDT " \
         "orderbook.1.BANDUSDT orderbook.200.BANDUSDT"
 
 
@@ -421,7 +501,7 @@ def test_rotation_onto_a_newer_snapshot_applies_it_without_a_resync() -> None:
     feed_all(c, btc[:5])
     c.on_rotate()
     newer = c.parse(with_data(btc[0], u=msg(btc[8])["data"]["u"]), 50, 50)
-    assert newer.book and all(r[4] for r in newer.book) and newer.events is None
+    assert newer.book and all(r[4] for r in newer.rows("book")) and not newer.events
     assert c.parse(btc[9], 51, 51).book  # continues from the new snapshot
 
 
@@ -433,6 +513,79 @@ def test_ids_that_keep_going_back_are_a_gap() -> None:
     assert all(o.drops == {"stale_book_update": 1} for o in outs)
     assert [e[5] for e in events(outs)] == ["gap"]
     assert [json.loads(r)["op"] for r in outs[-1].replies or []] == ["unsubscribe", "subscribe"]
+
+
+# ---- explicit state, batches --------------------------------------------------------------------
+def test_state_round_trips_as_json_and_books_continue_without_a_resync() -> None:
+    """state() -> JSON -> a fresh codec: a replay of stored trades is dropped, the book and
+    the best bid/ask continue exactly as in the codec that never stopped, and a pending
+    request's ack still names its topics."""
+    btc = topic_frames("orderbook.200.BTCUSDT")
+    band = [f for f in BBO if msg(f)["data"]["s"] == "BANDUSDT"]
+    syms = [*BOOK_SYMBOLS, "BANDUSDT"]
+    c = codec(BybitLinear, syms, CHANNELS)
+    (sub,) = c.subscribe_messages()
+    kept = c.parse_batch([*TRADES[:10], *btc[:5], *band[:5]], 1, 1)
+    assert kept.rejects is None and kept.rows("trades")
+    saved = orjson.loads(orjson.dumps(c.state()))
+    fresh = codec(BybitLinear, syms, CHANNELS)
+    fresh.restore(saved)
+    assert orjson.loads(orjson.dumps(fresh.state())) == saved
+    replay = fresh.parse_batch(list(TRADES[:10]), 2, 100)
+    assert not replay.trades and replay.drops == {"duplicate_trade": len(kept.rows("trades"))}
+    last = msg(band[4])["data"]
+    bid_gone = with_data(band[4], "delta", u=last["u"] + 1, b=[[last["b"][0][0], "0"]], a=[])
+    more = [bid_gone, *btc[5:], *band[5:]]
+    cont, restored = c.parse_batch(more, 3, 200), fresh.parse_batch(more, 3, 200)
+    assert not restored.events and restored.drops is None and restored.rejects is None
+    assert restored.rows("quotes")[0][4:] == (None, None, float(last["a"][0][0]),
+                                              float(last["a"][0][1]))
+    for table in ("book", "quotes"):
+        assert restored.rows(table) == cont.rows(table)
+    assert rebuild(kept.rows("book") + restored.rows("book")) == reference_books(btc)
+    ack = fresh.parse(orjson.dumps({"success": True, "ret_msg": "", "conn_id": "c",
+                                    "req_id": json.loads(sub)["req_id"], "op": "subscribe"}),
+                      4, 300)
+    assert ack.rows("events")[0][6] == " ".join(json.loads(sub)["args"])
+
+
+def test_restore_refuses_garbage_and_other_versions() -> None:
+    c = codec(BybitLinear, ["BTCUSDT", "BANDUSDT"], CHANNELS)
+    c.parse(topic_frames("orderbook.200.BTCUSDT")[0], 1, 1)
+    saved = orjson.loads(orjson.dumps(c.state()))
+    parts = saved["parts"]
+    bad: Any
+    for bad in (None, [], "x", {"v": 999, "exchange": "bybit-linear", "parts": {}},
+                {**saved, "v": saved["v"] + 1}, {**saved, "exchange": "bybit-spot"},
+                {**saved, "parts": None},
+                {**saved, "parts": {**parts, "trades": {"ints": {"X": [[5, 1], [2]]}}}},
+                {**saved, "parts": {**parts, "book": {"BTCUSDT": {
+                    **parts["book"]["BTCUSDT"], "status": 7}}}},
+                {**saved, "parts": {**parts, "book": [1, 2]}},
+                {**saved, "parts": {**parts, "bbo": {"BANDUSDT": {}}}},
+                {**saved, "parts": {**parts, "topics": {**parts["topics"], "expecting": "x"}}},
+                {**saved, "parts": {**parts, "topics": {**parts["topics"],
+                                                        "stale": {"t": "1"}}}},
+                {**saved, "parts": {**parts, "topics": []}},
+                {**saved, "parts": {**parts, "requests": {"seq": -1, "pending": []}}},
+                {**saved, "parts": {**parts, "requests": {"seq": 1, "pending": {"abc": 1}}}},
+                {**saved, "parts": {**parts, "requests": {"seq": 1,
+                                                          "pending": [["r", "op", [1]]]}}}):
+        with pytest.raises(StateError):
+            codec(BybitLinear, ["BTCUSDT", "BANDUSDT"], CHANNELS).restore(bad)
+
+
+def test_a_bad_frame_in_a_batch_keeps_its_neighbours() -> None:
+    btc = topic_frames("orderbook.200.BTCUSDT")
+    c = codec(BybitLinear, BOOK_SYMBOLS, CHANNELS)
+    bad = with_data(btc[2], a=[["x", "1"]])
+    out = c.parse_batch([btc[0], btc[1], bad, btc[2], TRADES[0]], 10, 20)
+    assert out.rejects is not None and [i for i, _ in out.rejects] == [2]
+    assert "not a decimal string" in out.rejects[0][1]
+    assert sorted({r[3] for r in out.rows("book")}) == [20, 21, 23]
+    assert [r[3] for r in out.rows("trades")] == [24]
+    assert not out.events and out.drops is None
+    assert rebuild(out.rows("book")) == reference_books(btc[:3])
 
 
 # ---- control frames and bad input -----------------------------------------------------------
@@ -449,15 +602,15 @@ def test_recorded_acks_are_subscribed_events() -> None:
     assert len(acks) == 17
     for f in acks:
         out = c.parse(f, 1, 1)
-        assert out.events == [(None, None, 1, 1, "f", "subscribed", None)]
+        assert out.rows("events") == [(None, None, 1, 1, "f", "subscribed", None)]
     spot_ack = b'{"success":true,"ret_msg":"subscribe","conn_id":"c","op":"subscribe"}'
-    assert c.parse(spot_ack, 2, 2).events == [(None, None, 2, 2, "f", "subscribed", None)]
+    assert c.parse(spot_ack, 2, 2).rows("events") == [(None, None, 2, 2, "f", "subscribed", None)]
     # A request we sent is named in its ack.
     (sub,) = c.subscribe_messages()
     req_id = json.loads(sub)["req_id"]
     ack = c.parse(orjson.dumps({"success": True, "ret_msg": "", "conn_id": "c",
                                 "req_id": req_id, "op": "subscribe"}), 3, 3)
-    assert ack.events == [(None, None, 3, 3, "f", "subscribed",
+    assert ack.rows("events") == [(None, None, 3, 3, "f", "subscribed",
                            "publicTrade.BTCUSDT orderbook.1.BTCUSDT orderbook.200.BTCUSDT")]
 
 
@@ -468,14 +621,13 @@ def test_refusals_are_refused_events_with_the_venue_message() -> None:
     out = c.parse(orjson.dumps({
         "success": False, "ret_msg": "error:handler not found,topic:orderbook.200.BTCUSDT",
         "conn_id": "c", "req_id": req_id, "op": "subscribe"}), 1, 1)
-    assert out.events is not None
-    (ev,) = out.events
+    (ev,) = out.rows("events")
     assert ev[:6] == ("BTCUSDT", None, 1, 1, "f", "refused")
     assert ev[6] == ("subscribe publicTrade.BTCUSDT orderbook.1.BTCUSDT orderbook.200.BTCUSDT:"
                      " error:handler not found,topic:orderbook.200.BTCUSDT")
     spot = c.parse(b'{"success":false,"ret_msg":"args size >10","conn_id":"c",'
                    b'"op":"subscribe"}', 2, 2)
-    assert spot.events == [(None, None, 2, 2, "f", "refused", "subscribe: args size >10")]
+    assert spot.rows("events") == [(None, None, 2, 2, "f", "refused", "subscribe: args size >10")]
 
 
 @pytest.mark.parametrize("frame", [TICKERS[0], TICKERS[1], BBO_FILE[0],
@@ -484,7 +636,7 @@ def test_refusals_are_refused_events_with_the_venue_message() -> None:
 def test_unknown_messages_are_counted_not_errors(frame: bytes) -> None:
     c = codec(BybitLinear, ALL_SYMBOLS, CHANNELS)
     out = c.parse(frame, 1, 1)
-    assert out.unknown and out.error is None and not out.has_rows
+    assert out.unknown == 1 and out.error is None and not out.has_rows
 
 
 def _trade(**over: Any) -> bytes:
@@ -519,7 +671,7 @@ def test_a_malformed_frame_changes_no_state() -> None:
     c = codec(BybitLinear, BOOK_SYMBOLS, CHANNELS)
     feed_all(c, btc[:3])
     bad = c.parse(with_data(btc[5], a=[["x", "1"]]), 9, 9)  # would be a gap if it counted
-    assert bad.error is not None and bad.events is None
+    assert bad.error is not None and not bad.events
     assert c.parse(btc[3], 10, 10).book  # still in sequence
     bad_trade = msg(TRADES[1])
     bad_trade["data"][-1]["p"] = "oops"
@@ -549,9 +701,8 @@ def _valid_row(table: str, row: tuple[Any, ...]) -> bool:
 
 
 def _check(out: Output) -> None:
-    for table, rows in (("trades", out.trades), ("quotes", out.quotes),
-                        ("book", out.book), ("events", out.events)):
-        for row in rows or []:
+    for table in ("trades", "quotes", "book", "events"):
+        for row in out.rows(table):
             assert _valid_row(table, row), (table, row)
     if out.error is not None:
         assert not out.has_rows and out.replies is None
@@ -604,8 +755,8 @@ def test_any_lost_or_repeated_deltas_are_detected_and_healed(lost: set[int],
         out = c.parse(f, seq, seq)
         _check(out)
         assert out.error is None
-        rows += out.book or []
-        evs += out.events or []
+        rows += out.rows("book")
+        evs += out.rows("events")
     gaps = [e for e in evs if e[5] == "gap"]
     detectable = bool(lost) and min(lost) < 61 and any(i > min(lost) for i in range(62)
                                                        if i not in lost)

@@ -1,32 +1,49 @@
 """Bybit v5 public WebSocket codecs: spot (`bybit-spot`) and USDT/USDC perps (`bybit-linear`).
 
-Owns: the endpoints (`wss://stream.bybit.com/v5/public/spot` and `/linear`), the
-`{"op":"subscribe","args":[...]}` requests (spot: at most 10 args per request, so several
-messages), the `{"op":"ping"}` keepalive and the silent handling of both pong shapes, acks
-(`subscribed` events) and refusals (`success:false` -> `refused` events), and the decoding of:
+Owns: Bybit's wire format and rules - the endpoints (`wss://stream.bybit.com/v5/public/spot`
+and `/linear`), the `{"op":"subscribe","args":[...],"req_id":...}` requests (spot: at most
+10 args per request, so several messages), the `{"op":"ping"}` keepalive and the silent
+handling of every pong shape, acks (`subscribed` events naming the request's topics) and
+refusals (`success:false` -> `refused` events), and the decoding (typed msgspec structs,
+prices and sizes kept as the venue's decimal strings until checked) of:
 
-- `publicTrade.<SYM>` -> trades. `trade_id` = `i` (linear: a UUID string; spot: a digit
-  string), `side` = `S` (`Buy`/`Sell` is the taker's side: checked against the recorded
-  book, every trade at the best ask says `Buy`, every trade at the best bid `Sell`),
-  `ts_event` = `T` (ms). Ids are not ordered (UUIDs), so duplicates are found in a bounded
-  memory of the last `RECENT_TRADE_IDS` ids per symbol, dropped and counted.
+- `publicTrade.<SYM>` -> trades. `trade_id` = `i`, `side` = `S` (`Buy`/`Sell` is the
+  taker's side: checked against the recorded book, every trade at the best ask says `Buy`,
+  every trade at the best bid `Sell`), `ts_event` = `T` (ms). Ids go through the shared
+  exact de-duplication (exchanges/trades.py): spot ids are digit strings, kept as integer
+  ids (a replay is dropped and counted, a never-seen id below the highest seen is stored
+  with an `out_of_order` event; they are not consecutive per symbol, so a jump is no
+  gap); linear ids are UUIDs, kept as opaque ids (a replay within the window is dropped).
+  A frame is checked whole before any of its ids is recorded.
 - `orderbook.1.<SYM>` -> quotes (Bybit's best bid/ask stream). Each row is the full best
-  bid/ask after the message (state kept per symbol; a side is null only when it is empty).
+  bid/ask after the message (levels kept per symbol, truncated to the best one; a side is
+  null only when it is empty).
 - `orderbook.<depth>.<SYM>` -> book, `depth` = feed `book_depth` (50, 200 or 1000;
   default 200). `snapshot` -> a snapshot block (`is_snapshot` true, one `recv_seq`),
   `delta` -> deltas (size "0" deletes). Bybit truncates its book itself (levels leaving the
   depth are deleted explicitly), so the rows alone rebuild the venue's book.
 
-Sequencing (both orderbook topics): `data.u` must grow by 1 per message per topic. `u == 1`
-on a delta means Bybit restarted its book service: that delta is written as a snapshot
-block plus a `resync` event. A `snapshot` may repeat the last `u` (orderbook.1 resends its
-snapshot after 3 s without change). On a break: a `gap` event (expected/received `u`),
-the topic is resubscribed (unsubscribe + subscribe through `Output.replies`), deltas are
-dropped (counted, `book_not_synced`) until the new snapshot, which is followed by a
+Topics are parsed strictly: an orderbook message counts only if its topic is exactly one
+the feed subscribed (`orderbook.1.<SYM>` for quotes, `orderbook.<depth>.<SYM>` for the
+book, spelled as subscribed) and `data.s` is that symbol. Another of Bybit's own spellings
+(`orderbook.50.X` on a depth-200 feed, an unsubscribed symbol) is dropped as
+`unsubscribed_symbol`; any other spelling (`orderbook.01.X`, `orderbook.0200.X`) is an
+unknown message, never a book of its own.
+
+Sequencing (both orderbook topics, on the shared `BookSync` with channel snapshots and
+`BybitRules`): `data.u` grows by 1 per message per topic. `u == 1` on a delta means Bybit
+restarted its book service: that delta is written as a snapshot block plus a `resync`
+event. orderbook.1 resends its snapshot after 3 s without change (same `u`): a snapshot on
+a synced orderbook.1 topic is a new best bid/ask, not a resync; on a synced book topic it
+means the venue reset the book (`resync`). On a break: a `gap` event (expected/received
+`u`), the topic is resubscribed (unsubscribe + subscribe through `Output.replies`), deltas
+are dropped (counted, `book_not_synced`) until the new snapshot, which is followed by a
 `resync` event (as is the first snapshot after a reconnect, for a topic that was synced).
 `update_id` = `u`; `ts_event` = `cts` (matching engine time) if present, else `ts`.
 Safety nets: `RESUBSCRIBE_AFTER_DROPS` deltas without a snapshot resubscribe again, and as
 many consecutive already-applied `u` (ids that went back without `u = 1`) count as a gap.
+A delta before the first snapshot of a connection's subscription does not resubscribe (the
+subscription brings the snapshot).
 
 Connections: `on_connect` forgets every book (a new connection's subscriptions start with
 snapshots); `on_rotate` (make-before-break) keeps them, since `u` is the venue's per-topic
@@ -35,40 +52,42 @@ already carries u=15076952): the new connection's overlap (its snapshot and the 
 with `u` <= the last applied one) is dropped as `stale_book_update` and the book
 continues without a resync.
 
-Must not: do I/O, read a clock or log (see exchanges/base.py); raise from `parse`
-(malformed frames become `Output.error`, valid messages of other kinds `Output.unknown`);
-change any state before a frame is known to be well-formed.
+State (`state()` / `restore()`): trade ids (`trades`), both books' sync positions and the
+best bid/ask levels (`book`, `bbo`), the per-topic bookkeeping around them (`topics`) and
+the requests awaiting their ack with the request counter (`requests`).
+
+Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
+(the base rejects the frame); change any state before a frame is known to be well-formed.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Final, Literal
 
+import msgspec
 import orjson
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
-    DROP_DUPLICATE_TRADE,
     DROP_STALE_BOOK,
     DROP_UNSUBSCRIBED,
-    DROP_UNSYNCED_BOOK,
     BadFrame,
     Codec,
     Output,
     amount,
-    ms_to_ns,
+    parse_levels,
     price,
 )
-from ingestd.schema import ASK, BID, BUY, SELL, UNKNOWN, BookRow, QuoteRow, TradeRow
+from ingestd.exchanges.book import BookSync, Diff, Levels, TextLevels
+from ingestd.exchanges.trades import TradeIds, admit_opaque_trade, admit_trade
+from ingestd.schema import BUY, SELL, UNKNOWN, BookBlock
 
-# Per-symbol memory of recent trade ids (UUIDs are not ordered): ~4096 * ~100 B per symbol.
-RECENT_TRADE_IDS: Final = 4096
 # Deltas dropped while waiting for a snapshot before the topic is resubscribed again
-# (the first resubscription was lost or not honoured).
+# (the first resubscription was lost or not honoured); as many consecutive already-applied
+# deltas are a gap.
 RESUBSCRIBE_AFTER_DROPS: Final = 500
 # Bybit: the `args` of one connection may hold at most 21,000 characters.
 MAX_ARGS_CHARS: Final = 21_000
@@ -77,77 +96,259 @@ MAX_PENDING_REQUESTS: Final = 1024
 
 PING: Final = '{"op":"ping"}'
 
+_MAX_I64: Final = 2**63 - 1
+_MAX_MS: Final = _MAX_I64 // 1_000_000
+Ms = Annotated[int, msgspec.Meta(ge=0, le=_MAX_MS)]
+UpdateId = Annotated[int, msgspec.Meta(ge=0, le=_MAX_I64)]
+
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?")
+_DECIMALS = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:,[0-9]+(?:\.[0-9]*)?)*")
+# An orderbook topic as Bybit spells it: its depths (no other spelling of them), a symbol.
+_BOOK_TOPIC = re.compile(r"orderbook\.(?:1|50|200|1000)\.([A-Z0-9][A-Z0-9-]*)")
 _TOPIC_IN_MSG = re.compile(r"topic:([A-Za-z0-9._-]+)")
-
-Levels = list[tuple[float, float]]
-
-
-def _num(v: Any) -> str:
-    """Bybit sends every price and size as a plain decimal string."""
-    if type(v) is not str or _DECIMAL.fullmatch(v) is None:
-        raise BadFrame(f"not a decimal string: {v!r}"[:80])
-    return v
+_TRADE_HEAD: Final = b'{"topic":"publicTrade.'
+_BOOK_HEAD: Final = b'{"topic":"orderbook.'
 
 
-def _levels(raw: Any) -> Levels:
-    if type(raw) is not list:
-        raise BadFrame("levels are not a list")
-    out: Levels = []
-    for lvl in raw:
-        if type(lvl) is not list or len(lvl) != 2:
-            raise BadFrame("a level is not [price, size]")
-        out.append((price(_num(lvl[0])), amount(_num(lvl[1]))))
-    return out
+# ---- wire structs ------------------------------------------------------------------------
+class _Trade(msgspec.Struct):
+    T: Ms
+    s: str
+    S: str
+    v: str
+    p: str
+    i: str | int
 
 
-def _int(v: Any, what: str) -> int:
-    if type(v) is not int or v < 0:
-        raise BadFrame(f"{what} is not a non-negative integer: {v!r}"[:80])
-    return v
+class _Trades(msgspec.Struct):
+    topic: str
+    data: list[_Trade]
 
 
-def _ms(v: Any) -> int:
-    """Milliseconds (integer, or digit string) -> ns via the exact base conversion."""
-    if type(v) is int or (type(v) is str and v.isascii() and v.isdigit()):
-        return ms_to_ns(v)
-    raise BadFrame(f"bad ms timestamp: {v!r}"[:80])
+class _BookData(msgspec.Struct):
+    s: str
+    b: list[tuple[str, str]]
+    a: list[tuple[str, str]]
+    u: UpdateId
 
 
+class _BookMsg(msgspec.Struct):
+    topic: str
+    type: Literal["snapshot", "delta"]
+    data: _BookData
+    ts: Ms | None = None
+    cts: Ms | None = None
+
+
+class _Control(msgspec.Struct):
+    """Acks, refusals, pongs, and our own requests echoed."""
+
+    op: str | None = None
+    success: bool | None = None
+    ret_msg: str | None = None
+    req_id: str | None = None
+
+
+_TRADES = msgspec.json.Decoder(_Trades)
+_BOOK = msgspec.json.Decoder(_BookMsg)
+
+
+def _decimals(texts: list[str]) -> None:
+    """Bybit sends every price and size as a plain decimal string: one match per frame
+    (float() alone would take "1_000", "1e5", "inf")."""
+    if texts and _DECIMALS.fullmatch(",".join(texts)) is None:
+        for t in texts:
+            if _DECIMAL.fullmatch(t) is None:
+                raise BadFrame(f"not a decimal string: {t!r}"[:80])
+
+
+def _levels(raw: list[tuple[str, str]]) -> Levels:
+    _decimals([x for level in raw for x in level])
+    return parse_levels(raw)
+
+
+# ---- continuity rules and the book sync ----------------------------------------------------
 @dataclass(slots=True)
-class _TopicState:
-    """Continuity of one orderbook topic (and the best bid/ask, for orderbook.1)."""
+class _TopicDiff(Diff):
+    """A Diff that knows its topic (for the gap event's detail)."""
 
-    last_u: int | None = None        # None: waiting for a snapshot
-    ever_synced: bool = False
-    resync_reason: str | None = None  # write a `resync` event with the next snapshot
-    rotating: bool = False            # a make-before-break switch: overlap to skip
-    unsynced_drops: int = 0
-    stale_drops: int = 0              # consecutive
-    bids: dict[float, float] = field(default_factory=dict)
-    asks: dict[float, float] = field(default_factory=dict)
+    topic: str = ""
 
 
-class _RecentIds:
-    """The last `cap` ids seen, with O(1) membership."""
+class BybitRules:
+    """`u` grows by exactly one per message of a topic: a delta with `u` <= the last
+    applied one is a repeat; the first delta after a snapshot, like every later one, has
+    `u` = previous + 1. Channel snapshots: nothing is buffered, so no snapshot is too old."""
 
-    __slots__ = ("cap", "order", "seen")
+    @staticmethod
+    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
+        return diff.last_id <= last_id
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.order: deque[str] = deque()
-        self.seen: set[str] = set()
+    @staticmethod
+    def bridges(diff: Diff, snapshot_id: int) -> bool:
+        return diff.last_id == snapshot_id + 1
 
-    def __contains__(self, tid: str) -> bool:
-        return tid in self.seen
+    @staticmethod
+    def continues(diff: Diff, last_id: int) -> bool:
+        return diff.last_id == last_id + 1
 
-    def add(self, tid: str) -> None:
-        self.seen.add(tid)
-        self.order.append(tid)
-        if len(self.order) > self.cap:
-            self.seen.discard(self.order.popleft())
+    @staticmethod
+    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
+        return False
+
+    @staticmethod
+    def gap_detail(diff: Diff, last_id: int) -> str:
+        topic = diff.topic if isinstance(diff, _TopicDiff) else "orderbook"
+        return f"{topic}: expected u={last_id + 1}, received u={diff.last_id}"
 
 
+class _NoRows(BookBlock):
+    """Where the orderbook.1 sync's book rows go: nowhere (its levels feed quotes)."""
+
+    __slots__ = ()
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_levels(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+_NO_ROWS: Final = _NoRows()
+
+
+class _ChannelBooks(BookSync):
+    """The shared BookSync for one orderbook depth, synced from the channel, with two
+    venue-local additions the shared class lacks: `rows=False` (orderbook.1 only feeds
+    quotes: the book rows BookSync writes go to a block that keeps nothing) and
+    `snapshot(resync=False)` (a snapshot that is not a resync: orderbook.1's resend, the
+    first news of a make-before-break switch)."""
+
+    def __init__(self, codec: Codec, depth: str, resubscribe: Callable[[str, Output], None],
+                 *, rows: bool) -> None:
+        super().__init__(codec, BybitRules(),
+                         resubscribe=lambda sym, out: resubscribe(self.topic(sym), out),
+                         keep_levels=not rows)
+        self.depth = depth
+        self.rows = rows
+
+    def topic(self, symbol: str) -> str:
+        return f"orderbook.{self.depth}.{symbol}"
+
+    def diff(self, symbol: str, diff: Diff, out: Output, recv_seq: int) -> bool:
+        if self.rows:
+            return super().diff(symbol, diff, out, recv_seq)
+        kept, out.book = out.book, _NO_ROWS
+        try:
+            return super().diff(symbol, diff, out, recv_seq)
+        finally:
+            out.book = kept
+
+    def snapshot(self, symbol: str, out: Output, *, ts_event_ns: int | None,
+                 ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
+                 snapshot_id: int | None, texts: tuple[TextLevels, TextLevels] | None = None,
+                 detail: str | None = None, resync: bool = True) -> int:
+        b = self.book(symbol)
+        ever = b.ever_synced
+        if not resync:
+            b.ever_synced = False  # BookSync writes `resync` after a book's first snapshot
+        kept = out.book
+        if not self.rows:
+            out.book = _NO_ROWS
+        try:
+            return super().snapshot(symbol, out, ts_event_ns=ts_event_ns,
+                                    ts_recv_ns=ts_recv_ns, recv_seq=recv_seq, bids=bids,
+                                    asks=asks, snapshot_id=snapshot_id, texts=texts,
+                                    detail=detail)
+        finally:
+            b.ever_synced = b.ever_synced or ever
+            if not self.rows:
+                out.book = kept
+
+
+# ---- per-topic bookkeeping and requests (explicit state) -----------------------------------
+def _strs(v: Any, what: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise BadFrame(f"{what} is not a list of strings")
+    return v
+
+
+def _str_map(v: Any, what: str, kind: type) -> dict[str, Any]:
+    if not isinstance(v, dict) or not all(
+            isinstance(k, str) and isinstance(x, kind) and not isinstance(x, bool)
+            for k, x in v.items()):
+        raise BadFrame(f"{what} is not an object of {kind.__name__}")
+    return dict(v)
+
+
+class _Topics:
+    """What Bybit's rules need beside the shared sync, per orderbook topic."""
+
+    def __init__(self) -> None:
+        # Subscribed on this connection, its snapshot not received yet: a delta does not
+        # resubscribe (the subscription brings the snapshot).
+        self.expecting: set[str] = set()
+        self.rotating: set[str] = set()       # a make-before-break overlap may arrive
+        self.reasons: dict[str, str] = {}     # why the next snapshot is a resync
+        self.unsynced: dict[str, int] = {}    # deltas dropped waiting for a snapshot
+        self.stale: dict[str, int] = {}       # consecutive already-applied deltas
+
+    def state(self) -> dict[str, Any]:
+        return {"expecting": sorted(self.expecting), "rotating": sorted(self.rotating),
+                "reasons": dict(self.reasons), "unsynced": dict(self.unsynced),
+                "stale": dict(self.stale)}
+
+    def restore(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise BadFrame("topics state is not an object")
+        expecting = set(_strs(state["expecting"], "expecting"))
+        rotating = set(_strs(state["rotating"], "rotating"))
+        reasons = _str_map(state["reasons"], "reasons", str)
+        unsynced = _str_map(state["unsynced"], "unsynced", int)
+        stale = _str_map(state["stale"], "stale", int)
+        self.expecting, self.rotating, self.reasons = expecting, rotating, reasons
+        self.unsynced, self.stale = unsynced, stale
+
+
+class _Requests:
+    """Our subscribe/unsubscribe requests until acknowledged (to name the topics of an ack
+    or a refusal), and the counter that numbers their `req_id`."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.pending: dict[str, tuple[str, tuple[str, ...]]] = {}  # req_id -> (op, args)
+
+    def new(self, op: str, args: Sequence[str]) -> str:
+        self.seq += 1
+        req_id = f"{'sub' if op == 'subscribe' else 'unsub'}-{self.seq}"
+        if len(self.pending) >= MAX_PENDING_REQUESTS:
+            del self.pending[next(iter(self.pending))]
+        self.pending[req_id] = (op, tuple(args))
+        return orjson.dumps({"op": op, "args": list(args), "req_id": req_id}).decode()
+
+    def state(self) -> dict[str, Any]:
+        return {"seq": self.seq,
+                "pending": [[rid, op, list(args)] for rid, (op, args) in self.pending.items()]}
+
+    def restore(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise BadFrame("requests state is not an object")
+        seq = state["seq"]
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise BadFrame(f"request counter {seq!r}")
+        entries = state["pending"]
+        if not isinstance(entries, list):
+            raise BadFrame("pending requests are not a list")
+        pending: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3
+                    and isinstance(entry[0], str) and isinstance(entry[1], str)):
+                raise BadFrame("a pending request is not [req_id, op, args]")
+            pending[entry[0]] = (entry[1], tuple(_strs(entry[2], "args")))
+        self.seq, self.pending = seq, pending
+
+
+# ---- the codecs ------------------------------------------------------------------------------
 class BybitSpot(Codec):
     exchange: ClassVar[str] = "bybit-spot"
     default_ws_url: ClassVar[str] = "wss://stream.bybit.com/v5/public/spot"
@@ -162,17 +363,27 @@ class BybitSpot(Codec):
     default_book_depth: ClassVar[int] = 200
     symbol_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[A-Z0-9]{2,32}")
     symbol_example: ClassVar[str] = "'BTCUSDT'"
+    # Spot trade ids are digit strings (integer ids); anything else is kept opaque.
+    numeric_trade_ids: ClassVar[bool] = True
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
         self.depth = feed.book_depth or self.default_book_depth
         self._want_trades = "trades" in self.channels
-        self._want_quotes = "quotes" in self.channels
-        self._want_book = "book" in self.channels
-        self._topics: dict[str, _TopicState] = {}
-        self._trade_ids: dict[str, _RecentIds] = {}
-        self._req_seq = 0
-        self._pending: dict[str, tuple[str, tuple[str, ...]]] = {}  # req_id -> (op, args)
+        self.trade_ids = self.stateful("trades", TradeIds(consecutive=False))
+        self.book_sync = self.stateful("book", _ChannelBooks(
+            self, str(self.depth), self._resubscribe, rows=True))
+        self.bbo_sync = self.stateful("bbo", _ChannelBooks(
+            self, "1", self._resubscribe, rows=False))
+        self.topics = self.stateful("topics", _Topics())
+        self.requests = self.stateful("requests", _Requests())
+        # Every orderbook topic subscribed, exactly as spelled in the subscription.
+        self._books: dict[str, tuple[_ChannelBooks, str]] = {}
+        for sym in feed.symbols:
+            for sync, channel in ((self.bbo_sync, "quotes"), (self.book_sync, "book")):
+                if channel in self.channels:
+                    self._books[sync.topic(sym)] = (sync, sym)
+        self.topics.expecting = set(self._books)
 
     # ---- config --------------------------------------------------------------------------
     @classmethod
@@ -212,86 +423,87 @@ class BybitSpot(Codec):
     # ---- connection ------------------------------------------------------------------------
     def on_connect(self) -> None:
         # Subscriptions do not survive a connection: every topic starts from a snapshot.
-        for state in self._topics.values():
-            if state.ever_synced:
-                state.resync_reason = "new connection"
-            state.last_u = None
-            state.rotating = False
-            state.unsynced_drops = state.stale_drops = 0
-            state.bids.clear()
-            state.asks.clear()
-        self._pending.clear()
+        self.book_sync.reset()
+        self.bbo_sync.reset()
+        t = self.topics
+        t.expecting = set(self._books)
+        t.rotating.clear()
+        t.unsynced.clear()
+        t.stale.clear()
+        # Written only for a topic that was synced before (BookSync's rule).
+        t.reasons = dict.fromkeys(self._books, "new connection")
+        self.requests.pending.clear()
 
     def on_rotate(self) -> None:
         # The new connection subscribed the same topics and `u` is the venue's per-topic
         # update id, not per connection: keep every book, skip the overlap (its snapshot and
         # deltas with u <= the last applied one) and continue at the next `u`. Trade ids
         # are de-duplicated as always; acks of the new connection stay pending.
-        for state in self._topics.values():
-            state.rotating = state.last_u is not None
-
-    def _request(self, op: str, args: Sequence[str]) -> str:
-        self._req_seq += 1
-        req_id = f"{'sub' if op == 'subscribe' else 'unsub'}-{self._req_seq}"
-        if len(self._pending) >= MAX_PENDING_REQUESTS:
-            del self._pending[next(iter(self._pending))]
-        self._pending[req_id] = (op, tuple(args))
-        return orjson.dumps({"op": op, "args": list(args), "req_id": req_id}).decode()
+        self.topics.rotating = {topic for topic, (sync, sym) in self._books.items()
+                                if sync.synced(sym)}
 
     def subscribe_messages(self) -> Sequence[str]:
         topics = self.topics_for(self.feed.symbols, self.feed.channels, self.depth)
         step = self.max_args_per_request or len(topics) or 1
-        return [self._request("subscribe", topics[i:i + step])
+        return [self.requests.new("subscribe", topics[i:i + step])
                 for i in range(0, len(topics), step)]
 
     def keepalive_message(self) -> str | None:
         return PING
 
-    # ---- frames ----------------------------------------------------------------------------
-    def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        out = Output()
-        try:
-            msg = orjson.loads(frame)
-            if type(msg) is not dict:
-                raise BadFrame("not a JSON object")
-            topic = msg.get("topic")
-            if topic is not None:
-                if type(topic) is not str:
-                    raise BadFrame("topic is not a string")
-                family, _, rest = topic.partition(".")
-                if family == "publicTrade":
-                    self._trades(msg, ts_recv_ns, recv_seq, out)
-                elif family == "orderbook":
-                    self._orderbook(msg, topic, rest, ts_recv_ns, recv_seq, out)
-                else:
-                    out.unknown = True  # tickers, kline, ...: never subscribed by us
-            elif "op" in msg or "success" in msg:
-                self._control(msg, ts_recv_ns, recv_seq, out)
-            else:
-                out.unknown = True
-        except (orjson.JSONDecodeError, BadFrame, KeyError, TypeError, ValueError,
-                IndexError, AttributeError, OverflowError, RecursionError) as e:
-            fresh = Output()
-            fresh.error = f"{type(e).__name__}: {e}"[:200]
-            return fresh
-        return out
+    def _resubscribe(self, topic: str, out: Output) -> None:
+        """Ask for a fresh snapshot of `topic` (BookSync's `resubscribe`)."""
+        if topic in self.topics.expecting:
+            return  # this connection's subscription brings the snapshot
+        out.reply(self.requests.new("unsubscribe", (topic,)))
+        out.reply(self.requests.new("subscribe", (topic,)))
 
-    def _control(self, msg: dict[str, Any], ts_recv_ns: int, recv_seq: int,
-                 out: Output) -> None:
-        op = msg.get("op")
-        success = msg.get("success")
-        ret_msg = msg.get("ret_msg")
+    # ---- frames ----------------------------------------------------------------------------
+    def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        raw = frame.encode() if isinstance(frame, str) else frame
+        if raw.startswith(_TRADE_HEAD):
+            self._trades(_TRADES.decode(raw), ts_recv_ns, recv_seq, out)
+        elif raw.startswith(_BOOK_HEAD):
+            self._orderbook(_BOOK.decode(raw), ts_recv_ns, recv_seq, out)
+        else:
+            self._generic(raw, ts_recv_ns, recv_seq, out)
+
+    def _generic(self, raw: bytes, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        """Frames off the fast path: data with `topic` not first, control frames, unknown
+        kinds, and bad frames (which raise here with a precise reason)."""
+        msg = orjson.loads(raw)
+        if type(msg) is not dict:
+            raise BadFrame("not a JSON object")
+        topic = msg.get("topic")
+        if topic is not None:
+            if type(topic) is not str:
+                raise BadFrame("topic is not a string")
+            family = topic.partition(".")[0]
+            if family == "publicTrade":
+                self._trades(msgspec.convert(msg, _Trades), ts_recv_ns, recv_seq, out)
+            elif family == "orderbook":
+                self._orderbook(msgspec.convert(msg, _BookMsg), ts_recv_ns, recv_seq, out)
+            else:
+                out.unknown += 1  # tickers, kline, ...: never subscribed by us
+        elif "op" in msg or "success" in msg:
+            self._control(msgspec.convert(msg, _Control), ts_recv_ns, recv_seq, out)
+        else:
+            out.unknown += 1
+
+    def _control(self, msg: _Control, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        op, success, ret_msg = msg.op, msg.success, msg.ret_msg
         if op == "pong" or (success is True and (op == "ping" or ret_msg == "pong")):
             return  # pong: spot/linear `{"success":true,"ret_msg":"pong",...}` or `op:pong`
-        req_id = msg.get("req_id")
-        pending = self._pending.pop(req_id, None) if type(req_id) is str else None
+        pending = (self.requests.pending.pop(msg.req_id, None) if msg.req_id is not None
+                   else None)
         if success is True:
             if op == "subscribe":
                 detail = " ".join(pending[1]) if pending is not None else None
                 self.subscribed(out, None, ts_recv_ns, recv_seq, detail)
             return  # unsubscribe (resync) and other acks
         if success is False:
-            text = ret_msg if type(ret_msg) is str else repr(ret_msg)
+            text = ret_msg if ret_msg is not None else "None"
             symbol = None
             m = _TOPIC_IN_MSG.search(text)
             if m is not None:
@@ -302,195 +514,161 @@ class BybitSpot(Codec):
             return
         if op == "ping":
             return  # our own ping echoed (a shape seen in Bybit's examples)
-        out.unknown = True
+        out.unknown += 1
 
     # ---- trades ----------------------------------------------------------------------------
-    def _trades(self, msg: dict[str, Any], ts_recv_ns: int, recv_seq: int,
-                out: Output) -> None:
-        data = msg["data"]
-        if type(data) is not list:
-            raise BadFrame("publicTrade data is not a list")
-        rows: list[TradeRow] = []
-        fresh: list[tuple[str, str]] = []
-        in_frame: set[tuple[str, str]] = set()
-        unsubscribed = duplicates = 0
+    def _trades(self, msg: _Trades, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        data = msg.data
+        # The whole frame is checked before any id is recorded.
+        _decimals([x for t in data for x in (t.p, t.v)])
+        checked = []
         for t in data:
-            if type(t) is not dict:
-                raise BadFrame("a trade is not an object")
-            sym = t["s"]
-            if type(sym) is not str:
-                raise BadFrame("s is not a string")
-            tid = t["i"]
-            if type(tid) is int:
-                tid = str(tid)
-            elif type(tid) is not str or not tid:
-                raise BadFrame("i is not a trade id")
-            s = t["S"]
-            if type(s) is not str:
-                raise BadFrame("S is not a string")
-            side = BUY if s == "Buy" else SELL if s == "Sell" else UNKNOWN
-            row: TradeRow = (sym, _ms(t["T"]), ts_recv_ns, recv_seq, tid, side,
-                             price(_num(t["p"])), amount(_num(t["v"])))
-            if sym not in self.symbols or not self._want_trades:
+            tid = t.i if type(t.i) is str else str(t.i)
+            if not tid:
+                raise BadFrame("empty trade id")
+            side = BUY if t.S == "Buy" else SELL if t.S == "Sell" else UNKNOWN
+            checked.append((t.s, t.T * 1_000_000, tid, side, price(t.p), amount(t.v)))
+        want, symbols = self._want_trades, self.symbols
+        unsubscribed = 0
+        block = None
+        for sym, ts_event, tid, side, px, qty in checked:
+            if not want or sym not in symbols:
                 unsubscribed += 1
-                continue
-            key = (sym, tid)
-            recent = self._trade_ids.get(sym)
-            if key in in_frame or (recent is not None and tid in recent):
-                duplicates += 1
-                continue
-            in_frame.add(key)
-            fresh.append(key)
-            rows.append(row)
-        # The whole frame is valid: now remember the ids.
-        for sym, tid in fresh:
-            recent = self._trade_ids.get(sym)
-            if recent is None:
-                recent = self._trade_ids[sym] = _RecentIds(RECENT_TRADE_IDS)
-            recent.add(tid)
+            elif self._admit(out, sym, tid, ts_recv_ns, recv_seq):
+                if block is None:
+                    block = out.trades_block()
+                block.add(sym, ts_event, ts_recv_ns, recv_seq, tid, side, px, qty)
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
-        if duplicates:
-            out.drop(DROP_DUPLICATE_TRADE, duplicates)
-        if rows:
-            out.trades = rows
+
+    def _admit(self, out: Output, sym: str, tid: str, ts_recv_ns: int,
+               recv_seq: int) -> bool:
+        """The shared verdict: spot's digit-string ids as integers, others as opaque ids."""
+        if (self.numeric_trade_ids and tid.isascii() and tid.isdigit()
+                and (tid[0] != "0" or tid == "0") and len(tid) <= 19):
+            n = int(tid)
+            if n <= _MAX_I64:  # JSON-able state
+                return admit_trade(self, out, self.trade_ids, sym, n, ts_recv_ns, recv_seq)
+        return admit_opaque_trade(out, self.trade_ids, sym, tid)
 
     # ---- order books -----------------------------------------------------------------------
-    def _orderbook(self, msg: dict[str, Any], topic: str, rest: str, ts_recv_ns: int,
-                   recv_seq: int, out: Output) -> None:
-        depth_text, _, _ = rest.partition(".")
-        if not (depth_text.isascii() and depth_text.isdigit()):
-            raise BadFrame(f"bad orderbook topic {topic!r}"[:80])
-        depth = int(depth_text)
-        data = msg["data"]
-        if type(data) is not dict:
-            raise BadFrame("orderbook data is not an object")
-        sym = data["s"]
-        if type(sym) is not str:
-            raise BadFrame("s is not a string")
-        if topic != f"orderbook.{depth_text}.{sym}":
-            raise BadFrame(f"topic {topic!r} does not match symbol {sym!r}"[:120])
-        kind = msg["type"]
-        if kind not in ("snapshot", "delta"):
-            raise BadFrame(f"unknown orderbook type {kind!r}"[:80])
-        u = _int(data["u"], "u")
-        ts = msg.get("cts")
+    def _orderbook(self, msg: _BookMsg, ts_recv_ns: int, recv_seq: int,
+                   out: Output) -> None:
+        d = msg.data
+        sym = d.s
+        ts = msg.cts if msg.cts is not None else msg.ts
         if ts is None:
-            ts = msg["ts"]
-        ts_event = _ms(ts)
-        bids, asks = _levels(data["b"]), _levels(data["a"])
-        as_quotes = depth == 1 and self._want_quotes
-        as_book = depth == self.depth and self._want_book
-        if sym not in self.symbols or not (as_quotes or as_book):
-            out.drop(DROP_UNSUBSCRIBED)
+            raise BadFrame("orderbook message has neither cts nor ts")
+        bids, asks = _levels(d.b), _levels(d.a)
+        topic = msg.topic
+        entry = self._books.get(topic)
+        if entry is None:
+            spelled = _BOOK_TOPIC.fullmatch(topic)
+            if spelled is None:
+                out.unknown += 1  # not a spelling of any topic we subscribe: no book
+                return
+            if spelled.group(1) != sym:
+                raise BadFrame(f"topic {topic!r} does not match symbol {sym!r}"[:120])
+            out.drop(DROP_UNSUBSCRIBED)  # a depth or symbol this feed did not subscribe
             return
-        state = self._topics.get(topic)
-        if state is None:
-            state = self._topics[topic] = _TopicState()
-        snapshot = kind == "snapshot"
-        last = state.last_u
-        rotated = state.rotating
-        if rotated:
-            if last is not None and u <= last and u != 1:
-                self._stale(state, topic, sym, u, ts_recv_ns, recv_seq, out)
-                return  # the overlap of a make-before-break switch
-            state.rotating = False
-        if not snapshot:
-            if u == 1:
-                snapshot = True  # the venue restarted its book service
-                state.resync_reason = "u=1: venue restarted the order book service"
-            elif last is None:
-                out.drop(DROP_UNSYNCED_BOOK)
-                state.unsynced_drops += 1
-                if state.unsynced_drops >= RESUBSCRIBE_AFTER_DROPS:
-                    state.unsynced_drops = 0
-                    self._resubscribe(topic, out)
-                return
-            elif u <= last:
-                self._stale(state, topic, sym, u, ts_recv_ns, recv_seq, out)
-                return
-            elif u != last + 1:
-                out.drop(DROP_UNSYNCED_BOOK)
-                self._lost(state, topic, sym, f"{topic}: expected u={last + 1}, received u={u}",
-                           f"after gap at u={u}", ts_recv_ns, recv_seq, out)
-                return
-        elif depth > 1 and last is not None and state.resync_reason is None and not rotated:
-            # An unrequested snapshot on a synced topic: the venue reset the book.
-            state.resync_reason = f"venue sent a new snapshot after u={last}"
-        state.stale_drops = 0
-        if snapshot:
-            if state.resync_reason is not None:
-                self.resync(out, sym, ts_recv_ns, recv_seq,
-                            f"{topic}: snapshot u={u} ({state.resync_reason})")
-                state.resync_reason = None
-            state.ever_synced = True
-            state.unsynced_drops = 0
-        state.last_u = u
-        if as_book:
-            rows: list[BookRow] = []
-            for px, sz in bids:
-                rows.append((sym, ts_event, ts_recv_ns, recv_seq, snapshot, BID, px, sz, u))
-            for px, sz in asks:
-                rows.append((sym, ts_event, ts_recv_ns, recv_seq, snapshot, ASK, px, sz, u))
-            if rows:
-                out.book = rows
-        if as_quotes:
-            out.quotes = [self._bbo(state, sym, snapshot, bids, asks, ts_event, ts_recv_ns,
-                                    recv_seq)]
+        sync, subscribed = entry
+        if sym != subscribed:
+            raise BadFrame(f"topic {topic!r} does not match symbol {sym!r}"[:120])
+        self._sequence(sync, topic, sym, msg.type == "snapshot", d.u, ts * 1_000_000, bids,
+                       asks, ts_recv_ns, recv_seq, out)
 
-    @staticmethod
-    def _bbo(state: _TopicState, sym: str, snapshot: bool, bids: Levels, asks: Levels,
-             ts_event: int, ts_recv_ns: int, recv_seq: int) -> QuoteRow:
+    def _sequence(self, sync: _ChannelBooks, topic: str, sym: str, snapshot: bool, u: int,
+                  ts_event: int, bids: Levels, asks: Levels, ts_recv_ns: int, recv_seq: int,
+                  out: Output) -> None:
+        topics = self.topics
+        book = sync.books.get(sym)
+        synced = book is not None and sync.synced(sym)
+        last = book.last_id if book is not None else 0
+        quiet = False
+        if topic in topics.rotating:
+            if synced and u <= last and u != 1:
+                out.drop(DROP_STALE_BOOK)  # the overlap of a make-before-break switch
+                self._stale(sync, topic, sym, u, last, ts_recv_ns, recv_seq, out)
+                return
+            topics.rotating.discard(topic)
+            quiet = synced  # the new connection's first news continues the book
+        if not snapshot and u == 1:
+            snapshot, quiet = True, False  # the venue restarted its book service
+            topics.reasons[topic] = "u=1: venue restarted the order book service"
         if snapshot:
-            state.bids.clear()
-            state.asks.clear()
-        for book, levels, is_bid in ((state.bids, bids, True), (state.asks, asks, False)):
-            for px, sz in levels:
-                if sz == 0.0:
-                    book.pop(px, None)
+            if synced and not quiet and topic not in topics.reasons:
+                if sync.rows:  # an unrequested snapshot on a synced book: a reset
+                    topics.reasons[topic] = f"venue sent a new snapshot after u={last}"
                 else:
-                    book[px] = sz
-            if len(book) > 1:  # depth 1: whatever is not the best has left the stream
-                top = max(book) if is_bid else min(book)
-                size = book[top]
-                book.clear()
-                book[top] = size
-        bid = next(iter(state.bids.items()), None)
-        ask = next(iter(state.asks.items()), None)
-        return (sym, ts_event, ts_recv_ns, recv_seq,
-                bid[0] if bid else None, bid[1] if bid else None,
-                ask[0] if ask else None, ask[1] if ask else None)
+                    quiet = True  # orderbook.1 resends its snapshot: a new best bid/ask
+            reason = topics.reasons.pop(topic, "resubscribed")
+            topics.expecting.discard(topic)
+            topics.unsynced.pop(topic, None)
+            topics.stale.pop(topic, None)
+            sync.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
+                          recv_seq=recv_seq, bids=bids, asks=asks, snapshot_id=u,
+                          detail=f"{topic}: snapshot u={u} ({reason})", resync=not quiet)
+        else:
+            diff = _TopicDiff(u, u, -1, ts_event, ts_recv_ns, bids, asks, topic=topic)
+            if not sync.diff(sym, diff, out, recv_seq):
+                if not synced:
+                    self._unsynced(topic, out)
+                elif sync.synced(sym):
+                    self._stale(sync, topic, sym, u, last, ts_recv_ns, recv_seq, out)
+                else:  # a gap: BookSync wrote it and resubscribed
+                    topics.reasons[topic] = f"after gap at u={u}"
+                    topics.unsynced.pop(topic, None)
+                    topics.stale.pop(topic, None)
+                return
+            topics.stale.pop(topic, None)
+        if not sync.rows:
+            self._quote(sync, sym, ts_event, ts_recv_ns, recv_seq, out)
 
-    def _stale(self, state: _TopicState, topic: str, sym: str, u: int, ts_recv_ns: int,
+    def _quote(self, sync: _ChannelBooks, sym: str, ts_event: int, ts_recv_ns: int,
                recv_seq: int, out: Output) -> None:
-        """Already applied (a repeat, or a rotation's overlap); endless repeats mean the
-        venue's ids went back without `u = 1`: resynchronise."""
-        out.drop(DROP_STALE_BOOK)
-        state.stale_drops += 1
-        if state.stale_drops >= RESUBSCRIBE_AFTER_DROPS:
-            self._lost(state, topic, sym,
-                       f"{topic}: u went back (received u={u} after u={state.last_u})",
-                       "after u went back", ts_recv_ns, recv_seq, out)
+        """The best bid/ask after an orderbook.1 message: whatever is not the best has left
+        the depth-1 stream."""
+        book = sync.book(sym)
+        assert book.bids is not None and book.asks is not None
+        book.bids.truncate(1)
+        book.asks.truncate(1)
+        bid, ask = book.bids.best(), book.asks.best()
+        out.quotes_block().add(sym, ts_event, ts_recv_ns, recv_seq,
+                               bid[0] if bid else None, bid[1] if bid else None,
+                               ask[0] if ask else None, ask[1] if ask else None)
 
-    def _lost(self, state: _TopicState, topic: str, sym: str, detail: str, reason: str,
-              ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        """A break in `u`: record it, forget the book, resubscribe for a new snapshot."""
-        self.gap(out, sym, ts_recv_ns, recv_seq, detail)
-        state.last_u = None
-        state.rotating = False
-        state.unsynced_drops = state.stale_drops = 0
-        state.resync_reason = reason
-        state.bids.clear()
-        state.asks.clear()
+    def _unsynced(self, topic: str, out: Output) -> None:
+        """A delta dropped waiting for a snapshot; too many: resubscribe again."""
+        topics = self.topics
+        n = topics.unsynced.get(topic, 0) + 1
+        if n < RESUBSCRIBE_AFTER_DROPS:
+            topics.unsynced[topic] = n
+            return
+        topics.unsynced.pop(topic, None)
+        topics.expecting.discard(topic)
         self._resubscribe(topic, out)
 
-    def _resubscribe(self, topic: str, out: Output) -> None:
-        out.reply(self._request("unsubscribe", (topic,)))
-        out.reply(self._request("subscribe", (topic,)))
+    def _stale(self, sync: _ChannelBooks, topic: str, sym: str, u: int, last: int,
+               ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        """Already applied (a repeat, or a rotation's overlap: dropped, counted); endless
+        repeats mean the venue's ids went back without `u = 1`: resynchronise."""
+        topics = self.topics
+        n = topics.stale.get(topic, 0) + 1
+        if n < RESUBSCRIBE_AFTER_DROPS:
+            topics.stale[topic] = n
+            return
+        topics.stale.pop(topic, None)
+        topics.unsynced.pop(topic, None)
+        topics.rotating.discard(topic)
+        topics.expecting.discard(topic)
+        topics.reasons[topic] = "after u went back"
+        sync.break_sync(sym, out, f"{topic}: u went back (received u={u} after u={last})",
+                        ts_recv_ns, recv_seq)
 
 
 class BybitLinear(BybitSpot):
-    """USDT/USDC perpetuals and futures: same protocol; no per-request argument limit."""
+    """USDT/USDC perpetuals and futures: same protocol; no per-request argument limit;
+    trade ids are UUIDs."""
 
     exchange: ClassVar[str] = "bybit-linear"
     default_ws_url: ClassVar[str] = "wss://stream.bybit.com/v5/public/linear"
@@ -498,3 +676,4 @@ class BybitLinear(BybitSpot):
     # USDC contracts are spelled like "BTCPERP" or "BTC-26DEC25".
     symbol_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[A-Z0-9][A-Z0-9-]{1,31}")
     symbol_example: ClassVar[str] = "'BTCUSDT', 'BTC-26DEC25'"
+    numeric_trade_ids: ClassVar[bool] = False
