@@ -155,7 +155,7 @@ async def test_kill_9_then_restart_loses_nothing_journaled(tmp_path: Path, seed:
     assert not any((root / ".journal").iterdir())
 
 
-def write_dead_journal(journal_dir: Path) -> int:
+def write_dead_journal(journal_dir: Path, checkpoint: str = "pickle") -> int:
     """A journal as a crashed process would leave it: feed table, checkpoint, a connect,
     then the recorded aggTrade frames (ids, seqs and receive times as if just received)."""
     import pickle
@@ -174,8 +174,15 @@ def write_dead_journal(journal_dir: Path) -> int:
          "channels": ["trades"], "trade_stream": "aggTrade"}]}).feeds[0]
     info = orjson.dumps({"name": "spot", "exchange": "binance",
                          "config": msgspec.to_builtins(cfg)})
+    state = {
+        # What a journal of the previous version holds: the pickled codec object.
+        "pickle": pickle.dumps(BinanceSpot(cfg)),
+        "json": orjson.dumps(BinanceSpot(cfg).state()),
+        "future": orjson.dumps({**BinanceSpot(cfg).state(), "v": 999}),
+        "corrupt": b'{"v": 1, "exchange": "binance", "parts": {"trades": {"ints": 5}}}',
+    }[checkpoint]
     parts = [encode(FEED, struct.pack("<H", 1) + info),
-             encode(CHECKPOINT, struct.pack("<Hq", 1, 0) + pickle.dumps(BinanceSpot(cfg))),
+             encode(CHECKPOINT, struct.pack("<Hq", 1, 0) + state),
              encode(CONNECT, struct.pack("<Hq", 1, 1_700_000_000_000_000_000))]
     frames = recorded_frames("binance_spot", "aggTrade.jsonl")
     for i, frame in enumerate(frames):
@@ -184,6 +191,39 @@ def write_dead_journal(journal_dir: Path) -> int:
     journal_dir.mkdir(parents=True)
     (journal_dir / "seg-00000001.wal").write_bytes(b"".join(parts))
     return sum(1 for f in frames if orjson.loads(f)["data"]["s"] in cfg.symbols)
+
+
+@pytest.mark.parametrize("checkpoint", ["pickle", "json", "future", "corrupt"])
+def test_an_unreadable_checkpoint_never_stops_recovery(tmp_path: Path,
+                                                       checkpoint: str) -> None:
+    """A journal left by an older version (pickled codec), a newer one or a corrupt one:
+    recovery logs it, replays every frame with a fresh codec and commits the rows."""
+    root = tmp_path / "data"
+    n = write_dead_journal(root / ".journal" / "deadbeef0001", checkpoint)
+    staging = Staging(root)
+    staging.open()
+    result = recover(root, "zstd", staging.path)
+    staging.close()
+    assert result.rows_committed == n and result.journals == 1
+    assert result.unreadable_checkpoints == (0 if checkpoint == "json" else 1)
+    assert read_table(root, "trades").height == n
+    assert not (root / ".journal" / "deadbeef0001").exists()
+
+
+def test_a_journal_that_cannot_be_replayed_is_set_aside_not_fatal(tmp_path: Path) -> None:
+    """Recovery never crash-loops the daemon: a journal it cannot replay at all is moved
+    to .journal-failed/ (kept for inspection) and the others are still recovered."""
+    root = tmp_path / "data"
+    n = write_dead_journal(root / ".journal" / "aaaa00000001", "json")
+    bad = root / ".journal" / "bbbb00000002"
+    (bad / "seg-00000001.wal").mkdir(parents=True)   # unreadable as a file
+    staging = Staging(root)
+    staging.open()
+    result = recover(root, "zstd", staging.path)
+    staging.close()
+    assert result.failed_journals == 1 and result.rows_committed == n
+    assert (root / ".journal-failed" / "bbbb00000002").is_dir()
+    assert not bad.exists()
 
 
 def test_recovery_is_idempotent_and_truncates_torn_tails(tmp_path: Path) -> None:
