@@ -17,6 +17,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
