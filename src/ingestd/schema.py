@@ -171,6 +171,16 @@ class TradesBlock(Block):
     price: list[float]
     amount: list[float]
 
+    def __init__(self) -> None:  # explicit: cheaper than the generic loop
+        self.symbol = []
+        self.ts_event = []
+        self.ts_recv = []
+        self.recv_seq = []
+        self.trade_id = []
+        self.side = []
+        self.price = []
+        self.amount = []
+
     def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
             trade_id: str | None, side: str, price: float, amount: float) -> None:
         self.symbol.append(symbol)
@@ -197,6 +207,16 @@ class QuotesBlock(Block):
     bid_amount: list[float | None]
     ask_price: list[float | None]
     ask_amount: list[float | None]
+
+    def __init__(self) -> None:  # explicit: cheaper than the generic loop
+        self.symbol = []
+        self.ts_event = []
+        self.ts_recv = []
+        self.recv_seq = []
+        self.bid_price = []
+        self.bid_amount = []
+        self.ask_price = []
+        self.ask_amount = []
 
     def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
             bid_price: float | None, bid_amount: float | None, ask_price: float | None,
@@ -226,6 +246,17 @@ class BookBlock(Block):
     price: list[float]
     amount: list[float]
     update_id: list[int | None]
+
+    def __init__(self) -> None:  # explicit: cheaper than the generic loop
+        self.symbol = []
+        self.ts_event = []
+        self.ts_recv = []
+        self.recv_seq = []
+        self.is_snapshot = []
+        self.side = []
+        self.price = []
+        self.amount = []
+        self.update_id = []
 
     def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
             is_snapshot: bool, side: str, price: float, amount: float,
@@ -272,6 +303,15 @@ class EventsBlock(Block):
     feed: list[str]
     event: list[str]
     detail: list[str | None]
+
+    def __init__(self) -> None:  # explicit: cheaper than the generic loop
+        self.symbol = []
+        self.ts_event = []
+        self.ts_recv = []
+        self.recv_seq = []
+        self.feed = []
+        self.event = []
+        self.detail = []
 
     def add(self, symbol: str | None, ts_event_ns: int | None, ts_recv_ns: int,
             recv_seq: int, feed: str, event: str, detail: str | None) -> None:

@@ -167,17 +167,19 @@ class Output:
             if b is not None and len(b):
                 yield b
 
-    def mark(self) -> tuple[int, ...]:
-        """Row counts per table now (see `rollback`)."""
-        return tuple(0 if (b := getattr(self, a)) is None else len(b)
-                     for a in self.TABLE_ATTRS)
-
-    def rollback(self, mark: tuple[int, ...]) -> None:
-        """Drop every row added since `mark` (a frame that failed half-way)."""
-        for attr, n in zip(self.TABLE_ATTRS, mark, strict=True):
+    def rollback_seq(self, recv_seq: int) -> None:
+        """Drop the rows of the frame numbered `recv_seq` (it failed half-way). Frames
+        of one call are decoded in order and their rows carry their own recv_seq, so
+        they are exactly the trailing rows with that value: no per-frame bookkeeping."""
+        for attr in self.TABLE_ATTRS:
             b = getattr(self, attr)
-            if b is not None and len(b) > n:
-                b.truncate(n)
+            if b is not None:
+                seqs = b.recv_seq
+                n = len(seqs)
+                while n and seqs[n - 1] == recv_seq:
+                    n -= 1
+                if n < len(seqs):
+                    b.truncate(n)
 
     # ---- what the reader must do -------------------------------------------------------
     def event(self, symbol: str | None, ts_event_ns: int | None, ts_recv_ns: int,
@@ -310,13 +312,14 @@ class Codec(ABC):
         out = self.new_output()
         out.messages = len(frames)
         parse_frame = self.parse_frame
-        for i, frame in enumerate(frames):
-            mark = out.mark()
+        seq = first_seq
+        for frame in frames:
             try:
-                parse_frame(frame, ts_recv_ns, first_seq + i, out)
+                parse_frame(frame, ts_recv_ns, seq, out)
             except Exception as e:  # the policy: any failure rejects this frame only
-                out.rollback(mark)
-                out.reject(i, reject_reason(e))
+                out.rollback_seq(seq)
+                out.reject(seq - first_seq, reject_reason(e))
+            seq += 1
         return out
 
     def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
@@ -327,7 +330,8 @@ class Codec(ABC):
     def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
                     out: Output) -> None:
         """Decode one frame into `out`. May raise any of DECODE_ERRORS; must validate
-        before it changes its own state (rows it added are rolled back on error)."""
+        before it changes its own state (rows it added are rolled back on error). Every
+        row it adds carries `recv_seq` (that is how a failed frame's rows are found)."""
 
     def on_rest(self, request: RestRequest, status: int, body: bytes,
                 ts_recv_ns: int, recv_seq: int) -> Output:

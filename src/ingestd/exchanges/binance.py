@@ -281,9 +281,10 @@ class BinanceSpot(Codec):
     # ---- frames ----------------------------------------------------------------------------
     def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
                     out: Output) -> None:
+        if isinstance(frame, str):
+            frame = frame.encode()
         try:
-            if b"@bookTicker" in (frame[:48] if isinstance(frame, bytes) else
-                                  frame[:48].encode()):
+            if frame.find(b"@bookTicker", 0, 48) != -1:
                 self._quote(_TICKER_ENVELOPE.decode(frame).data, ts_recv_ns, recv_seq, out)
                 return
             data: Any = _ENVELOPE.decode(frame).data
