@@ -29,6 +29,7 @@ from ingestd.feed.limiter import ConnectLimiter
 from ingestd.feed.reader import FeedReader
 from ingestd.health import HealthServer, writer_progressing
 from ingestd.notify import Notifier
+from ingestd.runtime import tune_gc
 from ingestd.sink.journal import Journal
 from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.state import load_feed_state, save_feed_states
@@ -326,6 +327,7 @@ class Daemon:
         if install_signals:
             # First thing: a signal during start-up (e.g. recovery) must drain, not kill.
             self._install_signals()
+            tune_gc()  # the real daemon process (tests keep the interpreter's defaults)
         check_root(self.root)
         await asyncio.to_thread(self.writer.open)
         if self.journal is not None:

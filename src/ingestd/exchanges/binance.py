@@ -60,7 +60,7 @@ Price = list[tuple[str, str]]
 
 
 # ---- wire structs ------------------------------------------------------------------------
-class _Trade(msgspec.Struct, tag_field="e", tag="trade"):
+class _Trade(msgspec.Struct, tag_field="e", tag="trade", gc=False):
     s: str
     t: Id
     p: str
@@ -69,7 +69,7 @@ class _Trade(msgspec.Struct, tag_field="e", tag="trade"):
     m: bool
 
 
-class _AggTrade(msgspec.Struct, tag_field="e", tag="aggTrade"):
+class _AggTrade(msgspec.Struct, tag_field="e", tag="aggTrade", gc=False):
     s: str
     a: Id
     p: str
@@ -78,7 +78,7 @@ class _AggTrade(msgspec.Struct, tag_field="e", tag="aggTrade"):
     m: bool
 
 
-class _Depth(msgspec.Struct, tag_field="e", tag="depthUpdate"):
+class _Depth(msgspec.Struct, tag_field="e", tag="depthUpdate", gc=False):
     s: str
     U: Id
     u: Id
@@ -89,7 +89,7 @@ class _Depth(msgspec.Struct, tag_field="e", tag="depthUpdate"):
     pu: int = -1
 
 
-class _BookTickerUsdm(msgspec.Struct, tag_field="e", tag="bookTicker"):
+class _BookTickerUsdm(msgspec.Struct, tag_field="e", tag="bookTicker", gc=False):
     s: str
     b: str
     B: str
@@ -100,7 +100,7 @@ class _BookTickerUsdm(msgspec.Struct, tag_field="e", tag="bookTicker"):
     E: Ms | None = None
 
 
-class _BookTicker(msgspec.Struct):
+class _BookTicker(msgspec.Struct, gc=False):
     """Spot `@bookTicker`: no event type, no time."""
 
     s: str
@@ -113,19 +113,19 @@ class _BookTicker(msgspec.Struct):
     E: Ms | None = None
 
 
-class _ServerShutdown(msgspec.Struct, tag_field="e", tag="serverShutdown"):
+class _ServerShutdown(msgspec.Struct, tag_field="e", tag="serverShutdown", gc=False):
     E: Ms
 
 
 _Payload = _Trade | _AggTrade | _Depth | _BookTickerUsdm | _ServerShutdown
 
 
-class _Envelope(msgspec.Struct):
+class _Envelope(msgspec.Struct, gc=False):
     stream: str
     data: _Payload
 
 
-class _TickerEnvelope(msgspec.Struct):
+class _TickerEnvelope(msgspec.Struct, gc=False):
     stream: str
     data: _BookTicker
 
