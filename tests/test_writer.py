@@ -145,3 +145,29 @@ async def test_writer_retries_a_failed_commit_without_losing_rows(tmp_path: Path
     assert len(rejects) == 1 and b"frame_b64" in rejects[0].read_bytes()
     assert not [p for p in root.rglob("*.tmp")]
     assert os.listdir(root / ".staging") == []
+
+
+def test_a_failed_batch_with_converted_parts_goes_back_in_front_in_order() -> None:
+    """Parts converted ahead of the commit, then blocks: after a failed commit the batch
+    returns ahead of rows buffered since, and the file keeps recv_seq order."""
+    from concurrent.futures import Future
+
+    from ingestd.sink.parquet import batch_table
+
+    day = 19_000 * NS_PER_DAY
+    b = Batcher(1.0, 10**6)
+    for seq in range(1, 4):
+        b.add("trades", "binance", block(trade(day + seq, seq)), 0.0, "k")
+    buf = b.last
+    assert buf is not None
+    part: Future[object] = Future()
+    part.set_result(to_arrow("trades", "binance", buf.take_blocks()))
+    buf.converted.append(part)
+    b.add("trades", "binance", block(trade(day + 4, 4)), 0.0, "k")
+    key = b.partitions()[0]
+    failed = b.take(key)
+    b.add("trades", "binance", block(trade(day + 5, 5)), 1.0, "k")   # arrives meanwhile
+    b.restore(failed, key, 2.0)
+    again = b.take(key)
+    assert again.rows == 5 and again.coverage == {"k": [1, 5]}
+    assert batch_table(again).column("recv_seq").to_pylist() == [1, 2, 3, 4, 5]

@@ -10,8 +10,10 @@ Must not: do I/O or touch asyncio; it is driven by sink/writer.py.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from ingestd.schema import Block
 
@@ -30,18 +32,31 @@ def day_to_date(day: int) -> str:
 Coverage = dict[str, list[int]]
 
 
+# A part of a buffer already converted to Arrow by the writer's thread (the writer keeps
+# Python rows only for the newest part: ~5x less memory than rows as Python objects).
+Converted = Future[Any]
+
+
 @dataclass(slots=True)
 class Buffer:
     key: PartitionKey
     opened_mono: float
-    blocks: list[Block] = field(default_factory=list)
+    first_ts_recv_ns: int = 0
+    converted: list[Converted] = field(default_factory=list)  # oldest parts, in order
+    blocks: list[Block] = field(default_factory=list)         # the newest rows, in order
     rows: int = 0
+    block_rows: int = 0
     coverage: Coverage = field(default_factory=dict)
+
+    def take_blocks(self) -> list[Block]:
+        blocks, self.blocks, self.block_rows = self.blocks, [], 0
+        return blocks
 
 
 @dataclass(slots=True)
 class Batch:
-    """A buffer taken out for commit: blocks of one table, exchange and date."""
+    """A buffer taken out for commit: converted parts, then blocks, of one table,
+    exchange and date, in recv_seq order."""
 
     table: str
     exchange: str
@@ -49,16 +64,8 @@ class Batch:
     blocks: list[Block]
     rows: int
     coverage: Coverage = field(default_factory=dict)
-
-    @property
-    def first_ts_recv_ns(self) -> int:
-        first: int = self.blocks[0].ts_recv[0]  # type: ignore[attr-defined]
-        return first
-
-    @property
-    def max_ts_recv_ns(self) -> int:
-        top: int = max(max(b.ts_recv) for b in self.blocks)  # type: ignore[attr-defined]
-        return top
+    converted: list[Converted] = field(default_factory=list)
+    first_ts_recv_ns: int = 0
 
 
 class Batcher:
@@ -67,6 +74,7 @@ class Batcher:
         self.flush_max_rows = flush_max_rows
         self._buffers: dict[PartitionKey, Buffer] = {}
         self.buffered_rows = 0
+        self.last: Buffer | None = None   # the buffer the last `add` appended to
 
     def add(self, table: str, exchange: str, block: Block, now_mono: float,
             feed_key: str = "") -> Buffer | None:
@@ -86,10 +94,12 @@ class Batcher:
         key = (table, exchange, first_day)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = Buffer(key, now_mono)
+            buf = self._buffers[key] = Buffer(key, now_mono, ts[0])
+        self.last = buf
         n = len(block)
         buf.blocks.append(block)
         buf.rows += n
+        buf.block_rows += n
         seqs = block.recv_seq  # type: ignore[attr-defined]
         lo, hi = min(seqs[0], seqs[-1]), max(seqs[0], seqs[-1])
         cov = buf.coverage.get(feed_key)
@@ -107,7 +117,8 @@ class Batcher:
         buf = self._buffers.pop(key)
         self.buffered_rows -= buf.rows
         table, exchange, day = key
-        return Batch(table, exchange, day_to_date(day), buf.blocks, buf.rows, buf.coverage)
+        return Batch(table, exchange, day_to_date(day), buf.blocks, buf.rows, buf.coverage,
+                     buf.converted, buf.first_ts_recv_ns)
 
     def lowest_seq(self) -> dict[str, int]:
         """Per feed key, the lowest recv_seq still buffered."""
@@ -139,13 +150,27 @@ class Batcher:
         """Put a batch whose commit failed back in front of anything buffered since."""
         buf = self._buffers.get(key)
         if buf is None:
-            self._buffers[key] = Buffer(key, now_mono, list(batch.blocks), batch.rows,
-                                        {k: list(v) for k, v in batch.coverage.items()})
+            self._buffers[key] = Buffer(
+                key, now_mono, batch.first_ts_recv_ns, list(batch.converted),
+                list(batch.blocks), batch.rows, batch.rows,
+                {k: list(v) for k, v in batch.coverage.items()})
         else:
-            buf.blocks[:0] = batch.blocks
+            # The failed batch's rows come first: its converted parts, then its blocks
+            # (as one more part, converted at commit time), then the newer buffer's.
+            buf.converted[:0] = [*batch.converted, *_as_converted(batch.blocks)]
+            buf.first_ts_recv_ns = batch.first_ts_recv_ns
             buf.rows += batch.rows
             buf.opened_mono = min(buf.opened_mono, now_mono)
             for feed, (lo, hi) in batch.coverage.items():
                 cov = buf.coverage.setdefault(feed, [lo, hi])
                 cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
         self.buffered_rows += batch.rows
+
+
+def _as_converted(blocks: list[Block]) -> list[Converted]:
+    """Blocks wrapped as an already-resolved part (converted at commit time)."""
+    if not blocks:
+        return []
+    fut: Converted = Future()
+    fut.set_result(list(blocks))
+    return [fut]

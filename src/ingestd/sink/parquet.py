@@ -73,6 +73,19 @@ def to_arrow(table: str, exchange: str, blocks: list[Block], unit: str = "ns") -
     return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
 
+def batch_table(batch: Batch, unit: str = "ns") -> pa.Table:
+    """The whole batch as one Arrow table: the parts the writer converted ahead (in its
+    thread, while the buffer filled), then the newest blocks."""
+    parts: list[pa.Table] = []
+    for fut in batch.converted:
+        part = fut.result()
+        parts.append(part if isinstance(part, pa.Table)
+                     else to_arrow(batch.table, batch.exchange, part, unit))
+    if batch.blocks or not parts:
+        parts.append(to_arrow(batch.table, batch.exchange, batch.blocks, unit))
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+
 def _convert(table: str, exchange: str, blocks: list[Block], unit: str) -> pa.Table:
     if len(blocks) == 1:
         return to_arrow_table(table, exchange, blocks[0].columns(), unit)
@@ -119,7 +132,7 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     """Write `batch` as one Parquet file and atomically publish it. Raises OSError on failure
     (the staging file is removed; nothing becomes visible). `staging` is this process's
     own directory under `<root>/.staging/` (see `Staging`)."""
-    table = to_arrow(batch.table, batch.exchange, batch.blocks)
+    table = batch_table(batch)
     extra = dict(metadata or {})
     if batch.coverage:
         extra[COVERAGE_KEY] = orjson.dumps(
