@@ -1,68 +1,85 @@
 """OKX v5 public WebSocket codec (`okx`).
 
-Owns: the subscribe / unsubscribe requests of OKX's public endpoint
-(`wss://ws.okx.com:8443/ws/v5/public`), its plain-text `ping`/`pong` keepalive, and the
-decoding of these channels into rows:
+Owns OKX's wire format and rules: the subscribe / unsubscribe requests of the public
+endpoint (`wss://ws.okx.com:8443/ws/v5/public`; at most `ARGS_PER_REQUEST` args per
+request), its plain-text `ping`/`pong` keepalive, typed msgspec structs per message kind
+(prices and sizes kept as the venue's text until checked: the book checksum is computed on
+the text as sent), and the decoding of these channels:
 
 - `trades` -> trades. `side` is the taker's side as sent (checked against the recorded
   2022 capture: 46/46 `buy` trades printed at the best ask, 25/25 `sell` at the best bid).
-  `trade_id` = `tradeId` (in 2023+ frames the last id of an aggregation of `count` fills).
-  Duplicates are dropped per instId: `tradeId` is a per-instrument increasing integer
-  (observed), so a watermark suffices; a non-integer id falls back to a bounded set of
-  recently seen ids. For SWAP / FUTURES / OPTION instruments `sz` is in contracts (OKX's
-  unit; no instrument metadata is fetched to convert it).
+  `trade_id` = `tradeId`; `ts_event` = `ts` (ms). For SWAP / FUTURES / OPTION instruments
+  `sz` is in contracts (OKX's unit; no instrument metadata is fetched to convert it).
+  Trade ids go through the shared exact de-duplication (exchanges/trades.py) as integers
+  per instId that go up by one per fill (observed: 68/68 and 3/3 steps of +1 in the 2022
+  capture), so a jump is a `gap` event, a replayed id is dropped (counted) and a
+  never-seen id below the highest seen is stored with an `out_of_order` event. Since 2023
+  a push may aggregate `count` fills of one taker order at one price and `tradeId` is the
+  LAST fill's id: such a push covers ids `tradeId - count + 1 .. tradeId` (all recorded as
+  seen; the continuity check is on the first). A non-integer id (never seen from OKX) is
+  de-duplicated as an opaque id. A frame is checked whole before any id is recorded.
 - `bbo-tbt` -> quotes (the `quotes` channel). Chosen over `tickers` because it is the true
   best bid/offer pushed tick by tick (10 ms) with both sides in every push, whereas
   `tickers` is a throttled (100 ms) 24 h statistics message whose bid/ask are a side
   product. An empty side (empty list) is written as nulls.
-- `books` (400 levels, the default; `book_depth = 400`) -> book: `action: snapshot` is a
-  snapshot block (one `recv_seq`), `action: update` rows are deltas (size "0" deletes).
-  OKX itself keeps the book to 400 levels per side (it sends the deletions and the levels
-  that move into range; observed: BTC-USDT stays at exactly 400/400 over the capture), so
-  no client-side truncation is written. `book_depth = 5` uses `books5` instead: every push
-  is the full top 5, written as a snapshot block.
+- `books` (400 levels, the default; `book_depth = 400`) -> book, on the shared `BookSync`
+  with channel snapshots (`resubscribe`) and kept levels (`BookSide` with the level text):
+  `action: snapshot` is a snapshot block (one `recv_seq`), `action: update` rows are
+  deltas (size "0" deletes). OKX itself keeps the book to 400 levels per side (it sends
+  the deletions and the levels that move into range; observed: BTC-USDT stays at exactly
+  400/400 over the capture), so no client-side truncation is written. `book_depth = 5`
+  uses `books5` instead: every push is the full top 5, written as a snapshot block.
 
-Continuity of `books` (per instId):
+Continuity of `books` (per instId, `OkxRules`):
 - `seqId`/`prevSeqId` (2023+): each update's `prevSeqId` must equal the previous message's
-  `seqId` (updates that change nothing repeat `seqId == prevSeqId`; after a venue-side
-  sequence reset `seqId` may go down but the chain by `prevSeqId` still holds);
-- `checksum`: signed CRC32 of the top 25 levels interleaved `bidPx:bidSz:askPx:askSz`,
-  verified on every snapshot and update whose checksum is non-zero. A checksum of 0 is
-  treated as "not provided": OKX has been reported to send 0 on every `books` frame since
-  2025, and a genuine CRC of 0 (odds 2**-32) merely skips one check. Frames recorded in
-  2022 predate `seqId`: for them the checksum is the only continuity check.
-A break (or a checksum mismatch) writes a `gap` event (expected vs received), sends
+  `seqId` (the snapshot's for the first update; updates that change nothing repeat
+  `seqId == prevSeqId`; after a venue-side sequence reset `seqId` may go down but the
+  chain by `prevSeqId` still holds). Frames recorded in 2022 predate `seqId`: for them the
+  checksum is the only continuity check, and `update_id` is null (else it is `seqId`);
+- `checksum`: signed CRC32 of the top 25 levels interleaved `bidPx:bidSz:askPx:askSz`
+  (the text as sent), verified on every snapshot (before it is applied) and update (after)
+  whose checksum is non-zero. A checksum of 0 is treated as "not provided": OKX has been
+  reported to send 0 on every `books` frame since 2025, and a genuine CRC of 0 (odds
+  2**-32) merely skips one check.
+A break (or a checksum mismatch, also counted as `book_checksum_mismatch`; the mismatching
+update's rows are not written) writes a `gap` event (expected vs received), sends
 `unsubscribe` + `subscribe` for that instId (`Output.replies`), drops (and counts) updates
-until the new snapshot, and writes a `resync` event with that snapshot. `update_id` is
-`seqId` when present.
+until the new snapshot, and writes a `resync` event with that snapshot. An update before
+the first snapshot of a connection's subscription is dropped (counted) without a
+resubscribe: the subscription brings the snapshot.
+
+Connections: `on_connect` (and a make-before-break rotation, which OKX does not need)
+forgets every book: a new connection's subscriptions start with snapshots (followed by a
+`resync` event for a book that was synced before). Trade ids are kept.
 
 Control frames: subscribe acks -> `subscribed` events; unsubscribe acks and
 `channel-conn-count` are silent; `error` -> `refused` (when it names one of our
 channel/instId pairs) or a venue `error` event; a `notice` (64008: service upgrade) -> an
 event and a reconnect; `pong` -> nothing. Data for instIds or channels the feed did not
-subscribe to is dropped and counted.
+subscribe to is dropped and counted; other channels and shapes are unknown messages.
 
-Must not: do I/O, read a clock or log (see exchanges/base.py); raise from `parse`; mutate
-its state from a frame that turns out to be malformed.
+State (`state()` / `restore()`): trade ids (`trades`), every book's sync position (last
+`seqId`) and levels with their text (`books`), and the instIds whose subscription's
+snapshot is still to come (`expecting`).
+
+Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
+(the base rejects the frame); change any state before a frame is known to be well-formed.
 """
 
 from __future__ import annotations
 
-import heapq
 import re
 import zlib
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar, Final
 
+import msgspec
 import orjson
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
     DROP_DUPLICATE_TRADE,
     DROP_UNSUBSCRIBED,
-    DROP_UNSYNCED_BOOK,
     BadFrame,
     Codec,
     Output,
@@ -70,7 +87,15 @@ from ingestd.exchanges.base import (
     ms_to_ns,
     price,
 )
-from ingestd.schema import ASK, BID, BUY, SELL, UNKNOWN, BookRow, QuoteRow, TradeRow
+from ingestd.exchanges.book import BookSide, BookSync, Diff, Levels, TextLevels, levels_with_text
+from ingestd.exchanges.trades import (
+    DUPLICATE,
+    TradeIds,
+    admit_opaque_trade,
+    admit_trade,
+    report_trade,
+)
+from ingestd.schema import BUY, SELL, UNKNOWN
 
 # Channels (OKX names) by the feed channel they serve.
 CH_TRADES: Final = "trades"
@@ -79,27 +104,113 @@ CH_BOOKS: Final = "books"
 CH_BOOKS5: Final = "books5"
 BOOK_CHANNELS: Final[dict[int, str]] = {400: CH_BOOKS, 5: CH_BOOKS5}
 DEFAULT_BOOK_DEPTH: Final = 400
+# Data channels this codec knows (`tickers` is never subscribed: its data is dropped).
+_KNOWN_CHANNELS: Final = frozenset({CH_TRADES, CH_BBO, CH_BOOKS, CH_BOOKS5, "tickers"})
 
 CHECKSUM_DEPTH: Final = 25
 # Subscribe args per request: OKX caps a request at 64 KB (an arg is ~45 bytes).
 ARGS_PER_REQUEST: Final = 200
-# Recently seen non-integer trade ids remembered per instId (integer ids use a watermark).
-RECENT_TRADE_IDS: Final = 4096
+# An aggregated trade push marks at most this many of its fills' ids one by one (its
+# whole range is one interval of seen ids); a larger `count` marks the first and last.
+MAX_AGGREGATION_FILL: Final = 1024
 
 DROP_CHECKSUM_MISMATCH: Final = "book_checksum_mismatch"
 
-_SIDES: Final[dict[object, str]] = {"buy": BUY, "sell": SELL}
+_MAX_I64: Final = 2**63 - 1
+# The sync position of a book message without `seqId` (2022 frames): never a real seqId.
+NO_SEQ: Final = -(2**63)
+SeqId = Annotated[int, msgspec.Meta(ge=NO_SEQ + 1, le=_MAX_I64)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=_MAX_I64)]
+
+_SIDES: Final[dict[str | None, str]] = {"buy": BUY, "sell": SELL}
 _INST_ID = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
 # "...channel:trades,instId:FOO-BAR doesn't exist..." (code 60018)
 _REFUSED = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w-]+)")
 
-_ERRORS = (orjson.JSONDecodeError, BadFrame, KeyError, TypeError, ValueError, IndexError,
-           AttributeError, OverflowError)
 
-# A parsed level: (price, price text, size, size text).
-Level = tuple[float, str, float, str]
+# ---- wire structs ------------------------------------------------------------------------
+class _Arg(msgspec.Struct):
+    channel: str
+    instId: str
 
 
+class _AnyArg(msgspec.Struct):
+    """`arg` of control frames and of data frames off the fast path (fields optional)."""
+
+    channel: str | None = None
+    instId: str | None = None
+
+
+class _Trade(msgspec.Struct):
+    tradeId: str | int
+    px: str
+    sz: str
+    ts: str | int
+    side: str | None = None
+    count: str | int | None = None    # fills aggregated in this push (2023+)
+
+
+class _Quote(msgspec.Struct):
+    """bbo-tbt: levels are [px, sz, "0", orders]."""
+
+    bids: list[list[str]]
+    asks: list[list[str]]
+    ts: str | int | None = None
+
+
+class _Book(msgspec.Struct):
+    """books / books5: levels are [px, sz, "0", orders]."""
+
+    bids: list[list[str]]
+    asks: list[list[str]]
+    ts: str | int | None = None
+    seqId: SeqId | None = None
+    prevSeqId: SeqId | None = None
+    checksum: Int64 | None = None
+
+
+class _TradesMsg(msgspec.Struct):
+    arg: _Arg
+    data: list[_Trade]
+
+
+class _QuotesMsg(msgspec.Struct):
+    arg: _Arg
+    data: list[_Quote]
+
+
+class _BooksMsg(msgspec.Struct):
+    arg: _Arg
+    data: list[_Book]
+    action: str | None = None
+
+
+class _Envelope(msgspec.Struct):
+    """Every frame off the fast path: control frames and data in another key order."""
+
+    arg: _AnyArg | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    action: str | None = None
+    event: str | None = None
+    code: str | int | None = None
+    msg: str | None = None
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_TRADE_LIST = msgspec.json.Decoder(list[_Trade])
+_QUOTE_LIST = msgspec.json.Decoder(list[_Quote])
+_BOOK_LIST = msgspec.json.Decoder(list[_Book])
+# The fast path: OKX sends `arg` (channel first) as the first key of every data frame.
+_DATA_HEAD: Final = b'{"arg":{"channel":"'
+_FAST: Final[dict[bytes, tuple[str, msgspec.json.Decoder[Any]]]] = {
+    b"trades": (CH_TRADES, msgspec.json.Decoder(_TradesMsg)),
+    b"bbo-tbt": (CH_BBO, msgspec.json.Decoder(_QuotesMsg)),
+    b"books": (CH_BOOKS, msgspec.json.Decoder(_BooksMsg)),
+    b"books5": (CH_BOOKS5, msgspec.json.Decoder(_BooksMsg)),
+}
+
+
+# ---- checksum --------------------------------------------------------------------------------
 def signed_crc32(text: str) -> int:
     """CRC32 of `text` (UTF-8) as a signed 32-bit integer, as OKX sends it."""
     crc = zlib.crc32(text.encode())
@@ -108,105 +219,62 @@ def signed_crc32(text: str) -> int:
 
 def checksum(bids: Sequence[tuple[str, str]], asks: Sequence[tuple[str, str]]) -> int:
     """OKX's book checksum over sorted levels (best first) given as (price, size) texts."""
-    parts: list[str] = []
-    for i in range(CHECKSUM_DEPTH):
-        if i < len(bids):
-            parts.append(bids[i][0])
-            parts.append(bids[i][1])
-        if i < len(asks):
-            parts.append(asks[i][0])
-            parts.append(asks[i][1])
+    b, a = bids[:CHECKSUM_DEPTH], asks[:CHECKSUM_DEPTH]
+    n = min(len(b), len(a))
+    # bid, ask, bid, ask, ... then the rest of the deeper side
+    parts = [text for pair in zip(b, a, strict=False) for level in pair for text in level]
+    parts.extend(text for level in (b[n:] or a[n:]) for text in level)
     return signed_crc32(":".join(parts))
 
 
-@dataclass(slots=True)
-class _Book:
-    synced: bool = False
-    ever_synced: bool = False
-    seq_id: int | None = None
-    # price -> (price text, size text) as sent (the checksum is computed on the texts)
-    bids: dict[float, tuple[str, str]] = field(default_factory=dict)
-    asks: dict[float, tuple[str, str]] = field(default_factory=dict)
-
-    def checksum(self) -> int:
-        bids, asks = self.bids, self.asks
-        top_b = [bids[p] for p in heapq.nlargest(CHECKSUM_DEPTH, bids)]
-        top_a = [asks[p] for p in heapq.nsmallest(CHECKSUM_DEPTH, asks)]
-        return checksum(top_b, top_a)
-
-    def apply(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
-        for side, levels in ((self.bids, bids), (self.asks, asks)):
-            for px, px_t, sz, sz_t in levels:
-                if sz == 0.0:
-                    side.pop(px, None)
-                else:
-                    side[px] = (px_t, sz_t)
+def _sides_checksum(bids: BookSide, asks: BookSide) -> int:
+    return checksum(bids.top_text(CHECKSUM_DEPTH), asks.top_text(CHECKSUM_DEPTH))
 
 
-@dataclass(slots=True)
-class _Trades:
-    """Seen trade ids of one instId: a watermark, or recent ids for non-integer ones."""
-
-    last_id: int | None = None
-    recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
-
-    def is_new(self, tid: str) -> bool:
-        if tid.isascii() and tid.isdigit():
-            n = int(tid)
-            return self.last_id is None or n > self.last_id
-        return tid not in self.recent
-
-    def add(self, tid: str) -> None:
-        if tid.isascii() and tid.isdigit():
-            n = int(tid)
-            if self.last_id is None or n > self.last_id:
-                self.last_id = n
-            return
-        self.recent[tid] = None
-        if len(self.recent) > RECENT_TRADE_IDS:
-            self.recent.popitem(last=False)
+def _snapshot_checksum(bids: Levels, asks: Levels,
+                       texts: tuple[TextLevels, TextLevels]) -> int:
+    """The checksum of the book a snapshot makes (computed before it replaces ours)."""
+    b, a = BookSide(True), BookSide(False)
+    for side, levels, text in ((b, bids, texts[0]), (a, asks, texts[1])):
+        for (px, amt), t in zip(levels, text, strict=True):
+            side.set(px, amt, t)
+    return _sides_checksum(b, a)
 
 
 # ---- field helpers ---------------------------------------------------------------------------
-def _text(v: object, what: str) -> str:
-    if not isinstance(v, str):
-        raise BadFrame(f"{what} is not a string")
-    return v
+def _ms(v: str | int) -> int:
+    """OKX `ts`: milliseconds since the epoch as a digit string (or a JSON integer)."""
+    if isinstance(v, str) and not (v.isascii() and v.isdigit()):
+        raise BadFrame(f"bad ts: {v!r}"[:80])
+    return ms_to_ns(v)
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+def _ms_opt(v: str | int | None) -> int | None:
+    return None if v is None else _ms(v)
 
 
-def _int(v: object, what: str) -> int:
-    """A JSON integer (or a digit string) that fits the int64 `update_id` column."""
-    if isinstance(v, str) and v.isascii() and v.removeprefix("-").isdigit():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadFrame(f"{what} is not an integer")
-    if not _INT64_MIN <= v <= _INT64_MAX:
-        raise BadFrame(f"{what} out of range")
-    return v
+def _int_id(raw: str | int) -> int | None:
+    """A trade id as an integer (JSON-able in state), or None for an opaque id."""
+    if isinstance(raw, int):
+        return raw if 0 <= raw <= _MAX_I64 else None
+    if raw.isascii() and raw.isdigit() and (raw[0] != "0" or raw == "0") and len(raw) <= 19:
+        n = int(raw)
+        if n <= _MAX_I64:
+            return n
+    return None
 
 
-def _ts(v: object) -> int:
-    """OKX `ts`: milliseconds since the epoch as a digit string."""
-    if isinstance(v, str):
-        if not (v.isascii() and v.isdigit()):
-            raise BadFrame(f"bad ts: {v!r}")
-        return ms_to_ns(v)
-    return ms_to_ns(_int(v, "ts"))
-
-
-def _levels(raw: object) -> list[Level]:
-    if not isinstance(raw, list):
-        raise BadFrame("levels are not a list")
-    out: list[Level] = []
-    for lvl in raw:
-        if not isinstance(lvl, list) or len(lvl) < 2:
-            raise BadFrame("level is not [px, sz, ...]")
-        px_t, sz_t = _text(lvl[0], "price"), _text(lvl[1], "size")
-        out.append((price(px_t), px_t, amount(sz_t), sz_t))
-    return out
+def _count(raw: str | int | None) -> int:
+    """Fills aggregated in one trade push (absent before 2023: one)."""
+    if raw is None:
+        return 1
+    if isinstance(raw, str):
+        if not (raw.isascii() and raw.isdigit()):
+            raise BadFrame(f"bad trade count: {raw!r}"[:80])
+        raw = int(raw)
+    if raw < 1:
+        raise BadFrame(f"trade count {raw} is not positive")
+    return raw
 
 
 def _arg(channel: str, inst_id: str) -> dict[str, str]:
@@ -215,6 +283,72 @@ def _arg(channel: str, inst_id: str) -> dict[str, str]:
 
 def _request(op: str, args: list[dict[str, str]]) -> str:
     return orjson.dumps({"op": op, "args": args}).decode()
+
+
+def _clear_update_ids(out: Output, start: int) -> None:
+    """Book rows from index `start` on carry no update id (a message without seqId):
+    BookSync writes the sync position, which is `NO_SEQ` for them."""
+    block = out.book
+    if block is not None:
+        ids = block.update_id
+        for i in range(start, len(ids)):
+            ids[i] = None
+
+
+# ---- continuity rules and the book sync ------------------------------------------------------
+class OkxRules:
+    """`prevSeqId` == the previous message's `seqId` (the snapshot's for the first update).
+    Messages without `seqId` (2022 frames, `NO_SEQ`) are not chained: the checksum is
+    their only check. Channel snapshots: nothing is buffered, nothing is stale."""
+
+    @staticmethod
+    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
+        return False
+
+    @staticmethod
+    def bridges(diff: Diff, snapshot_id: int) -> bool:
+        return OkxRules.continues(diff, snapshot_id)
+
+    @staticmethod
+    def continues(diff: Diff, last_id: int) -> bool:
+        return (diff.prev_id == last_id or diff.last_id == NO_SEQ or diff.prev_id == NO_SEQ
+                or last_id == NO_SEQ)
+
+    @staticmethod
+    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
+        return False
+
+    @staticmethod
+    def gap_detail(diff: Diff, last_id: int) -> str:
+        return (f"expected prevSeqId={last_id}, received prevSeqId={diff.prev_id} "
+                f"seqId={diff.last_id}")
+
+
+class _Books(BookSync):
+    """The shared BookSync; a restored book must keep every level's text (checksums)."""
+
+    def restore(self, state: Any) -> None:
+        super().restore(state)
+        for b in self.books.values():
+            assert b.bids is not None and b.asks is not None
+            b.bids.top_text()  # KeyError (a StateError for the caller) if a text is missing
+            b.asks.top_text()
+
+
+class _Expecting:
+    """instIds whose `books` subscription on this connection has not brought its snapshot
+    yet: an update for them is dropped without a resubscribe."""
+
+    def __init__(self) -> None:
+        self.symbols: set[str] = set()
+
+    def state(self) -> list[str]:
+        return sorted(self.symbols)
+
+    def restore(self, state: Any) -> None:
+        if not isinstance(state, list) or not all(isinstance(s, str) for s in state):
+            raise BadFrame("expecting is not a list of instIds")
+        self.symbols = set(state)
 
 
 class Okx(Codec):
@@ -237,8 +371,11 @@ class Okx(Codec):
             ch for ch, want in ((CH_TRADES, "trades" in self.channels),
                                 (CH_BBO, "quotes" in self.channels),
                                 (self.book_channel, "book" in self.channels)) if want)
-        self._books: dict[str, _Book] = {}
-        self._trades: dict[str, _Trades] = {}
+        self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
+        self.books = self.stateful("books", _Books(
+            self, OkxRules(), resubscribe=self._resubscribe, keep_levels=True))
+        self.expecting = self.stateful("expecting", _Expecting())
+        self.expecting.symbols = self._book_symbols()
         # Checksum statistics (for tests and diagnostics): verified / absent (0 or missing).
         self.checksums_verified = 0
         self.checksums_absent = 0
@@ -269,13 +406,13 @@ class Okx(Codec):
                     out.append(_arg(ch, sym))
         return out
 
+    def _book_symbols(self) -> set[str]:
+        return set(self.feed.symbols) if CH_BOOKS in self._channels else set()
+
     def on_connect(self) -> None:
         # A new connection: every book starts again from the snapshot OKX sends on subscribe.
-        for book in self._books.values():
-            book.synced = False
-            book.seq_id = None
-            book.bids.clear()
-            book.asks.clear()
+        self.books.reset()
+        self.expecting.symbols = self._book_symbols()
 
     def subscribe_messages(self) -> Sequence[str]:
         args = self.args()
@@ -285,61 +422,88 @@ class Okx(Codec):
     def keepalive_message(self) -> str | None:
         return "ping"
 
-    # ---- frames ----------------------------------------------------------------------------
-    def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        out = Output()
-        if frame == b"pong" or frame == "pong":
-            return out
-        try:
-            msg = orjson.loads(frame)
-            if not isinstance(msg, dict):
-                raise BadFrame("not a JSON object")
-            if "event" in msg:
-                self._control(msg, ts_recv_ns, recv_seq, out)
-                return out
-            arg, data = msg.get("arg"), msg.get("data")
-            if arg is None or data is None:
-                out.unknown = True
-                return out
-            if not isinstance(arg, dict) or not isinstance(data, list):
-                raise BadFrame("data frame without an arg object and a data list")
-            channel, sym = arg.get("channel"), arg.get("instId")
-            if not isinstance(channel, str) or not isinstance(sym, str):
-                raise BadFrame("arg without channel/instId")
-            if channel not in (CH_TRADES, CH_BBO, CH_BOOKS, CH_BOOKS5, "tickers"):
-                out.unknown = True
-                return out
-            if channel not in self._channels or sym not in self.symbols:
-                out.drop(DROP_UNSUBSCRIBED)
-                return out
-            if channel == CH_TRADES:
-                self._trades_frame(sym, data, ts_recv_ns, recv_seq, out)
-            elif channel == CH_BBO:
-                self._bbo(sym, data, ts_recv_ns, recv_seq, out)
-            elif channel == CH_BOOKS5:
-                self._books5(sym, data, ts_recv_ns, recv_seq, out)
-            else:
-                self._book_frame(sym, msg.get("action"), data, ts_recv_ns, recv_seq, out)
-        except _ERRORS as e:
-            fresh = Output()
-            fresh.error = f"{type(e).__name__}: {e}"[:200]
-            return fresh
-        return out
+    def _resubscribe(self, symbol: str, out: Output) -> None:
+        """Ask OKX for a fresh `books` snapshot of `symbol` (BookSync's `resubscribe`)."""
+        if symbol in self.expecting.symbols:
+            return  # this connection's subscription brings the snapshot
+        args = [_arg(self.book_channel, symbol)]
+        out.reply(_request("unsubscribe", args))
+        out.reply(_request("subscribe", args))
 
-    def _control(self, msg: dict[str, Any], ts_recv_ns: int, recv_seq: int,
-                 out: Output) -> None:
-        event = msg["event"]
+    # ---- frames ----------------------------------------------------------------------------
+    def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        raw = frame.encode() if isinstance(frame, str) else frame
+        if raw.startswith(_DATA_HEAD):
+            fast = _FAST.get(raw[19:raw.find(b'"', 19)])
+            if fast is not None:
+                channel, decoder = fast
+                msg = decoder.decode(raw)
+                arg = msg.arg
+                if arg.channel != channel:
+                    raise BadFrame("arg repeated with another channel")
+                if self._wanted(channel, arg.instId, out):
+                    self._data(channel, arg.instId, msg, ts_recv_ns, recv_seq, out)
+                return
+        elif raw == b"pong":
+            return
+        self._generic(raw, ts_recv_ns, recv_seq, out)
+
+    def _wanted(self, channel: str, sym: str, out: Output) -> bool:
+        if channel not in _KNOWN_CHANNELS:
+            out.unknown += 1
+            return False
+        if channel not in self._channels or sym not in self.symbols:
+            out.drop(DROP_UNSUBSCRIBED)
+            return False
+        return True
+
+    def _data(self, channel: str, sym: str, msg: Any, ts_recv_ns: int, recv_seq: int,
+              out: Output) -> None:
+        if channel == CH_TRADES:
+            self._trades(sym, msg.data, ts_recv_ns, recv_seq, out)
+        elif channel == CH_BBO:
+            self._quotes(sym, msg.data, ts_recv_ns, recv_seq, out)
+        elif channel == CH_BOOKS5:
+            self._books5(sym, msg.data, ts_recv_ns, recv_seq, out)
+        else:
+            self._books(sym, msg.action, msg.data, ts_recv_ns, recv_seq, out)
+
+    def _generic(self, raw: bytes, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        """Frames off the fast path: control frames, data in another key order, unknown
+        kinds, and bad frames (which raise here with a precise reason)."""
+        env = _ENVELOPE.decode(raw)
+        if env.event is not None:
+            self._control(env, ts_recv_ns, recv_seq, out)
+            return
+        arg, data = env.arg, env.data
+        if arg is None or not data or (len(data) == 4 and bytes(data) == b"null"):
+            out.unknown += 1
+            return
+        channel, sym = arg.channel, arg.instId
+        if channel is None or sym is None:
+            raise BadFrame("arg without channel/instId")
+        if not self._wanted(channel, sym, out):
+            return
+        if channel == CH_TRADES:
+            msg: Any = _TradesMsg(_Arg(channel, sym), _TRADE_LIST.decode(data))
+        elif channel == CH_BBO:
+            msg = _QuotesMsg(_Arg(channel, sym), _QUOTE_LIST.decode(data))
+        else:
+            msg = _BooksMsg(_Arg(channel, sym), _BOOK_LIST.decode(data), env.action)
+        self._data(channel, sym, msg, ts_recv_ns, recv_seq, out)
+
+    def _control(self, env: _Envelope, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        event = env.event
+        code = "" if env.code is None else str(env.code)
+        text = env.msg or ""
         if event == "subscribe":
-            arg = msg.get("arg")
-            if not isinstance(arg, dict):
+            if env.arg is None:
                 raise BadFrame("subscribe ack without arg")
-            sym, ch = arg.get("instId"), arg.get("channel")
-            self.subscribed(out, sym if isinstance(sym, str) else None, ts_recv_ns, recv_seq,
-                            ch if isinstance(ch, str) else None)
+            self.subscribed(out, env.arg.instId, ts_recv_ns, recv_seq, env.arg.channel)
         elif event in ("unsubscribe", "channel-conn-count"):
             pass
         elif event == "error":
-            code, text = str(msg.get("code", "")), str(msg.get("msg", ""))
             detail = f"{code}: {text}"[:500]
             m = _REFUSED.search(text)
             if m is not None and m.group(1) in self._channels and m.group(2) in self.symbols:
@@ -347,154 +511,156 @@ class Okx(Codec):
             else:
                 self.venue_error(out, ts_recv_ns, recv_seq, detail)
         elif event == "notice":
-            code, text = str(msg.get("code", "")), str(msg.get("msg", ""))
             self.ev(out, "notice", ts_recv_ns, recv_seq, None, f"{code}: {text}"[:500])
             if code == "64008":  # "The connection will soon be closed for a service upgrade"
                 out.reconnect = f"notice {code}"
         elif event == "channel-conn-count-error":
-            self.venue_error(out, ts_recv_ns, recv_seq,
-                             f"{msg.get('code', '')}: {msg.get('msg', '')}"[:500])
+            self.venue_error(out, ts_recv_ns, recv_seq, f"{code}: {text}"[:500])
         else:
-            out.unknown = True
+            out.unknown += 1
 
     # ---- trades ----------------------------------------------------------------------------
-    def _trades_frame(self, sym: str, data: list[Any], ts_recv_ns: int, recv_seq: int,
-                      out: Output) -> None:
-        parsed: list[tuple[str, TradeRow]] = []
-        for d in data:
-            if not isinstance(d, dict):
-                raise BadFrame("trade is not an object")
-            raw_id = d["tradeId"]
-            if isinstance(raw_id, int) and not isinstance(raw_id, bool):
-                raw_id = str(raw_id)
-            tid = _text(raw_id, "tradeId")
-            parsed.append((tid, (sym, _ts(d["ts"]), ts_recv_ns, recv_seq, tid,
-                                 _SIDES.get(d.get("side"), UNKNOWN),
-                                 price(_text(d["px"], "px")), amount(_text(d["sz"], "sz")))))
-        seen = self._trades.get(sym)
-        if seen is None:
-            seen = self._trades[sym] = _Trades()
-        rows: list[TradeRow] = []
-        for tid, row in parsed:
-            if not seen.is_new(tid):
-                out.drop(DROP_DUPLICATE_TRADE)
-                continue
-            seen.add(tid)
-            rows.append(row)
-        if rows:
-            out.trades = rows
+    def _trades(self, sym: str, data: list[_Trade], ts_recv_ns: int, recv_seq: int,
+                out: Output) -> None:
+        # The whole frame is checked before any id is recorded.
+        checked = []
+        for t in data:
+            raw_id = t.tradeId
+            tid = raw_id if type(raw_id) is str else str(raw_id)
+            if not tid:
+                raise BadFrame("empty tradeId")
+            n = _int_id(raw_id)
+            count = _count(t.count)
+            if n is not None and count > n + 1:
+                raise BadFrame(f"trade count {count} exceeds tradeId {n}")
+            checked.append((n, tid, count, _ms(t.ts), _SIDES.get(t.side, UNKNOWN),
+                            price(t.px), amount(t.sz)))
+        block = None
+        for n, tid, count, ts_event, side, px, qty in checked:
+            if n is None:
+                ok = admit_opaque_trade(out, self.trade_ids, sym, tid)
+            else:
+                ok = self._admit(out, sym, n, count, ts_recv_ns, recv_seq)
+            if ok:
+                if block is None:
+                    block = out.trades_block()
+                block.add(sym, ts_event, ts_recv_ns, recv_seq, tid, side, px, qty)
+
+    def _admit(self, out: Output, sym: str, tid: int, count: int, ts_recv_ns: int,
+               recv_seq: int) -> bool:
+        """The shared verdict on a push covering the fills `tid - count + 1 .. tid`: the
+        first fill's id decides (a replay repeats the whole push), the others are marked
+        seen so the next push continues the interval."""
+        ids = self.trade_ids
+        if count == 1:
+            return admit_trade(self, out, ids, sym, tid, ts_recv_ns, recv_seq)
+        first = tid - count + 1
+        verdict = ids.admit(sym, first)
+        if verdict == DUPLICATE:
+            out.drop(DROP_DUPLICATE_TRADE)
+            return False
+        store = report_trade(self, out, ids, verdict, sym, first, ts_recv_ns, recv_seq)
+        if count <= MAX_AGGREGATION_FILL:
+            for i in range(first + 1, tid + 1):
+                ids.admit(sym, i)
+        else:
+            ids.admit(sym, tid)
+        return store
 
     # ---- quotes ----------------------------------------------------------------------------
-    def _bbo(self, sym: str, data: list[Any], ts_recv_ns: int, recv_seq: int,
-             out: Output) -> None:
-        rows: list[QuoteRow] = []
+    def _quotes(self, sym: str, data: list[_Quote], ts_recv_ns: int, recv_seq: int,
+                out: Output) -> None:
         for d in data:
-            if not isinstance(d, dict):
-                raise BadFrame("bbo is not an object")
-            bids, asks = _levels(d["bids"]), _levels(d["asks"])
-            bid = (bids[0][0], bids[0][2]) if bids else (None, None)
-            ask = (asks[0][0], asks[0][2]) if asks else (None, None)
-            ts = d.get("ts")
-            rows.append((sym, _ts(ts) if ts is not None else None, ts_recv_ns, recv_seq,
-                         bid[0], bid[1], ask[0], ask[1]))
-        if rows:
-            out.quotes = rows
+            bids, _ = levels_with_text(d.bids)
+            asks, _ = levels_with_text(d.asks)
+            bid = bids[0] if bids else (None, None)
+            ask = asks[0] if asks else (None, None)
+            out.quotes_block().add(sym, _ms_opt(d.ts), ts_recv_ns, recv_seq, bid[0], bid[1],
+                                   ask[0], ask[1])
 
     # ---- books5: every push is the whole top 5 ---------------------------------------------
-    def _books5(self, sym: str, data: list[Any], ts_recv_ns: int, recv_seq: int,
+    def _books5(self, sym: str, data: list[_Book], ts_recv_ns: int, recv_seq: int,
                 out: Output) -> None:
-        rows: list[BookRow] = []
-        for d in data[-1:]:  # one element; if several, the last is the current book
-            if not isinstance(d, dict):
-                raise BadFrame("book is not an object")
-            bids, asks = _levels(d["bids"]), _levels(d["asks"])
-            ts = d.get("ts")
-            ts_event = _ts(ts) if ts is not None else None
-            seq = d.get("seqId")
-            uid = _int(seq, "seqId") if seq is not None else None
-            for px, _, sz, _ in bids:
-                rows.append((sym, ts_event, ts_recv_ns, recv_seq, True, BID, px, sz, uid))
-            for px, _, sz, _ in asks:
-                rows.append((sym, ts_event, ts_recv_ns, recv_seq, True, ASK, px, sz, uid))
-        if rows:
-            out.book = rows
+        if not data:
+            return
+        d = data[-1]  # one element; if several, the last is the current book
+        bids, _ = levels_with_text(d.bids)
+        asks, _ = levels_with_text(d.asks)
+        out.book_block().add_levels(sym, _ms_opt(d.ts), ts_recv_ns, recv_seq, True, bids,
+                                    asks, d.seqId)
 
     # ---- books: snapshot + updates, seqId chain and checksum -------------------------------
-    def _book_frame(self, sym: str, action: object, data: list[Any], ts_recv_ns: int,
+    def _books(self, sym: str, action: str | None, data: list[_Book], ts_recv_ns: int,
                recv_seq: int, out: Output) -> None:
         if action not in ("snapshot", "update"):
-            raise BadFrame(f"unknown books action {action!r}")
+            raise BadFrame(f"unknown books action {action!r}"[:80])
         # Validate everything before touching the book.
         msgs = []
         for d in data:
-            if not isinstance(d, dict):
-                raise BadFrame("book is not an object")
-            ts = d.get("ts")
-            seq, prev, crc = d.get("seqId"), d.get("prevSeqId"), d.get("checksum")
-            msgs.append((_levels(d["bids"]), _levels(d["asks"]),
-                         _ts(ts) if ts is not None else None,
-                         _int(seq, "seqId") if seq is not None else None,
-                         _int(prev, "prevSeqId") if prev is not None else None,
-                         _int(crc, "checksum") if crc is not None else 0))
-        book = self._books.get(sym)
-        if book is None:
-            book = self._books[sym] = _Book()
-        rows: list[BookRow] = []
-        for idx, (bids, asks, ts_event, seq, prev, crc) in enumerate(msgs):
-            snapshot = action == "snapshot"
-            if snapshot:
-                book.bids.clear()
-                book.asks.clear()
-                book.seq_id = None
-            elif not book.synced:
-                out.drop(DROP_UNSYNCED_BOOK, len(msgs) - idx)
-                break
-            elif (seq is not None and prev is not None and book.seq_id is not None
-                  and prev != book.seq_id):
-                self._break(sym, book, f"expected prevSeqId={book.seq_id}, received "
-                            f"prevSeqId={prev} seqId={seq}", ts_recv_ns, recv_seq, out)
-                out.drop(DROP_UNSYNCED_BOOK, len(msgs) - idx)
-                break
-            book.apply(bids, asks)
-            if crc != 0:
-                mine = book.checksum()
-                if mine != crc:
-                    self._break(sym, book, f"checksum expected={crc} computed={mine} "
-                                f"({'snapshot' if snapshot else 'update'} seqId={seq})",
-                                ts_recv_ns, recv_seq, out)
-                    out.drop(DROP_CHECKSUM_MISMATCH)
-                    if len(msgs) - idx - 1:
-                        out.drop(DROP_UNSYNCED_BOOK, len(msgs) - idx - 1)
-                    break
-                self.checksums_verified += 1
-            else:
-                self.checksums_absent += 1
-            if snapshot:
-                rows = []  # (one element per message in practice) the last snapshot wins
-                if book.ever_synced:
-                    self.resync(out, sym, ts_recv_ns, recv_seq,
-                                f"snapshot seqId={seq}" if seq is not None else "snapshot")
-                book.synced = book.ever_synced = True
-            if seq is not None:
-                book.seq_id = seq
-            for px, _, sz, _ in bids:
-                rows.append((sym, ts_event, ts_recv_ns, recv_seq, snapshot, BID, px, sz, seq))
-            for px, _, sz, _ in asks:
-                rows.append((sym, ts_event, ts_recv_ns, recv_seq, snapshot, ASK, px, sz, seq))
-        if rows:
-            out.book = rows
+            bids, bid_texts = levels_with_text(d.bids)
+            asks, ask_texts = levels_with_text(d.asks)
+            msgs.append((bids, asks, (bid_texts, ask_texts), _ms_opt(d.ts), d.seqId,
+                         d.prevSeqId, d.checksum or 0))
+        if action == "snapshot":
+            if msgs:  # one element in practice; if several, the last is the book
+                self._snapshot(sym, *msgs[-1], ts_recv_ns, recv_seq, out)
+            return
+        for m in msgs:
+            self._update(sym, *m, ts_recv_ns, recv_seq, out)
 
-    def _break(self, sym: str, book: _Book, detail: str, ts_recv_ns: int, recv_seq: int,
-               out: Output) -> None:
-        """A discontinuity: record it, forget the book, resubscribe for a new snapshot."""
-        self.gap(out, sym, ts_recv_ns, recv_seq, detail)
-        book.synced = False
-        book.seq_id = None
-        book.bids.clear()
-        book.asks.clear()
-        args = [_arg(self.book_channel, sym)]
-        out.reply(_request("unsubscribe", args))
-        out.reply(_request("subscribe", args))
+    def _snapshot(self, sym: str, bids: Levels, asks: Levels,
+                  texts: tuple[TextLevels, TextLevels], ts_event: int | None,
+                  seq: int | None, prev: int | None, crc: int, ts_recv_ns: int,
+                  recv_seq: int, out: Output) -> None:
+        self.expecting.symbols.discard(sym)
+        if crc != 0:
+            mine = _snapshot_checksum(bids, asks, texts)
+            if mine != crc:
+                self._mismatch(sym, crc, mine, f"snapshot seqId={seq}", ts_recv_ns, recv_seq,
+                               out)
+                return
+            self.checksums_verified += 1
+        else:
+            self.checksums_absent += 1
+        start = len(out.book) if out.book is not None else 0
+        self.books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
+                            recv_seq=recv_seq, bids=bids, asks=asks,
+                            snapshot_id=NO_SEQ if seq is None else seq, texts=texts,
+                            detail="snapshot" if seq is None else f"snapshot seqId={seq}")
+        if seq is None:
+            _clear_update_ids(out, start)
+
+    def _update(self, sym: str, bids: Levels, asks: Levels,
+                texts: tuple[TextLevels, TextLevels], ts_event: int | None, seq: int | None,
+                prev: int | None, crc: int, ts_recv_ns: int, recv_seq: int,
+                out: Output) -> None:
+        sid = NO_SEQ if seq is None else seq
+        diff = Diff(sid, sid, NO_SEQ if prev is None else prev, ts_event, ts_recv_ns, bids,
+                    asks, 0, texts)
+        start = len(out.book) if out.book is not None else 0
+        if not self.books.diff(sym, diff, out, recv_seq):
+            return  # dropped (not synced), or a break (gap event, resubscribed)
+        if seq is None:
+            _clear_update_ids(out, start)
+        if crc == 0:
+            self.checksums_absent += 1
+            return
+        book = self.books.books[sym]
+        assert book.bids is not None and book.asks is not None
+        mine = _sides_checksum(book.bids, book.asks)
+        if mine != crc:
+            if out.book is not None:
+                out.book.truncate(start)  # not the venue's book: its rows are not written
+            self._mismatch(sym, crc, mine, f"update seqId={seq}", ts_recv_ns, recv_seq, out)
+            return
+        self.checksums_verified += 1
+
+    def _mismatch(self, sym: str, crc: int, mine: int, what: str, ts_recv_ns: int,
+                  recv_seq: int, out: Output) -> None:
+        """Our book is not the venue's: a gap, and a resubscribe for a new snapshot."""
+        self.books.break_sync(sym, out, f"checksum expected={crc} computed={mine} ({what})",
+                              ts_recv_ns, recv_seq)
+        out.drop(DROP_CHECKSUM_MISMATCH)
 
 
-__all__ = ["Okx", "checksum", "signed_crc32"]
+__all__ = ["NO_SEQ", "Okx", "OkxRules", "checksum", "signed_crc32"]
