@@ -1,74 +1,95 @@
 """Kraken spot WebSocket v2 (`kraken`) codec: trades, best bid/ask and a checksummed L2 book.
 
-Owns: the v2 subscribe / unsubscribe / ping messages, the decoding of `trade`, `ticker`
+Owns: Kraken's wire format and rules - the v2 subscribe / unsubscribe / ping messages, the
+decoding (typed msgspec structs, one tagged union on `channel`) of `trade`, `ticker`
 (subscribed with `event_trigger = "bbo"`, so every best bid/offer change is a row) and
 `book` frames, the `status` / `heartbeat` / `pong` / ack frames, and Kraken's documented
-local order-book procedure:
+local order-book procedure, run on the shared `BookSync` (channel snapshots, no ids:
+`rules=None`) with sorted `BookSide`s that keep each level's text:
 
 1. the book is subscribed with `depth` = `book_depth` (10, 25, 100, 500 or 1000; default
    25, the depth of the recorded fixtures and the smallest that still gives a ladder well
    beyond the 10 checksummed levels) and `snapshot = true`;
-2. a `snapshot` replaces the book of its symbol (a snapshot block, one `recv_seq`);
-   `update` levels set a price's absolute size (`qty` 0 removes it);
+2. a `snapshot` replaces the book of its symbol (a snapshot block, one `recv_seq`; levels
+   beyond `depth` are not kept); `update` levels set a price's absolute size (`qty` 0
+   removes it);
 3. Kraken does **not** send deletions for levels pushed beyond the subscribed depth: after
    applying an update the client truncates each side to `depth`. The codec writes those
    removals as `amount = 0` rows, so the table alone rebuilds the exact book;
 4. every snapshot and update carries `checksum`: CRC32 over the top 10 asks (ascending)
    then the top 10 bids (descending), each level as price text then qty text with "." removed
    and leading zeros stripped, **as sent**. Prices and sizes are bare JSON numbers and a
-   float round-trip changes their text (`0.00005100` -> `5.1e-05`), so book frames are
-   decoded with the number tokens kept raw (`msgspec.Raw`); trades and tickers are decoded
-   straight to floats;
+   float round-trip changes their text (`0.00005100` -> `5.1e-05`), so book levels are
+   decoded with the number tokens kept raw (`msgspec.Raw`) and the book keeps that text;
+   trades and tickers are decoded straight to floats. The checksum is the only continuity
+   check (v2 books carry no sequence number; `update_id` is null): an update is applied
+   and truncated, then compared;
 5. on a mismatch a `gap` event (expected vs computed checksum) is written, the symbol's
    book is unsubscribed and subscribed again (`Output.replies`), updates are dropped
-   (counted) until the fresh snapshot, whose block is followed by a `resync` event. A
-   snapshot that itself fails the checksum is retried `MAX_RESYNC_ATTEMPTS` times; then the
-   book is kept unverified for the rest of the connection (an `error` event says so),
-   rather than resubscribing forever.
+   (counted, `book_not_synced`) until the fresh snapshot, whose block is followed by a
+   `resync` event. A snapshot that itself fails the checksum is retried
+   `MAX_RESYNC_ATTEMPTS` times; then the book is kept unverified for the rest of the
+   connection (an `error` event says so), rather than resubscribing forever. Updates
+   before the first snapshot of a connection's subscription are dropped without a
+   resubscription (the subscription brings the snapshot); `MAX_UNSYNCED_UPDATES` of them
+   in a row recycle the connection.
 
 Rows of one update frame are netted: one row per (side, price) touched by the frame,
 carrying that level's size after the frame (0 when deleted or truncated), so applying the
-rows of one `recv_seq` in any order gives the same book. `update_id` is null (v2 books carry
-no sequence number; the checksum is the only continuity check).
+rows of one `recv_seq` in any order gives the same book.
 
 Trades: `side` is the taker's side (checked against the data: the recorded `buy` at
 83744.3 printed at the ask of the ticker of the same instant). `trade_id` is a per-pair
-sequential integer: a trade at or below the highest id seen for its symbol is a replay (the
-trade snapshot on every (re)subscribe) and is dropped (counted); a jump above it by more than
-one writes a `gap` event with the number of missing trades.
+sequential integer, de-duplicated exactly by the shared `TradeIds` (consecutive ids): a
+replayed id (the trade snapshot on every (re)subscribe) is dropped (counted,
+`duplicate_trade`), a jump writes a `gap` event with the number of missing trades, and a
+never-seen id below the highest seen is stored with an `out_of_order` event. The trades of
+one frame are taken in id order (Kraken's trade snapshot lists the newest first).
 
 Subscriptions: each channel is one `subscribe` for all symbols; Kraken acknowledges per
 symbol (`subscribed` events). A refusal (`success: false`, e.g. "Currency pair not
-supported XBT/USD") becomes a `refused` event, never an exception. Pings are
-`{"method":"ping","req_id":N}` every `keepalive_interval_s`; pongs and heartbeats are
-consumed silently. `status` frames become `status` events (system state, connection id).
+supported XBT/USD") becomes a `refused` event, never an exception; a refusal of our own
+book resubscription recycles the connection. Pings are `{"method":"ping","req_id":N}`
+every `keepalive_interval_s`; pongs and heartbeats are consumed silently. `status` frames
+become `status` events (system state, connection id).
 
-Must not: do I/O, read a clock or log (see exchanges/base.py).
+Connections: Kraken has no resume, so `on_connect` forgets every book (trade ids are
+kept: the trade snapshot of the new subscription is de-duplicated).
+
+State (`state()` / `restore()`): trade ids (`trades`), every book's sync position and its
+levels with their text as sent (`books`, so a restored book keeps verifying checksums),
+and the per-connection checksum bookkeeping (`checks`: which snapshots the subscription
+still brings, pending resubscriptions, books kept unverified, failed snapshots and
+updates dropped in a row).
+
+Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
+(the base rejects the frame); change any state before a frame is known to be well-formed.
 """
 
 from __future__ import annotations
 
-import bisect
+import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from itertools import chain
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
-    DROP_DUPLICATE_TRADE,
     DROP_UNSUBSCRIBED,
-    DROP_UNSYNCED_BOOK,
     BadFrame,
     Codec,
     Output,
     amount,
     iso_to_ns,
+    parse_levels,
     price,
 )
-from ingestd.schema import ASK, BID, BUY, EV_ERROR, SELL, UNKNOWN, BookRow, QuoteRow, TradeRow
+from ingestd.exchanges.book import SYNCED, BookSide, BookSync, Diff, Levels, TextLevels
+from ingestd.exchanges.trades import TradeIds, admit_trade
+from ingestd.schema import BUY, EV_ERROR, SELL, UNKNOWN
 
 BOOK_DEPTHS: Final = (10, 25, 100, 500, 1000)
 DEFAULT_BOOK_DEPTH: Final = 25
@@ -92,20 +113,15 @@ _SIDES: Final = {"buy": BUY, "sell": SELL}
 _ALLOWED_SYMBOL_CHARS: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
-
-# ---- wire shapes (msgspec: typed, validating, unknown fields ignored) -------------------------
-class _Envelope(msgspec.Struct):
-    channel: str | None = None
-    type: str | None = None
-    data: msgspec.Raw = msgspec.Raw()
-    method: str | None = None
-    success: bool | None = None
-    error: Any = None
-    symbol: Any = None
-    result: Any = None
-    req_id: Any = None
+_MAX_I64: Final = 2**63 - 1
+TradeId = Annotated[int, msgspec.Meta(ge=0, le=_MAX_I64)]
+Crc32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
+# What a quoted level number may hold (Kraken sends bare JSON numbers; float() alone would
+# also take "1_000", " 1", "inf").
+_JSON_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 
 
+# ---- wire structs (unknown fields ignored) --------------------------------------------------
 class _Level(msgspec.Struct):
     price: msgspec.Raw
     qty: msgspec.Raw
@@ -115,7 +131,7 @@ class _BookData(msgspec.Struct):
     symbol: str
     bids: list[_Level] = msgspec.field(default_factory=list)
     asks: list[_Level] = msgspec.field(default_factory=list)
-    checksum: int | None = None
+    checksum: Crc32 | None = None
     timestamp: str | None = None
 
 
@@ -124,7 +140,7 @@ class _Trade(msgspec.Struct):
     side: str
     price: float
     qty: float
-    trade_id: int
+    trade_id: TradeId
     timestamp: str | None = None
 
 
@@ -144,109 +160,159 @@ class _Status(msgspec.Struct):
     connection_id: msgspec.Raw = msgspec.Raw()
 
 
+class _BookMsg(msgspec.Struct, tag_field="channel", tag="book"):
+    type: Literal["snapshot", "update"]
+    data: list[_BookData]
+
+
+class _TradeMsg(msgspec.Struct, tag_field="channel", tag="trade"):
+    data: list[_Trade]
+
+
+class _TickerMsg(msgspec.Struct, tag_field="channel", tag="ticker"):
+    data: list[_Ticker]
+
+
+class _StatusMsg(msgspec.Struct, tag_field="channel", tag="status"):
+    data: list[_Status]
+
+
+class _Heartbeat(msgspec.Struct, tag_field="channel", tag="heartbeat"):
+    pass
+
+
+_Channel = _BookMsg | _TradeMsg | _TickerMsg | _StatusMsg | _Heartbeat
+
+
+class _Envelope(msgspec.Struct):
+    """Any frame, loosely: responses to our requests, and the generic path's dispatch."""
+
+    channel: str | None = None
+    type: str | None = None
+    method: str | None = None
+    success: bool | None = None
+    error: Any = None
+    symbol: Any = None
+    result: Any = None
+    req_id: Any = None
+
+
+_FRAME = msgspec.json.Decoder(_Channel)
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
-_BOOK = msgspec.json.Decoder(list[_BookData])
-_TRADES = msgspec.json.Decoder(list[_Trade])
-_TICKERS = msgspec.json.Decoder(list[_Ticker])
-_STATUS = msgspec.json.Decoder(list[_Status])
+# One strict decoder per channel: on the generic path they raise with a precise reason.
+_STRICT: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    "book": msgspec.json.Decoder(_BookMsg), "trade": msgspec.json.Decoder(_TradeMsg),
+    "ticker": msgspec.json.Decoder(_TickerMsg), "status": msgspec.json.Decoder(_StatusMsg),
+    "heartbeat": msgspec.json.Decoder(_Heartbeat)}
 _ENCODE = msgspec.json.Encoder()
 
-_DECODE_ERRORS: Final = (msgspec.DecodeError, BadFrame, KeyError, TypeError, ValueError,
-                         IndexError, AttributeError, OverflowError, UnicodeDecodeError)
 
-
-# ---- order book ------------------------------------------------------------------------
-# A parsed level: (price, size, checksum fragment = price+qty text without "." and leading 0s)
-_Parsed = tuple[float, float, bytes]
-
-
-def _number(raw: msgspec.Raw) -> tuple[float, bytes]:
-    """A JSON number token (or a quoted decimal) as (float, its text as sent)."""
-    text = bytes(raw)
-    if text[:1] == b'"':
+# ---- checksums -------------------------------------------------------------------------------
+def _token(raw: msgspec.Raw) -> str:
+    """A level number's JSON token as sent (a quoted decimal without its quotes)."""
+    text = bytes(raw).decode()
+    if text[:1] == '"':
         text = text[1:-1]
-    return float(text), text
+        if _JSON_NUMBER.fullmatch(text) is None:
+            raise BadFrame(f"not a number: {text!r}"[:80])
+    return text
 
 
-def _fragment(text: bytes) -> bytes:
-    return text.replace(b".", b"").lstrip(b"0")
+def _levels(raw: list[_Level]) -> tuple[Levels, TextLevels]:
+    """Levels as floats (prices > 0, sizes >= 0, else BadFrame) and as the text sent."""
+    texts = [(_token(lv.price), _token(lv.qty)) for lv in raw]
+    return parse_levels(texts), texts
 
 
-def _levels(raw: list[_Level]) -> list[_Parsed]:
-    out = []
-    for lv in raw:
-        px, px_text = _number(lv.price)
-        sz, sz_text = _number(lv.qty)
-        out.append((price(px), amount(sz) or 0.0, _fragment(px_text) + _fragment(sz_text)))
-    return out
+_SEP: Final = "\x00"  # between numbers while checksumming: no number's text holds it
+_LEADING_ZEROS: Final = re.compile(_SEP + "0+")
 
 
-class _Side:
-    """One side of a book: levels by price and the prices in best-first order."""
-
-    __slots__ = ("keys", "levels", "sign")
-
-    def __init__(self, descending: bool) -> None:
-        self.sign = -1.0 if descending else 1.0
-        self.levels: dict[float, tuple[float, bytes]] = {}
-        self.keys: list[float] = []  # sign * price, ascending: best first
-
-    def set(self, px: float, sz: float, frag: bytes) -> None:
-        if px not in self.levels:
-            bisect.insort(self.keys, self.sign * px)
-        self.levels[px] = (sz, frag)
-
-    def remove(self, px: float) -> None:
-        if self.levels.pop(px, None) is not None:
-            k = self.sign * px
-            del self.keys[bisect.bisect_left(self.keys, k)]
-
-    def truncate(self, depth: int) -> list[float]:
-        """Drop levels beyond `depth`; return their prices."""
-        if len(self.keys) <= depth:
-            return []
-        sign = self.sign
-        cut = [sign * k for k in self.keys[depth:]]
-        del self.keys[depth:]
-        for px in cut:
-            del self.levels[px]
-        return cut
-
-    def top_fragments(self, n: int) -> list[bytes]:
-        sign, levels = self.sign, self.levels
-        return [levels[sign * k][1] for k in self.keys[:n]]
-
-    def best_first(self) -> list[tuple[float, float]]:
-        sign, levels = self.sign, self.levels
-        return [(sign * k, levels[sign * k][0]) for k in self.keys]
-
-
-@dataclass(slots=True)
-class _Book:
-    bids: _Side = field(default_factory=lambda: _Side(descending=True))
-    asks: _Side = field(default_factory=lambda: _Side(descending=False))
-    synced: bool = False
-    ever_synced: bool = False
-    resyncing: bool = False       # a resubscription was sent; waiting for its snapshot
-    failed_snapshots: int = 0     # snapshots in a row that failed their checksum
-    verify: bool = True           # checksum verification (off after MAX_RESYNC_ATTEMPTS)
-    unsynced_drops: int = 0
-
-    def clear(self) -> None:
-        self.bids = _Side(descending=True)
-        self.asks = _Side(descending=False)
-
-    def checksum(self) -> int:
-        parts = self.asks.top_fragments(CHECKSUM_LEVELS)
-        parts += self.bids.top_fragments(CHECKSUM_LEVELS)
-        return zlib.crc32(b"".join(parts))
+def _crc(asks: TextLevels, bids: TextLevels) -> int:
+    """Kraken's CRC32 over the top asks then the top bids, given best first as sent: each
+    number's text with "." removed and leading zeros stripped (on one joined string, not
+    per number: this runs on every update)."""
+    joined = _SEP + _SEP.join(chain.from_iterable((*asks[:CHECKSUM_LEVELS],
+                                                   *bids[:CHECKSUM_LEVELS])))
+    stripped = _LEADING_ZEROS.sub(_SEP, joined.replace(".", "")).replace(_SEP, "")
+    return zlib.crc32(stripped.encode())
 
 
 def book_checksum(asks: Sequence[tuple[str, str]], bids: Sequence[tuple[str, str]]) -> int:
     """Kraken's CRC32 of a book given as (price text, qty text) best first (for tests/tools)."""
-    frags = [_fragment(p.encode()) + _fragment(q.encode())
-             for p, q in [*asks[:CHECKSUM_LEVELS], *bids[:CHECKSUM_LEVELS]]]
-    return zlib.crc32(b"".join(frags))
+    return _crc(list(asks), list(bids))
+
+
+def _top(levels: Levels, texts: TextLevels, descending: bool,
+         depth: int) -> tuple[Levels, TextLevels]:
+    """A snapshot side as the book keeps it: non-zero levels, best first, `depth` deep."""
+    side = BookSide(descending)
+    for (px, sz), text in zip(levels, texts, strict=True):
+        if sz:
+            side.set(px, sz, text)
+    side.truncate(depth)
+    return side.top(), side.top_text()
+
+
+# ---- the shared sync, and Kraken's bookkeeping beside it --------------------------------------
+class _Books(BookSync):
+    """The shared BookSync (channel snapshots, no ids, levels kept with their text); a
+    restored book must carry the text of every level, as sent, or no checksum can be
+    verified after the restore."""
+
+    def restore(self, state: Any) -> None:
+        super().restore(state)
+        for sym, b in self.books.items():
+            for side in (b.bids, b.asks):
+                if side is None:
+                    raise BadFrame(f"book of {sym!r} has no sides")
+                for (px, sz), (px_text, sz_text) in zip(side.top(), side.top_text(),
+                                                        strict=True):
+                    if (_JSON_NUMBER.fullmatch(px_text) is None
+                            or _JSON_NUMBER.fullmatch(sz_text) is None
+                            or float(px_text) != price(px) or float(sz_text) != amount(sz)):
+                        raise BadFrame(f"book level {px_text!r} {sz_text!r} of {sym!r} "
+                                       f"is not {px} {sz}"[:160])
+
+
+def _names(v: Any, what: str) -> set[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise BadFrame(f"{what} is not a list of strings")
+    return set(v)
+
+
+def _counts(v: Any, what: str) -> dict[str, int]:
+    if not isinstance(v, dict) or not all(
+            isinstance(k, str) and type(n) is int and n >= 0 for k, n in v.items()):
+        raise BadFrame(f"{what} is not an object of counts")
+    return dict(v)
+
+
+class _Checks:
+    """Per-connection checksum bookkeeping, per symbol, beside the shared sync."""
+
+    def __init__(self) -> None:
+        self.expecting: set[str] = set()    # this connection's subscription brings a snapshot
+        self.resyncing: set[str] = set()    # our resubscription after a checksum gap is out
+        self.unverified: set[str] = set()   # checksums not verified until reconnect
+        self.failed: dict[str, int] = {}    # snapshots in a row that failed their checksum
+        self.unsynced: dict[str, int] = {}  # updates dropped in a row waiting for a snapshot
+
+    def state(self) -> dict[str, Any]:
+        return {"expecting": sorted(self.expecting), "resyncing": sorted(self.resyncing),
+                "unverified": sorted(self.unverified), "failed": dict(self.failed),
+                "unsynced": dict(self.unsynced)}
+
+    def restore(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise BadFrame("checks state is not an object")
+        expecting = _names(state["expecting"], "expecting")
+        resyncing = _names(state["resyncing"], "resyncing")
+        unverified = _names(state["unverified"], "unverified")
+        failed = _counts(state["failed"], "failed")
+        unsynced = _counts(state["unsynced"], "unsynced")
+        self.expecting, self.resyncing, self.unverified = expecting, resyncing, unverified
+        self.failed, self.unsynced = failed, unsynced
 
 
 class Kraken(Codec):
@@ -267,8 +333,12 @@ class Kraken(Codec):
         self._want_trades = "trades" in self.channels
         self._want_quotes = "quotes" in self.channels
         self._want_book = "book" in self.channels
-        self._books: dict[str, _Book] = {}
-        self._last_trade_id: dict[str, int] = {}
+        self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
+        self.books = self.stateful("books", _Books(self, None, resubscribe=self._resubscribe,
+                                                   keep_levels=True))
+        self.checks = self.stateful("checks", _Checks())
+        self._book_symbols = frozenset(self.symbols if self._want_book else ())
+        self.checks.expecting = set(self._book_symbols)
         self._ping_id = REQ_PING_FIRST
 
     # ---- config --------------------------------------------------------------------------
@@ -293,14 +363,15 @@ class Kraken(Codec):
 
     # ---- connection ------------------------------------------------------------------------
     def on_connect(self) -> None:
-        # Kraken has no resume: every book is rebuilt from the snapshot of the new session.
-        for book in self._books.values():
-            book.synced = False
-            book.resyncing = False
-            book.failed_snapshots = 0
-            book.verify = True
-            book.unsynced_drops = 0
-            book.clear()
+        # Kraken has no resume: every book is rebuilt from the snapshot of the new session,
+        # which its subscription brings. Trade ids are kept (replays are de-duplicated).
+        self.books.reset()
+        c = self.checks
+        c.expecting = set(self._book_symbols)
+        c.resyncing.clear()
+        c.unverified.clear()
+        c.failed.clear()
+        c.unsynced.clear()
 
     def subscribe_messages(self) -> Sequence[str]:
         syms = list(self.feed.symbols)
@@ -336,41 +407,55 @@ class Kraken(Codec):
         return self._request("unsubscribe", {"channel": "book", "symbol": syms,
                                              "depth": self.depth}, REQ_UNSUBSCRIBE_BOOK)
 
-    # ---- frames ----------------------------------------------------------------------------
-    def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        out = Output()
-        try:
-            msg = _ENVELOPE.decode(frame)
-            channel = msg.channel
-            if channel is not None:
-                if channel == "book":
-                    self._book(msg, ts_recv_ns, recv_seq, out)
-                elif channel == "trade":
-                    self._trades(msg, ts_recv_ns, recv_seq, out)
-                elif channel == "ticker":
-                    self._quotes(msg, ts_recv_ns, recv_seq, out)
-                elif channel == "heartbeat":
-                    pass
-                elif channel == "status":
-                    self._status(msg, ts_recv_ns, recv_seq, out)
-                else:
-                    out.unknown = True
-            elif msg.method is not None:
-                self._response(msg, ts_recv_ns, recv_seq, out)
-            else:
-                out.unknown = True
-        except _DECODE_ERRORS as e:
-            fresh = Output()
-            fresh.error = f"{type(e).__name__}: {e}"[:200]
-            return fresh
-        return out
+    def _resubscribe(self, sym: str, out: Output) -> None:
+        """Ask for a fresh snapshot of `sym`'s book (BookSync's `resubscribe`)."""
+        c = self.checks
+        c.unsynced.pop(sym, None)
+        if sym in c.expecting:
+            return  # this connection's subscription brings the snapshot
+        c.resyncing.add(sym)
+        out.reply(self._book_unsubscribe([sym]))
+        out.reply(self._book_subscribe([sym]))
 
-    @staticmethod
-    def _data(msg: _Envelope) -> bytes:
-        data = bytes(msg.data)
-        if not data:
-            raise BadFrame(f"{msg.channel} frame without data")
-        return data
+    # ---- frames ----------------------------------------------------------------------------
+    def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        try:
+            msg: Any = _FRAME.decode(frame)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            msg = self._generic(frame, ts_recv_ns, recv_seq, out)
+            if msg is None:
+                return
+        cls = type(msg)
+        if cls is _BookMsg:
+            self._book(msg, ts_recv_ns, recv_seq, out)
+        elif cls is _TradeMsg:
+            self._trades(msg, ts_recv_ns, recv_seq, out)
+        elif cls is _TickerMsg:
+            self._quotes(msg, ts_recv_ns, recv_seq, out)
+        elif cls is _StatusMsg:
+            self._status(msg, ts_recv_ns, recv_seq, out)
+        # _Heartbeat: nothing to do
+
+    def _generic(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                 out: Output) -> msgspec.Struct | None:
+        """Frames off the fast path: responses to our requests, unknown kinds, and bad
+        frames (which raise here with a precise reason)."""
+        msg = _ENVELOPE.decode(frame)
+        channel = msg.channel
+        if channel is not None:
+            strict = _STRICT.get(channel)
+            if strict is None or (channel == "book" and msg.type not in ("snapshot",
+                                                                          "update")):
+                out.unknown += 1  # ohlc, instrument, level3, ...: never subscribed by us
+                return None
+            decoded: msgspec.Struct = strict.decode(frame)
+            return decoded
+        if msg.method is not None:
+            self._response(msg, ts_recv_ns, recv_seq, out)
+        else:
+            out.unknown += 1
+        return None
 
     # ---- responses to our requests -------------------------------------------------------
     def _response(self, msg: _Envelope, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
@@ -390,17 +475,16 @@ class Kraken(Codec):
                     detail = f"book depth={result['depth']}"
                 self.subscribed(out, symbol, ts_recv_ns, recv_seq, detail)
             elif method != "unsubscribe":
-                out.unknown = True
+                out.unknown += 1
             return
         if msg.success is not False:
-            out.unknown = True
+            out.unknown += 1
             return
         error = str(msg.error) if msg.error is not None else "no reason given"
         if method == "subscribe":
             self.refused(out, symbol, ts_recv_ns, recv_seq,
                          f"{channel}: {error}" if channel else error)
-            book = self._books.get(symbol) if symbol is not None and channel == "book" else None
-            if book is not None and book.resyncing:
+            if channel == "book" and symbol in self.checks.resyncing:
                 # Our own resubscription was refused: only a new connection can recover.
                 out.reconnect = f"book resubscription for {symbol} refused: {error}"
         elif method == "unsubscribe":
@@ -408,8 +492,8 @@ class Kraken(Codec):
         else:
             self.venue_error(out, ts_recv_ns, recv_seq, f"{method}: {error}")
 
-    def _status(self, msg: _Envelope, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        for st in _STATUS.decode(self._data(msg)):
+    def _status(self, msg: _StatusMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        for st in msg.data:
             parts = [f"system={st.system}"]
             if st.version is not None:
                 parts.append(f"version={st.version}")
@@ -421,183 +505,170 @@ class Kraken(Codec):
             self.ev(out, "status", ts_recv_ns, recv_seq, None, " ".join(parts))
 
     # ---- trades ----------------------------------------------------------------------------
-    def _trades(self, msg: _Envelope, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        trades = _TRADES.decode(self._data(msg))
+    def _trades(self, msg: _TradeMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        trades = msg.data
         if not self._want_trades:
             out.drop(DROP_UNSUBSCRIBED, len(trades))
             return
         if len(trades) > 1:
-            trades.sort(key=lambda t: t.trade_id)  # the watermark needs ascending ids
+            trades = sorted(trades, key=lambda t: t.trade_id)  # a snapshot is newest first
         symbols = self.symbols
-        rows: list[TradeRow] = []
-        marks: dict[str, int] = {}
-        gaps: list[tuple[str, int, int]] = []
-        last_ids = self._last_trade_id
+        unsubscribed = 0
+        checked = []
         for t in trades:
-            sym = t.symbol
-            if sym not in symbols:
-                out.drop(DROP_UNSUBSCRIBED)
+            if t.symbol not in symbols:
+                unsubscribed += 1
                 continue
-            tid = t.trade_id
-            last = marks.get(sym, last_ids.get(sym))
-            if last is not None:
-                if tid <= last:
-                    out.drop(DROP_DUPLICATE_TRADE)
-                    continue
-                if tid > last + 1:
-                    gaps.append((sym, last, tid))
-            rows.append((sym, iso_to_ns(t.timestamp) if t.timestamp is not None else None,
-                         ts_recv_ns, recv_seq, str(tid), _SIDES.get(t.side, UNKNOWN),
-                         price(t.price), amount(t.qty) or 0.0))
-            marks[sym] = tid
-        # Everything validated: commit.
-        last_ids.update(marks)
-        if rows:
-            out.trades = rows
-        for sym, last, tid in gaps:
-            self.gap(out, sym, ts_recv_ns, recv_seq,
-                     f"trade_id jumped from {last} to {tid}: {tid - last - 1} trades missing")
+            checked.append((t.symbol,
+                            iso_to_ns(t.timestamp) if t.timestamp is not None else None,
+                            t.trade_id, _SIDES.get(t.side, UNKNOWN), price(t.price),
+                            amount(t.qty) or 0.0))
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)
+        # Everything validated: record the ids.
+        ids = self.trade_ids
+        block = None
+        for sym, ts, tid, side, px, qty in checked:
+            if admit_trade(self, out, ids, sym, tid, ts_recv_ns, recv_seq):
+                if block is None:
+                    block = out.trades_block()
+                block.add(sym, ts, ts_recv_ns, recv_seq, str(tid), side, px, qty)
 
     # ---- quotes ----------------------------------------------------------------------------
-    def _quotes(self, msg: _Envelope, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        tickers = _TICKERS.decode(self._data(msg))
+    def _quotes(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        tickers = msg.data
         if not self._want_quotes:
             out.drop(DROP_UNSUBSCRIBED, len(tickers))
             return
-        rows: list[QuoteRow] = []
+        symbols = self.symbols
+        unsubscribed = 0
+        rows = []
         for t in tickers:
-            if t.symbol not in self.symbols:
-                out.drop(DROP_UNSUBSCRIBED)
+            if t.symbol not in symbols:
+                unsubscribed += 1
                 continue
-            bid_px, bid_sz = _quote_side(t.bid, t.bid_qty)
-            ask_px, ask_sz = _quote_side(t.ask, t.ask_qty)
             ts = iso_to_ns(t.timestamp) if t.timestamp is not None else None
-            rows.append((t.symbol, ts, ts_recv_ns, recv_seq, bid_px, bid_sz, ask_px, ask_sz))
+            rows.append((t.symbol, ts, *_quote_side(t.bid, t.bid_qty),
+                         *_quote_side(t.ask, t.ask_qty)))
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)
         if rows:
-            out.quotes = rows
+            block = out.quotes_block()
+            for sym, ts, bid_px, bid_sz, ask_px, ask_sz in rows:
+                block.add(sym, ts, ts_recv_ns, recv_seq, bid_px, bid_sz, ask_px, ask_sz)
 
     # ---- order book ------------------------------------------------------------------------
-    def _book(self, msg: _Envelope, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        kind = msg.type
-        if kind != "snapshot" and kind != "update":
-            out.unknown = True
-            return
-        entries = _BOOK.decode(self._data(msg))
+    def _book(self, msg: _BookMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        entries = msg.data
         if not self._want_book:
             out.drop(DROP_UNSUBSCRIBED, len(entries))
             return
         # Validate everything before touching any book.
+        symbols = self.symbols
+        unsubscribed = 0
         parsed = []
         for e in entries:
-            if e.symbol not in self.symbols:
-                out.drop(DROP_UNSUBSCRIBED)
+            if e.symbol not in symbols:
+                unsubscribed += 1
                 continue
             ts = iso_to_ns(e.timestamp) if e.timestamp is not None else None
             parsed.append((e.symbol, _levels(e.bids), _levels(e.asks), e.checksum, ts))
-        rows: list[BookRow] = []
-        for sym, bids, asks, checksum, ts in parsed:
-            book = self._books.get(sym)
-            if book is None:
-                book = self._books[sym] = _Book()
-            if kind == "snapshot":
-                self._snapshot(sym, book, bids, asks, checksum, ts, ts_recv_ns, recv_seq,
-                               out, rows)
-            elif not book.synced:
-                out.drop(DROP_UNSYNCED_BOOK)
-                book.unsynced_drops += 1
-                if book.unsynced_drops >= MAX_UNSYNCED_UPDATES and out.reconnect is None:
-                    out.reconnect = (f"book {sym}: no snapshot after {book.unsynced_drops} "
-                                     "updates")
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)
+        snapshot = msg.type == "snapshot"
+        for sym, (bids, bid_texts), (asks, ask_texts), checksum, ts in parsed:
+            if snapshot:
+                self._snapshot(sym, bids, bid_texts, asks, ask_texts, checksum, ts,
+                               ts_recv_ns, recv_seq, out)
             else:
-                self._update(sym, book, bids, asks, checksum, ts, ts_recv_ns, recv_seq,
-                             out, rows)
-        if rows:
-            out.book = rows
+                self._update(sym, bids, bid_texts, asks, ask_texts, checksum, ts,
+                             ts_recv_ns, recv_seq, out)
 
-    def _mismatch(self, book: _Book, checksum: int | None) -> int | None:
-        """The computed checksum if it disagrees with the venue's, else None."""
-        if checksum is None or not book.verify:
-            return None
-        computed = book.checksum()
-        return computed if computed != checksum else None
-
-    def _resubscribe(self, sym: str, book: _Book, out: Output) -> None:
-        book.synced = False
-        book.resyncing = True
-        book.unsynced_drops = 0
-        book.clear()
-        out.reply(self._book_unsubscribe([sym]))
-        out.reply(self._book_subscribe([sym]))
-
-    def _snapshot(self, sym: str, book: _Book, bids: list[_Parsed], asks: list[_Parsed],
-                  checksum: int | None, ts: int | None, ts_recv_ns: int, recv_seq: int,
-                  out: Output, rows: list[BookRow]) -> None:
-        book.clear()
-        for side, levels in ((book.bids, bids), (book.asks, asks)):
-            for px, sz, frag in levels:
-                if sz:
-                    side.set(px, sz, frag)
-            side.truncate(self.depth)
-        bad = self._mismatch(book, checksum)
-        if bad is not None:
-            book.failed_snapshots += 1
-            detail = f"snapshot checksum mismatch: expected {checksum}, computed {bad}"
-            if book.failed_snapshots <= MAX_RESYNC_ATTEMPTS:
-                self.gap(out, sym, ts_recv_ns, recv_seq, detail)
-                self._resubscribe(sym, book, out)
-                return
-            book.verify = False
-            self.ev(out, EV_ERROR, ts_recv_ns, recv_seq, sym,
-                    f"{detail} after {MAX_RESYNC_ATTEMPTS} resubscriptions; "
-                    "book kept without checksum verification until reconnect")
+    def _snapshot(self, sym: str, bids: Levels, bid_texts: TextLevels, asks: Levels,
+                  ask_texts: TextLevels, checksum: int | None, ts: int | None,
+                  ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        c, books = self.checks, self.books
+        c.expecting.discard(sym)
+        bids, bid_texts = _top(bids, bid_texts, True, self.depth)
+        asks, ask_texts = _top(asks, ask_texts, False, self.depth)
+        if checksum is not None and sym not in c.unverified:
+            computed = _crc(ask_texts, bid_texts)
+            if computed != checksum:
+                failed = c.failed.get(sym, 0) + 1
+                detail = f"snapshot checksum mismatch: expected {checksum}, computed {computed}"
+                if failed <= MAX_RESYNC_ATTEMPTS:
+                    c.failed[sym] = failed
+                    books.break_sync(sym, out, detail, ts_recv_ns, recv_seq)
+                    return
+                c.failed.pop(sym, None)
+                c.unverified.add(sym)
+                self.ev(out, EV_ERROR, ts_recv_ns, recv_seq, sym,
+                        f"{detail} after {MAX_RESYNC_ATTEMPTS} resubscriptions; "
+                        "book kept without checksum verification until reconnect")
+            else:
+                c.failed.pop(sym, None)
+        book = books.book(sym)
+        if sym in c.resyncing:
+            why = "after checksum gap"
+            # A resync even if the first snapshot never verified (BookSync writes `resync`
+            # only for a book that was synced before).
+            book.ever_synced = True
+        elif book.status == SYNCED:  # the venue replaced a book we were keeping
+            why = "replacing a synced book"
         else:
-            book.failed_snapshots = 0
-        for px, sz in book.bids.best_first():
-            rows.append((sym, ts, ts_recv_ns, recv_seq, True, BID, px, sz, None))
-        for px, sz in book.asks.best_first():
-            rows.append((sym, ts, ts_recv_ns, recv_seq, True, ASK, px, sz, None))
-        if book.ever_synced or book.resyncing:
-            why = "after checksum gap" if book.resyncing else "after reconnect"
-            self.resync(out, sym, ts_recv_ns, recv_seq, f"book snapshot {why}")
-        book.synced = book.ever_synced = True
-        book.resyncing = False
-        book.unsynced_drops = 0
+            why = "after reconnect"
+        c.resyncing.discard(sym)
+        c.unsynced.pop(sym, None)
+        books.snapshot(sym, out, ts_event_ns=ts, ts_recv_ns=ts_recv_ns, recv_seq=recv_seq,
+                       bids=bids, asks=asks, snapshot_id=None, texts=(bid_texts, ask_texts),
+                       detail=f"book snapshot {why}")
 
-    def _update(self, sym: str, book: _Book, bids: list[_Parsed], asks: list[_Parsed],
-                checksum: int | None, ts: int | None, ts_recv_ns: int, recv_seq: int,
-                out: Output, rows: list[BookRow]) -> None:
-        touched: dict[tuple[str, float], None] = {}
-        depth = self.depth
-        for side_name, side, levels in ((BID, book.bids, bids), (ASK, book.asks, asks)):
-            for px, sz, frag in levels:
-                if sz:
-                    side.set(px, sz, frag)
-                else:
-                    side.remove(px)
-                touched[(side_name, px)] = None
-        for side_name, side in ((BID, book.bids), (ASK, book.asks)):
-            for px in side.truncate(depth):
-                touched[(side_name, px)] = None
-        bad = self._mismatch(book, checksum)
-        if bad is not None:
-            self.gap(out, sym, ts_recv_ns, recv_seq,
-                     f"checksum mismatch: expected {checksum}, computed {bad}")
-            self._resubscribe(sym, book, out)
+    def _update(self, sym: str, bids: Levels, bid_texts: TextLevels, asks: Levels,
+                ask_texts: TextLevels, checksum: int | None, ts: int | None,
+                ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        books, c = self.books, self.checks
+        if not books.synced(sym):
+            # Dropped (counted) until the snapshot; BookSync asks for one if nobody has.
+            books.diff(sym, Diff(0, 0, -1, ts, ts_recv_ns, bids, asks), out, recv_seq)
+            dropped = c.unsynced[sym] = c.unsynced.get(sym, 0) + 1
+            if dropped >= MAX_UNSYNCED_UPDATES and out.reconnect is None:
+                out.reconnect = f"book {sym}: no snapshot after {dropped} updates"
             return
-        bid_levels, ask_levels = book.bids.levels, book.asks.levels
-        for side_name, px in touched:
-            lv = (bid_levels if side_name == BID else ask_levels).get(px)
-            rows.append((sym, ts, ts_recv_ns, recv_seq, False, side_name, px,
-                         lv[0] if lv is not None else 0.0, None))
+        book = books.book(sym)
+        bid_side, ask_side = book.bids, book.asks
+        assert bid_side is not None and ask_side is not None  # keep_levels
+        # Apply, truncate to depth, then verify: the checksum is the continuity check.
+        for (px, sz), text in zip(bids, bid_texts, strict=True):
+            bid_side.set(px, sz, text)
+        for (px, sz), text in zip(asks, ask_texts, strict=True):
+            ask_side.set(px, sz, text)
+        bid_cut, ask_cut = bid_side.truncate(self.depth), ask_side.truncate(self.depth)
+        if checksum is not None and sym not in c.unverified:
+            computed = _crc(ask_side.top_text(CHECKSUM_LEVELS),
+                            bid_side.top_text(CHECKSUM_LEVELS))
+            if computed != checksum:
+                books.break_sync(sym, out, f"checksum mismatch: expected {checksum}, "
+                                 f"computed {computed}", ts_recv_ns, recv_seq)
+                return
+        # Netted rows: one per (side, price) touched, its size after the frame (0: gone).
+        # BookSync re-applies them (a no-op on levels already set) and writes them.
+        touched_bids = dict.fromkeys([px for px, _ in bids])
+        touched_bids.update(dict.fromkeys(bid_cut))
+        touched_asks = dict.fromkeys([px for px, _ in asks])
+        touched_asks.update(dict.fromkeys(ask_cut))
+        books.diff(sym, Diff(0, 0, -1, ts, ts_recv_ns,
+                             [(px, bid_side.amount(px)) for px in touched_bids],
+                             [(px, ask_side.amount(px)) for px in touched_asks]),
+                   out, recv_seq)
 
     # ---- introspection (tests, tools) ------------------------------------------------------
-    def book_levels(self, symbol: str) -> tuple[list[tuple[float, float]],
-                                                list[tuple[float, float]]] | None:
+    def book_levels(self, symbol: str) -> tuple[Levels, Levels] | None:
         """The maintained (bids, asks) of a synced symbol, best first; None if not synced."""
-        book = self._books.get(symbol)
-        if book is None or not book.synced:
+        if not self.books.synced(symbol):
             return None
-        return book.bids.best_first(), book.asks.best_first()
+        book = self.books.book(symbol)
+        assert book.bids is not None and book.asks is not None
+        return book.bids.top(), book.asks.top()
 
 
 def _quote_side(px: float | None, sz: float | None) -> tuple[float | None, float | None]:
