@@ -128,20 +128,20 @@ _INST_ID = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
 _REFUSED = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w-]+)")
 
 
-# ---- wire structs ------------------------------------------------------------------------
-class _Arg(msgspec.Struct):
+# ---- wire structs (no reference cycles: untracked by the GC) -------------------------------
+class _Arg(msgspec.Struct, gc=False):
     channel: str
     instId: str
 
 
-class _AnyArg(msgspec.Struct):
+class _AnyArg(msgspec.Struct, gc=False):
     """`arg` of control frames and of data frames off the fast path (fields optional)."""
 
     channel: str | None = None
     instId: str | None = None
 
 
-class _Trade(msgspec.Struct):
+class _Trade(msgspec.Struct, gc=False):
     tradeId: str | int
     px: str
     sz: str
@@ -150,7 +150,7 @@ class _Trade(msgspec.Struct):
     count: str | int | None = None    # fills aggregated in this push (2023+)
 
 
-class _Quote(msgspec.Struct):
+class _Quote(msgspec.Struct, gc=False):
     """bbo-tbt: levels are [px, sz, "0", orders]."""
 
     bids: list[list[str]]
@@ -158,7 +158,7 @@ class _Quote(msgspec.Struct):
     ts: str | int | None = None
 
 
-class _Book(msgspec.Struct):
+class _Book(msgspec.Struct, gc=False):
     """books / books5: levels are [px, sz, "0", orders]."""
 
     bids: list[list[str]]
@@ -169,23 +169,23 @@ class _Book(msgspec.Struct):
     checksum: Int64 | None = None
 
 
-class _TradesMsg(msgspec.Struct):
+class _TradesMsg(msgspec.Struct, gc=False):
     arg: _Arg
     data: list[_Trade]
 
 
-class _QuotesMsg(msgspec.Struct):
+class _QuotesMsg(msgspec.Struct, gc=False):
     arg: _Arg
     data: list[_Quote]
 
 
-class _BooksMsg(msgspec.Struct):
+class _BooksMsg(msgspec.Struct, gc=False):
     arg: _Arg
     data: list[_Book]
     action: str | None = None
 
 
-class _Envelope(msgspec.Struct):
+class _Envelope(msgspec.Struct, gc=False):
     """Every frame off the fast path: control frames and data in another key order."""
 
     arg: _AnyArg | None = None
