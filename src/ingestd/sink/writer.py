@@ -39,6 +39,9 @@ REJECTS_DIR = ".rejects"
 MAX_INFLIGHT_COMMITS = 4
 # A buffer's newest rows are converted to Arrow ahead of its commit in parts this big.
 CONVERT_ROWS = 8192
+# Conversions queued for the writer's thread before the writer stops taking items (the
+# queue then applies backpressure): bounds the rows held as Python objects.
+MAX_PENDING_CONVERSIONS = 4
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -102,7 +105,8 @@ class Writer:
         self._retry_delay_s = RETRY_MIN_S
         self._tick_s = min(0.05, flush_interval_s / 4)
         self._commit_s_ewma = 0.0    # how long a commit takes lately (s)
-        self._max_buffered = max(4 * flush_max_rows, 1_000_000)
+        self._max_buffered = max(2 * flush_max_rows, 100_000)
+        self._conversions: list[concurrent.futures.Future[Any]] = []
         self._idle = asyncio.Event()
         self.stale_staging_removed = 0
 
@@ -131,6 +135,11 @@ class Writer:
             self.stats.last_progress_mono = self.clock.monotonic()
             if len(self._inflight) >= MAX_INFLIGHT_COMMITS:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            conversions = self._conversions
+            if len(conversions) > MAX_PENDING_CONVERSIONS:
+                conversions[:] = [f for f in conversions if not f.done()]
+                while len(conversions) > MAX_PENDING_CONVERSIONS:
+                    await asyncio.wrap_future(conversions.pop(0))
             while self.batcher.buffered_rows > self._max_buffered:
                 # Commits are failing: stop taking rows so the queue applies backpressure.
                 await asyncio.sleep(self._tick_s)
@@ -173,8 +182,9 @@ class Writer:
         if buf is not None and buf.block_rows >= CONVERT_ROWS:
             # Convert the buffer's newest rows now, in the writer's thread: Arrow holds
             # them in a fifth of the memory, and the commit has less left to do.
-            buf.converted.append(self._executor.submit(
-                to_arrow, block.TABLE, exchange, buf.take_blocks()))
+            fut = self._executor.submit(to_arrow, block.TABLE, exchange, buf.take_blocks())
+            buf.converted.append(fut)
+            self._conversions.append(fut)
 
     async def _tick(self) -> None:
         while True:
