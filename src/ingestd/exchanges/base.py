@@ -181,6 +181,26 @@ class Output:
                 if n < len(seqs):
                     b.truncate(n)
 
+    def absorb(self, later: Output) -> bool:
+        """Append `later`'s rows (the next output of the same feed, in recv_seq order)
+        to this one's blocks, for a queue that is backed up. Only rows, counts and
+        rejects move (the sink's part); what the reader acts on (requests, replies,
+        reconnect) stays on each output, which the reader keeps its own reference to."""
+        for attr in self.TABLE_ATTRS:
+            b = getattr(later, attr)
+            if b is not None and len(b):
+                mine = getattr(self, attr)
+                if mine is None:
+                    setattr(self, attr, b)
+                else:
+                    mine.extend(b)
+        if later.raw_rejects:
+            self.raw_rejects = [*(self.raw_rejects or ()), *later.raw_rejects]
+        if later.last_seq > self.last_seq:
+            self.last_seq = later.last_seq
+        self.messages += later.messages
+        return True
+
     # ---- what the reader must do -------------------------------------------------------
     def event(self, symbol: str | None, ts_event_ns: int | None, ts_recv_ns: int,
               recv_seq: int, feed: str, event: str, detail: str | None) -> None:

@@ -78,6 +78,9 @@ REST_DEADLINE_S = 10.0
 # so that its first frames overlap what the old one delivered (the codec drops the
 # overlap by exchange ids).
 ROTATION_OVERLAP_S = 1.0
+# Frames processed back to back before the reader lets the loop run (a truthful ts_recv
+# needs the loop to read the socket often; each yield costs a loop iteration).
+YIELD_EVERY_FRAMES = 128
 # A crashed reader loop restarts after this long.
 CRASH_RESTART_S = 1.0
 
@@ -390,6 +393,7 @@ class FeedReader:
         st = self.stats
         outbox = self.outbox
         journal = self.journal
+        since_yield = 0
         while not self._stopping:
             self._interruptible = True
             try:
@@ -404,6 +408,12 @@ class FeedReader:
                 await self._follow_up(out)
             if outbox.pending:
                 await outbox.drained()
+            since_yield += len(frames)
+            if since_yield >= YIELD_EVERY_FRAMES:
+                # recv_batch does not suspend while frames are queued: let the loop read
+                # the socket (stamping what arrived) and run timers between reads.
+                since_yield = 0
+                await asyncio.sleep(0)
 
     def ingest(self, ts_recv_ns: int, frames: list[bytes]) -> Output:
         """Journal, decode and hand on the frames of one socket read. Synchronous: the
