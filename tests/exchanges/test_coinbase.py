@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd.config import ConfigError, FeedConfig, parse_config
+from ingestd.checks import parse_config
+from ingestd.config import ConfigError, FeedConfig
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import (
     DROP_DUPLICATE_TRADE,
@@ -28,9 +29,10 @@ from ingestd.exchanges.base import (
     DROP_UNSUBSCRIBED,
     DROP_UNSYNCED_BOOK,
     Output,
+    StateError,
 )
 from ingestd.exchanges.coinbase import RESYNC_TIMEOUT_S, Coinbase
-from ingestd.schema import ROW_WIDTH
+from ingestd.schema import EV_OUT_OF_ORDER, ROW_WIDTH
 from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
 from ingestd.sim.venues import VENUES
@@ -84,7 +86,7 @@ def renumber(frame: bytes, seq: int) -> bytes:
 def rows(outs: Iterable[Output], kind: str) -> list[Any]:
     got: list[Any] = []
     for out in outs:
-        got.extend(getattr(out, kind) or [])
+        got.extend(out.rows(kind))
     return got
 
 
@@ -156,25 +158,25 @@ def check_rows(out: Output) -> None:
                 and isinstance(r[2], int) and isinstance(r[3], int))
 
     r: tuple[Any, ...]
-    for r in out.trades or []:
+    for r in out.rows("trades"):
         assert len(r) == ROW_WIDTH["trades"] and common_ok(r)
         assert r[4] is None or isinstance(r[4], str)
         assert r[5] in ("buy", "sell", "unknown") and price_ok(r[6]) and amount_ok(r[7])
-    for r in out.quotes or []:
+    for r in out.rows("quotes"):
         assert len(r) == ROW_WIDTH["quotes"] and common_ok(r)
         assert all(v is None or price_ok(v) for v in (r[4], r[6]))
         assert all(v is None or amount_ok(v) for v in (r[5], r[7]))
-    for r in out.book or []:
+    for r in out.rows("book"):
         assert len(r) == ROW_WIDTH["book"] and common_ok(r)
         assert isinstance(r[4], bool) and r[5] in ("bid", "ask")
         assert price_ok(r[6]) and amount_ok(r[7]) and (r[8] is None or isinstance(r[8], int))
-    for r in out.events or []:
+    for r in out.rows("events"):
         assert len(r) == ROW_WIDTH["events"]
         assert r[0] is None or isinstance(r[0], str)
         assert isinstance(r[4], str) and isinstance(r[5], str)
         assert r[6] is None or isinstance(r[6], str)
-    if out.error is not None:
-        assert not out.has_rows and not out.replies
+    if out.error is not None:  # a rejected frame leaves no trace at all
+        assert not out.has_rows and not out.replies and not out.drops and not out.unknown
 
 
 # ---- config and subscription ------------------------------------------------------------------
@@ -250,9 +252,9 @@ def test_taker_side_against_best_bid_ask() -> None:
     for frame, out in zip(run.frames, run.outs, strict=True):
         if msg(frame)["sequence_num"] > last_ticker:
             break
-        for sym, _, _, _, bid, _, ask, _ in out.quotes or []:
+        for sym, _, _, _, bid, _, ask, _ in out.rows("quotes"):
             bbo[sym] = (bid, ask)
-        for sym, ts, _, _, _, side, px, _ in out.trades or []:
+        for sym, ts, _, _, _, side, px, _ in out.rows("trades"):
             if sym not in bbo or (ts or 0) < ns("2026-08-09T21:05:48Z"):
                 continue  # snapshot history, before any quote
             bid, ask = bbo[sym]
@@ -267,7 +269,7 @@ def test_replayed_trades_are_not_emitted_twice() -> None:
     first = rows([c.parse(f, T0, T0) for f in TRADES[:10]], "trades")
     c.on_connect()  # a reconnect: the venue replays the last 100 trades of each product
     out = c.parse(TRADES[0], T0 + 1, T0 + 1)
-    assert out.trades is None and out.drops == {DROP_DUPLICATE_TRADE: 100}
+    assert not out.trades and out.drops == {DROP_DUPLICATE_TRADE: 100}
     again = rows([c.parse(renumber(f, i + 1), T0 + 2, T0 + 2)
                   for i, f in enumerate(TRADES[1:15])], "trades")
     ids = [r[4] for r in first + again]
@@ -281,16 +283,64 @@ def test_trade_id_gap_is_an_event_and_a_replay_fills_it() -> None:
     c = codec(channels=["trades"])
     c.parse(TRADES[0], T0, T0)                      # BTC-USD ..1068572090
     out = c.parse(renumber(TRADES[3], 1), T0, T0)   # 1068572092: 091 was lost
-    assert [(e[0], e[5], e[6]) for e in out.events or []] == [
-        ("BTC-USD", "gap", "trade_id: expected 1068572091, received 1068572092")]
-    assert [r[4] for r in out.trades or []] == ["1068572092"]
-    # A later replay (e.g. the snapshot after a reconnect) holds 091: written once, late.
+    assert [(e[0], e[5], e[6]) for e in out.rows("events")] == [
+        ("BTC-USD", "gap", "trade id expected 1068572091, got 1068572092 (1 missing)")]
+    assert [r[4] for r in out.rows("trades")] == ["1068572092"]
+    # A later replay (e.g. the snapshot after a reconnect) holds 091: written once, late,
+    # with an `out_of_order` event (it is below the highest id seen).
     replay = msg(TRADES[2])
     replay["sequence_num"] = 2
     out = c.parse(orjson.dumps(replay), T0, T0)
-    assert [r[4] for r in out.trades or []] == ["1068572091"] and not out.events
+    assert [r[4] for r in out.rows("trades")] == ["1068572091"]
+    assert [(e[0], e[5]) for e in out.rows("events")] == [("BTC-USD", EV_OUT_OF_ORDER)]
     out = c.parse(renumber(TRADES[2], 3), T0, T0)
-    assert out.trades is None and out.drops == {DROP_DUPLICATE_TRADE: 1}
+    assert not out.trades and not out.events and out.drops == {DROP_DUPLICATE_TRADE: 1}
+
+
+def trades_frame(seq: int, ids: list[int], kind: str = "update") -> bytes:
+    """A BTC-USD market_trades frame with these trade ids, in the order given (the venue
+    lists newest first), each a copy of a recorded trade."""
+    template = msg(TRADES[2])["events"][0]["trades"][0]
+    trades = [{**template, "trade_id": str(i)} for i in ids]
+    return orjson.dumps({"channel": "market_trades", "timestamp": "2026-08-09T21:05:49Z",
+                         "sequence_num": seq, "events": [{"type": kind, "trades": trades}]})
+
+
+def test_never_seen_lower_trade_id_is_stored_and_replays_are_dropped() -> None:
+    """A never-seen id below the highest seen (a hole filled by a later snapshot) is a
+    real trade: stored once, with an `out_of_order` event; a replayed id is dropped."""
+    c = codec(channels=["trades"])
+    out = c.parse(trades_frame(0, [105, 101, 100]), T0, 1)
+    assert [r[4] for r in out.rows("trades")] == ["100", "101", "105"]
+    assert [e[6] for e in out.rows("events")] == [
+        "trade id expected 102, got 105 (3 missing)"]
+    late = c.parse(trades_frame(1, [103]), T0 + 1, 2)
+    assert late.rows("trades") == [("BTC-USD", ns("2026-08-09T21:05:48.167634Z"), T0 + 1, 2,
+                                    "103", "buy", 65083.67, 0.01034361)]
+    ((sym, _te, _tr, seq, feed, event, detail),) = late.rows("events")
+    assert (sym, seq, feed, event) == ("BTC-USD", 2, "cb", EV_OUT_OF_ORDER)
+    assert "103" in detail and "105" in detail
+    # A (re)subscribe snapshot, newest first, over everything: taken in ascending id
+    # order, so only the two ids of the hole never seen are new (and out of order), 106
+    # continues, and every replayed id is dropped without an event.
+    snap = c.parse(trades_frame(2, [106, 105, 104, 103, 102, 101, 100], "snapshot"), T0, 3)
+    assert [r[4] for r in snap.rows("trades")] == ["102", "104", "106"]
+    assert [e[5] for e in snap.rows("events")] == [EV_OUT_OF_ORDER, EV_OUT_OF_ORDER]
+    assert snap.drops == {DROP_DUPLICATE_TRADE: 4}
+    again = c.parse(trades_frame(3, [106, 105, 104, 103, 102, 101, 100], "snapshot"), T0, 4)
+    assert not again.trades and not again.events
+    assert again.drops == {DROP_DUPLICATE_TRADE: 7}
+
+
+def test_a_normal_snapshot_after_a_reconnect_is_replays_then_new_ids() -> None:
+    """The usual case: the snapshot after a reconnect overlaps what was stored and goes on
+    past it. Newest first on the wire, but no event: duplicates, then consecutive ids."""
+    c = codec(channels=["trades"])
+    c.parse(trades_frame(0, list(range(199, 99, -1)), "snapshot"), T0, 1)   # 100..199
+    c.on_connect()
+    out = c.parse(trades_frame(0, list(range(203, 103, -1)), "snapshot"), T0, 2)
+    assert [r[4] for r in out.rows("trades")] == ["200", "201", "202", "203"]
+    assert not out.events and out.drops == {DROP_DUPLICATE_TRADE: 96}
 
 
 def test_non_numeric_trade_ids_are_deduplicated() -> None:
@@ -300,18 +350,18 @@ def test_non_numeric_trade_ids_are_deduplicated() -> None:
     out1 = c.parse(orjson.dumps(d), T0, T0)
     d["sequence_num"] += 1
     out2 = c.parse(orjson.dumps(d), T0, T0)
-    assert [r[4] for r in out1.trades or []] == ["a1b2-c3"]
-    assert out2.trades is None and out2.drops == {DROP_DUPLICATE_TRADE: 1}
+    assert [r[4] for r in out1.rows("trades")] == ["a1b2-c3"]
+    assert not out2.trades and out2.drops == {DROP_DUPLICATE_TRADE: 1}
 
 
 def test_unsubscribed_symbols_and_channels_are_dropped_and_counted() -> None:
     c = codec(["BTC-USD"], ["trades", "book"])
     out = c.parse(TRADES[1], T0, T0)  # ETH-USD snapshot
-    assert out.trades is None and out.drops == {DROP_UNSUBSCRIBED: 100}
+    assert not out.trades and out.drops == {DROP_UNSUBSCRIBED: 100}
     out = c.parse(renumber(TICKERS[0], 1), T0, T0)  # quotes not subscribed
-    assert out.quotes is None and out.drops == {DROP_UNSUBSCRIBED: 1}
+    assert not out.quotes and out.drops == {DROP_UNSUBSCRIBED: 1}
     out = c.parse(renumber(L2[1], 2), T0, T0)  # ETH-USD book
-    assert out.book is None and out.drops == {DROP_UNSUBSCRIBED: 1}
+    assert not out.book and out.drops == {DROP_UNSUBSCRIBED: 1}
     assert not rows([out], "events")
 
 
@@ -338,7 +388,8 @@ def test_empty_ticker_side_is_null_not_zero() -> None:
     t["best_ask"], t["best_ask_quantity"] = "", ""
     t["best_bid"], t["best_bid_quantity"] = "0", "0"
     out = codec(channels=["quotes"]).parse(orjson.dumps(d), T0, T0)
-    assert out.quotes == [("BTC-USD", ns(d["timestamp"]), T0, T0, None, None, None, None)]
+    assert out.rows("quotes") == [
+        ("BTC-USD", ns(d["timestamp"]), T0, T0, None, None, None, None)]
 
 
 # ---- book -------------------------------------------------------------------------------------
@@ -346,16 +397,17 @@ def test_book_snapshot_and_update_golden() -> None:
     c = codec(["ETH-USD"], ["book"])
     snap = c.parse(renumber(L2[0], 0), T0, 7)
     levels = msg(L2[0])["events"][0]["updates"]
-    assert snap.book is not None and len(snap.book) == len(levels) == 23_334
-    assert {r[3] for r in snap.book} == {7} and all(r[4] for r in snap.book)
-    assert snap.book[0] == ("ETH-USD", 1_786_309_548_351_610_000, T0, 7, True, "bid",
+    book = snap.rows("book")
+    assert len(book) == len(levels) == 23_334
+    assert {r[3] for r in book} == {7} and all(r[4] for r in book)
+    assert book[0] == ("ETH-USD", 1_786_309_548_351_610_000, T0, 7, True, "bid",
                             1919.44, 0.02858092, None)
-    assert snap.book[-1] == ("ETH-USD", 1_786_309_548_351_610_000, T0, 7, True, "ask",
+    assert book[-1] == ("ETH-USD", 1_786_309_548_351_610_000, T0, 7, True, "ask",
                              100000000.0, 0.00000003, None)
-    assert sum(r[5] == "ask" for r in snap.book) == 16_399
+    assert sum(r[5] == "ask" for r in book) == 16_399
     assert not snap.events  # the first snapshot is a sync, not a resync
     upd = c.parse(renumber(L2[1], 1), T0 + 1, 8)
-    assert upd.book == [
+    assert upd.rows("book") == [
         ("ETH-USD", 1_786_309_548_464_857_000, T0 + 1, 8, False, "bid", 1918.55, 0.00000131,
          None),
         ("ETH-USD", 1_786_309_548_464_857_000, T0 + 1, 8, False, "bid", 1917.95, 1.1531, None),
@@ -377,7 +429,7 @@ def test_book_rebuilt_from_rows_equals_the_venue_book() -> None:
 def test_book_updates_before_any_snapshot_wait_and_resubscribe_after_timeout() -> None:
     c = codec(["ETH-USD"], ["book"])
     out = c.parse(renumber(L2[1], 0), T0, T0)
-    assert out.book is None and out.drops == {DROP_UNSYNCED_BOOK: 1} and not out.replies
+    assert not out.book and out.drops == {DROP_UNSYNCED_BOOK: 1} and not out.replies
     out = c.parse(renumber(L2[2], 1), T0 + int(RESYNC_TIMEOUT_S * S), T0 + 1)
     assert out.drops == {DROP_UNSYNCED_BOOK: 1}
     assert out.replies == [
@@ -391,12 +443,12 @@ def test_gap_resubscribes_the_book_and_the_next_snapshot_resyncs() -> None:
     assert c.parse(renumber(L2[0], 0), T0, 1).book
     assert c.parse(renumber(L2[1], 1), T0, 2).book
     out = c.parse(renumber(L2[2], 3), T0 + S, 3)  # number 2 was lost
-    assert [(e[0], e[5], e[6]) for e in out.events or []] == [
+    assert [(e[0], e[5], e[6]) for e in out.rows("events")] == [
         (None, "gap", "sequence_num: expected 2, received 3 (1 messages missing)")]
     assert out.replies == [
         '{"type":"unsubscribe","product_ids":["ETH-USD"],"channel":"level2"}',
         '{"type":"subscribe","product_ids":["ETH-USD"],"channel":"level2"}']
-    assert out.book is None and out.drops == {DROP_UNSYNCED_BOOK: 1}
+    assert not out.book and out.drops == {DROP_UNSYNCED_BOOK: 1}
     # Trades are not affected by the book being out of sync.
     assert c.parse(renumber(TRADES[1], 4), T0 + S, 4).trades
     # A second gap within the re-subscription interval does not ask again.
@@ -404,8 +456,8 @@ def test_gap_resubscribes_the_book_and_the_next_snapshot_resyncs() -> None:
     assert len(events([out], "gap")) == 1 and not out.replies
     # The new snapshot: a snapshot block, a resync event, then deltas again.
     snap = c.parse(renumber(L2[0], 7), T0 + 2 * S, 6)
-    assert snap.book and all(r[4] and r[3] == 6 for r in snap.book)
-    assert [(e[0], e[5]) for e in snap.events or []] == [("ETH-USD", "resync")]
+    assert snap.book and all(r[4] and r[3] == 6 for r in snap.rows("book"))
+    assert [(e[0], e[5]) for e in snap.rows("events")] == [("ETH-USD", "resync")]
     assert c.parse(renumber(L2[4], 8), T0 + 2 * S, 7).book
 
 
@@ -420,9 +472,9 @@ def test_sequence_going_back_is_reported_and_its_book_content_dropped() -> None:
     c.parse(renumber(L2[0], 0), T0, 1)
     c.parse(renumber(L2[1], 1), T0, 2)
     out = c.parse(renumber(L2[2], 1), T0, 3)
-    assert [e[6] for e in out.events or []] == [
+    assert [e[6] for e in out.rows("events")] == [
         "sequence_num went back: expected 2, received 1"]
-    assert out.book is None and out.drops == {DROP_STALE_BOOK: 1} and not out.replies
+    assert not out.book and out.drops == {DROP_STALE_BOOK: 1} and not out.replies
     assert c.parse(renumber(L2[2], 2), T0, 4).book  # the expected number still continues
 
 
@@ -433,7 +485,7 @@ def test_reconnect_restarts_the_sequence_and_resyncs_books() -> None:
     out = c.parse(renumber(L2[1], 0), T0, 2)  # an update before the new snapshot
     assert not events([out], "gap") and out.drops == {DROP_UNSYNCED_BOOK: 1}
     snap = c.parse(renumber(L2[0], 1), T0, 3)
-    assert [e[5] for e in snap.events or []] == ["resync"]
+    assert [e[5] for e in snap.rows("events")] == ["resync"]
 
 
 def test_rotation_to_a_connection_that_replays_everything() -> None:
@@ -463,6 +515,125 @@ def test_lost_frame_through_the_simulated_venue_resyncs_exactly() -> None:
     assert len(rows(run.outs, "trades")) == 279
 
 
+def test_update_levels_keep_their_own_event_time() -> None:
+    """Each update row carries its level's event_time; a snapshot block carries the latest
+    event_time of its levels (the venue's re-subscription snapshots mix them)."""
+    c = codec(["ETH-USD"], ["book"])
+    snap = msg(_small_snapshot())
+    snap["sequence_num"] = 0
+    snap["events"][0]["updates"][-1]["event_time"] = "2026-08-09T21:05:48.4Z"
+    out = c.parse(orjson.dumps(snap), T0, 1)
+    assert {r[1] for r in out.rows("book")} == {ns("2026-08-09T21:05:48.4Z")}
+    d = msg(L2[1])
+    d["sequence_num"] = 1
+    d["events"][0]["updates"][1]["event_time"] = "2026-08-09T21:05:48.5Z"
+    d["events"][0]["updates"].append({"side": "offer", "event_time": "2026-08-09T21:05:48.5Z",
+                                      "price_level": "1920.01", "new_quantity": "2"})
+    out = c.parse(orjson.dumps(d), T0, 2)
+    t1, t2 = 1_786_309_548_464_857_000, ns("2026-08-09T21:05:48.5Z")
+    # In the order sent: one diff per run of levels sharing an event_time.
+    assert [(r[1], r[5], r[6], r[7]) for r in out.rows("book")] == [
+        (t1, "bid", 1918.55, 0.00000131), (t2, "bid", 1917.95, 1.1531),
+        (t1, "bid", 1917.35, 0.0), (t2, "ask", 1920.01, 2.0)]
+    assert {r[3] for r in out.rows("book")} == {2} and not out.events
+
+
+# ---- explicit state and the batch policy ------------------------------------------------------
+BOOK_AND_TRADES = ["book", "trades", "quotes"]
+
+
+def test_state_round_trips_as_json_and_the_connection_continues() -> None:
+    """state() -> JSON -> a fresh codec (what a journal replay is seeded with): the same
+    connection goes on - no sequence gap, the book is applied without a resync, and a
+    replay of stored trades is dropped."""
+    c = codec(["ETH-USD"], BOOK_AND_TRADES)
+    kept = c.parse_batch([renumber(L2[0], 0), renumber(TRADES[1], 1), renumber(L2[1], 2),
+                          renumber(SUBSCRIBE[9], 3)], T0, 1)
+    assert kept.rejects is None and len(kept.rows("trades")) == 100
+    saved = orjson.loads(orjson.dumps(c.state()))
+    assert saved["v"] == Coinbase.STATE_VERSION and saved["exchange"] == "coinbase"
+    assert set(saved["parts"]) == {"trades", "books", "connection"}
+    assert saved["parts"]["trades"]["ints"] == {"ETH-USD": [[833140679], [833140778]]}
+    assert saved["parts"]["connection"]["expected"] == 4
+    assert ["level2", "ETH-USD"] in saved["parts"]["connection"]["acked"]
+    fresh = codec(["ETH-USD"], BOOK_AND_TRADES)
+    fresh.restore(saved)
+    assert orjson.loads(orjson.dumps(fresh.state())) == saved
+    later = [renumber(TRADES[1], 4), renumber(SUBSCRIBE[9], 5),
+             *[renumber(f, 6 + i) for i, f in enumerate(L2[2:40])]]
+    cont = c.parse_batch(later, T0 + S, 10)
+    restored = fresh.parse_batch(later, T0 + S, 10)
+    assert restored.rejects is None and not restored.events and restored.replies is None
+    assert restored.drops == {DROP_DUPLICATE_TRADE: 100} and not restored.trades
+    assert restored.rows("book") and restored.rows("book") == cont.rows("book")
+    assert book_from_rows(kept.rows("book") + restored.rows("book")) == {
+        "ETH-USD": reference_book(40)}
+
+
+def test_state_taken_while_waiting_for_a_snapshot_resumes_the_resync() -> None:
+    c = codec(["ETH-USD"], ["book"])
+    c.parse(renumber(L2[0], 0), T0, 1)
+    assert c.parse(renumber(L2[1], 2), T0 + S, 2).replies  # number 1 lost: re-subscribed
+    fresh = codec(["ETH-USD"], ["book"])
+    fresh.restore(orjson.loads(orjson.dumps(c.state())))
+    # Still waiting: updates dropped; another gap within the interval does not ask again.
+    out = fresh.parse(renumber(L2[2], 4), T0 + S + 1, 3)
+    assert len(events([out], "gap")) == 1 and not out.replies
+    assert out.drops == {DROP_UNSYNCED_BOOK: 1}
+    # No snapshot RESYNC_TIMEOUT_S after asking: asked again.
+    out = fresh.parse(renumber(L2[3], 5), T0 + S + int(RESYNC_TIMEOUT_S * S), 4)
+    assert out.replies == [
+        '{"type":"unsubscribe","product_ids":["ETH-USD"],"channel":"level2"}',
+        '{"type":"subscribe","product_ids":["ETH-USD"],"channel":"level2"}']
+    snap = fresh.parse(renumber(L2[0], 6), T0 + 7 * S, 5)
+    assert snap.book and [(e[0], e[5]) for e in events([snap])] == [("ETH-USD", "resync")]
+
+
+def test_restore_refuses_garbage_and_other_versions() -> None:
+    c = codec()
+    c.parse_batch([renumber(L2[0], 0), renumber(TRADES[0], 1), renumber(SUBSCRIBE[9], 2)],
+                  T0, 1)
+    saved = orjson.loads(orjson.dumps(c.state()))
+    parts = saved["parts"]
+    conn = parts["connection"]
+
+    def with_part(name: str, value: Any) -> dict[str, Any]:
+        return {**saved, "parts": {**parts, name: value}}
+
+    bad: Any
+    for bad in (None, [], "x", {"v": 999, "exchange": "coinbase", "parts": {}},
+                {**saved, "v": saved["v"] + 1}, {**saved, "exchange": "kraken"},
+                {**saved, "parts": None},
+                with_part("trades", {"ints": {"BTC-USD": [[5, 1], [2]]}}),
+                with_part("trades", {"ints": {"BTC-USD": [[5], [1]]}}),
+                with_part("books", [1, 2]),
+                with_part("books", {"ETH-USD": {**parts["books"]["ETH-USD"], "status": 7}}),
+                with_part("connection", []),
+                with_part("connection", {**conn, "expected": -1}),
+                with_part("connection", {**conn, "expected": "3"}),
+                with_part("connection", {**conn, "expected": True}),
+                with_part("connection", {**conn, "asked": {"ETH-USD": "soon"}}),
+                with_part("connection", {**conn, "acked": [["level2"]]}),
+                with_part("connection", {k: v for k, v in conn.items() if k != "expected"})):
+        with pytest.raises(StateError):
+            codec().restore(bad)
+    codec().restore(saved)  # the untouched state is fine
+
+
+def test_a_bad_frame_in_a_batch_keeps_its_neighbours() -> None:
+    c = codec(["ETH-USD"], ["book", "trades"])
+    bad = renumber(L2[2], 2).replace(b'"new_quantity":"', b'"new_quantity":"x', 1)
+    out = c.parse_batch([renumber(L2[0], 0), renumber(L2[1], 1), bad, renumber(L2[2], 2),
+                         renumber(TRADES[1], 3)], T0, 20)
+    assert out.rejects is not None and [i for i, _ in out.rejects] == [2]
+    assert sorted({r[3] for r in out.rows("book")}) == [20, 21, 23]
+    assert {r[3] for r in out.rows("trades")} == {24} and len(out.rows("trades")) == 100
+    # The rejected frame changed nothing: its number is still the expected one (no gap),
+    # nothing was counted or asked for.
+    assert not out.events and out.drops is None and out.replies is None
+    assert book_from_rows(out.rows("book")) == {"ETH-USD": reference_book(3)}
+
+
 # ---- acks, errors, unknown, heartbeats ------------------------------------------------------
 def test_acks_become_subscribed_events_once_per_channel_and_product() -> None:
     c = codec()
@@ -478,13 +649,13 @@ def test_venue_error_and_refused_product() -> None:
     c = codec(["BTC-USD", "XRP-USDX"])
     out = c.parse(b'{"type":"error","message":"Failed to subscribe",'
                   b'"reason":"XRP-USDX is not a valid product"}', T0, 5)
-    assert [(e[0], e[5], e[6]) for e in out.events or []] == [
+    assert [(e[0], e[5], e[6]) for e in out.rows("events")] == [
         (None, "error", "Failed to subscribe: XRP-USDX is not a valid product"),
         ("XRP-USDX", "refused", "Failed to subscribe: XRP-USDX is not a valid product")]
     out = c.parse(b'{"type":"error","message":"failure to subscribe"}', T0, 6)
-    assert [(e[0], e[5]) for e in out.events or []] == [(None, "error"), (None, "refused")]
+    assert [(e[0], e[5]) for e in out.rows("events")] == [(None, "error"), (None, "refused")]
     out = c.parse(b'{"type":"error","message":"subscribe or unsubscribe required"}', T0, 7)
-    assert [e[5] for e in out.events or []] == ["error"]
+    assert [e[5] for e in out.rows("events")] == ["error"]
 
 
 def test_heartbeats_unknown_channels_and_foreign_messages() -> None:
@@ -530,7 +701,7 @@ def test_malformed_frames_are_rejected_and_leave_no_trace(frame: bytes) -> None:
     assert out.error is not None and not out.has_rows and not out.unknown
     # Nothing of it was applied: the next number is still 0, and no trade id was taken.
     nxt = c.parse(TRADES[0], T0, 2)
-    assert not events([nxt], "gap") and len(nxt.trades or []) == 100
+    assert not events([nxt], "gap") and len(nxt.rows("trades")) == 100
 
 
 # ---- property-based: bad input never raises, rows always well-formed --------------------------

@@ -1,12 +1,13 @@
 """Coinbase Advanced Trade (`coinbase`) codec: wss://advanced-trade-ws.coinbase.com.
 
-Owns: the subscribe messages (one per channel: `market_trades` for trades, `ticker` for
-quotes, `level2` for the book, and always `heartbeats`, which keeps the connection open),
-the decoding of `market_trades`, `ticker`, `l2_data`, `subscriptions`, `heartbeats` and
-`type: error` frames, the per-connection `sequence_num` check, the book resync by
-re-subscription, and the de-duplication of replayed trades.
-
-Must not: do I/O, read a clock or log (see exchanges/base.py).
+Owns: Coinbase's wire format and rules - the subscribe messages (one per channel:
+`market_trades` for trades, `ticker` for quotes, `level2` for the book, and always
+`heartbeats`, which keeps the connection open), the decoding (typed msgspec structs, one
+tagged union on `channel`) of `market_trades`, `ticker` / `ticker_batch`, `l2_data`,
+`subscriptions` and `heartbeats` frames and of `type: error` frames, the per-connection
+`sequence_num` check, and the book resync by re-subscription, run on the shared
+`BookSync` (channel snapshots, no per-symbol ids: `rules=None`) and the shared exact trade
+de-duplication (`TradeIds`).
 
 What the recorded data (shared fixtures, 2026-08-09, BTC-USD and ETH-USD) shows:
 
@@ -18,44 +19,67 @@ What the recorded data (shared fixtures, 2026-08-09, BTC-USD and ETH-USD) shows:
   `"SELL"` fills walk up through the asks. So the taker side written here is the opposite:
   `"SELL"` -> `buy`, `"BUY"` -> `sell` (anything else -> `unknown`).
 - **`sequence_num` is one counter per connection across all channels**, starting at 0
-  (the first frame recorded has 0; acks, heartbeats and data frames all take a number).
-  Any jump is a `gap` event (`expected`/`received` in the detail). A lost frame may have
-  been a `l2_data` update, so every book of the feed is resynced: Coinbase has no REST
-  book snapshot for this feed, so the codec sends `unsubscribe` + `subscribe` for
-  `level2` (at most once per `RESUBSCRIBE_MIN_INTERVAL_S` of receive time; again after
-  `RESYNC_TIMEOUT_S` if no snapshot came) and drops that book's updates (counted as
-  `book_not_synced`) until the new `l2_data` snapshot, which is written as a snapshot block
-  followed by a `resync` event. A frame whose `sequence_num` goes back is a `gap` event too;
-  its book and quote content is dropped as stale.
-- **Trade ids are per-product integers, contiguous and increasing** (147 BTC-USD ids and
+  (the first frame recorded has 0; acks, heartbeats and data frames all take a number,
+  so do frames of channels this codec does not handle, e.g. `candles`). Any jump is one
+  feed-level `gap` event (`expected`/`received` in the detail). A lost frame may have been
+  an `l2_data` update of any product, so every book of the feed is resynced (except one
+  the frame with the jump itself snapshots): Coinbase has no REST book snapshot for this
+  feed, so the codec sends one `unsubscribe` + `subscribe` pair for `level2` with those
+  products (`BookSync`'s `resubscribe`; a book already waiting for a snapshot is asked
+  again at most once per `RESUBSCRIBE_MIN_INTERVAL_S` of receive time) and `BookSync`
+  drops that book's updates (counted as `book_not_synced`) until the new `l2_data`
+  snapshot, which is written as a snapshot block followed by a `resync` event. Updates
+  before the first snapshot of a connection wait for the connect-time subscription's
+  snapshot; if none came `RESYNC_TIMEOUT_S` after the first dropped update (or after our
+  last re-subscription), `level2` is re-subscribed again. A frame whose `sequence_num`
+  goes back is a `gap` event too; its book and quote content is dropped as stale
+  (`stale_book_update`, `out_of_order_frame`), its trades go through de-duplication.
+- **Trade ids are per-product integers, consecutive and increasing** (147 BTC-USD ids and
   132 ETH-USD ids without a hole; within a frame listed newest first). `market_trades`
-  sends the last 100 trades of each product as a `snapshot` on every (re)subscription, so
-  trades are emitted in ascending id order per frame and de-duplicated with a last-id
-  watermark per product; ids skipped over (a jump, itself a `gap` event for that symbol)
-  are remembered (bounded, `MAX_MISSING_TRADE_IDS`) so that a later replay can still fill
-  them in once. Non-numeric ids fall back to a bounded set of recent ids.
+  sends the last 100 trades of each product as a `snapshot` on every (re)subscription.
+  The trades of one frame are taken in ascending id order (so a normal snapshot is one
+  run of new or replayed ids, not a flood of out-of-order ones) through the shared
+  `TradeIds` (consecutive): a replayed id is dropped (counted, `duplicate_trade`), a
+  jump is a `gap` event for that symbol, and a never-seen id below the highest seen (the
+  hole of an earlier jump, filled by a later snapshot) is stored with an `out_of_order`
+  event. Non-numeric ids (or numbers beyond int64) go through the opaque-id window.
 - `l2_data` (the `level2` channel's delivery name) sends sides `bid`/`offer`,
-  `new_quantity` absolute (0 removes) and an RFC 3339 `event_time` per level (used as
-  `ts_event`); `update_id` is null because `sequence_num` restarts on every connection.
-  Ticker rows take the envelope `timestamp` (ns) as `ts_event`; trades their `time`.
+  `new_quantity` absolute (0 removes) and an RFC 3339 `event_time` per level. Update rows
+  carry their level's `event_time` as `ts_event` (an update is applied as one diff per run
+  of levels sharing an `event_time`: in the recording every event has one); a snapshot
+  block carries the latest `event_time` of its levels (one value for the whole block; the
+  recorded snapshot's levels all share it). `update_id` is null: `sequence_num` restarts
+  on every connection and is not a per-book id. Ticker rows take the envelope
+  `timestamp` (ns) as `ts_event`; trades their `time`.
+
+Connections: `on_connect` (and a rotation, the default `on_rotate`) restarts the
+sequence at 0 and unsyncs every book: the connect-time `level2` subscription brings the
+snapshots. Trade ids are kept, so the replayed trade snapshots are de-duplicated.
+
+State (`state()` / `restore()`): trade ids (`trades`), every book's sync position
+(`books`; no levels are kept: Coinbase has no checksum and no depth truncation, and
+quotes come from `ticker`), and the per-connection bookkeeping (`connection`: the next
+expected `sequence_num`, when each book was last asked for a snapshot, the subscriptions
+acknowledged so far), so a journal replay continues a connection exactly.
+
+Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
+(the base rejects the frame); change any state, count a drop or queue a reply before a
+frame is known to be well-formed.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Final, Literal
 
+import msgspec
 import orjson
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
-    DROP_DUPLICATE_TRADE,
     DROP_STALE_BOOK,
     DROP_UNSUBSCRIBED,
-    DROP_UNSYNCED_BOOK,
     BadFrame,
     Codec,
     Output,
@@ -63,86 +87,213 @@ from ingestd.exchanges.base import (
     iso_to_ns,
     price,
 )
-from ingestd.schema import ASK, BID, BUY, SELL, UNKNOWN, BookRow, QuoteRow, TradeRow
+from ingestd.exchanges.book import AWAITING, BookSync, Diff, Levels
+from ingestd.exchanges.trades import TradeIds, admit_opaque_trade, admit_trade
+from ingestd.schema import ASK, BID, BUY, SELL, UNKNOWN
 
 # Our channels -> the venue's subscription channel names.
-CHANNEL_OF = {"trades": "market_trades", "quotes": "ticker", "book": "level2"}
-HEARTBEATS = "heartbeats"
+CHANNEL_OF: Final = {"trades": "market_trades", "quotes": "ticker", "book": "level2"}
+HEARTBEATS: Final = "heartbeats"
 # Drop reason for quotes of a frame whose sequence_num went back.
-DROP_OUT_OF_ORDER = "out_of_order_frame"
+DROP_OUT_OF_ORDER: Final = "out_of_order_frame"
 
-RESUBSCRIBE_MIN_INTERVAL_S = 1.0   # at most one level2 re-subscription per book per second
-RESYNC_TIMEOUT_S = 5.0             # no snapshot this long after asking: ask again
-MAX_MISSING_TRADE_IDS = 1000       # skipped trade ids remembered per product
-MAX_TEXT_TRADE_IDS = 10_000        # recent non-numeric trade ids remembered per product
+RESUBSCRIBE_MIN_INTERVAL_S: Final = 1.0  # a waiting book is asked again at most once a second
+RESYNC_TIMEOUT_S: Final = 5.0            # no snapshot this long after asking: ask again
 # BTC-USD's full level2 snapshot is ~5 MB (the recorded ETH-USD one 2.5 MB).
-MIN_BOOK_FRAME_BYTES = 8 * 1024 * 1024
+MIN_BOOK_FRAME_BYTES: Final = 8 * 1024 * 1024
 
-_NS = 1_000_000_000
-_PRODUCT_ID = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
-_TAKER_SIDE = {"SELL": BUY, "BUY": SELL}   # the venue's side is the maker's
-_BOOK_SIDE = {"bid": BID, "offer": ASK, "ask": ASK}
-_ERRORS = (orjson.JSONDecodeError, BadFrame, KeyError, TypeError, ValueError, IndexError,
-           AttributeError, OverflowError)
+_NS: Final = 1_000_000_000
+_MAX_I64: Final = 2**63 - 1
+_PRODUCT_ID: Final = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
+_TAKER_SIDE: Final = {"SELL": BUY, "BUY": SELL}   # the venue's side is the maker's
+_BOOK_SIDE: Final = {"bid": BID, "offer": ASK, "ask": ASK}
 
-# Decoded, not yet applied: (symbol, trade_id text, trade_id int|None, ts_ns, side, px, qty)
-_Trade = tuple[str, str, int | None, int, str, float, float]
-# (ts_event_ns, side, price, amount)
-_Level = tuple[int, str, float, float]
+Seq = Annotated[int, msgspec.Meta(ge=0)]
+Number = str | float   # Coinbase sends decimal strings; bare JSON numbers are taken too
 
 
-@dataclass(slots=True)
-class _L2Event:
-    snapshot: bool
-    symbol: str
-    levels: list[_Level]
+# ---- wire structs (unknown fields ignored) --------------------------------------------------
+class _Trade(msgspec.Struct, gc=False):
+    product_id: str
+    trade_id: str | int
+    price: Number
+    size: Number
+    time: str
+    side: str | None = None
 
 
-@dataclass(slots=True)
-class _Book:
-    synced: bool = False
-    ever_synced: bool = False
-    # ts_recv of our last level2 (re)subscription; None: only the connect-time one.
-    asked_ns: int | None = None
+class _TradesEvent(msgspec.Struct, gc=False):
+    trades: list[_Trade]
+    type: str | None = None
 
 
-@dataclass(slots=True)
-class _TradeIds:
-    last: int | None = None
-    missing: set[int] = field(default_factory=set)
-    text_seen: set[str] = field(default_factory=set)
-    text_order: deque[str] = field(default_factory=deque)
+class _Ticker(msgspec.Struct, gc=False):
+    product_id: str
+    best_bid: Number
+    best_bid_quantity: Number
+    best_ask: Number
+    best_ask_quantity: Number
 
 
-# ---- small typed accessors (every failure is a BadFrame) ----------------------------------
-def _obj(v: Any, what: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise BadFrame(f"{what} is not an object")
-    return v
+class _TickersEvent(msgspec.Struct, gc=False):
+    tickers: list[_Ticker]
+    type: str | None = None
 
 
-def _arr(v: Any, what: str) -> list[Any]:
-    if not isinstance(v, list):
-        raise BadFrame(f"{what} is not an array")
-    return v
+class _Level(msgspec.Struct, gc=False):
+    side: str
+    event_time: str
+    price_level: Number
+    new_quantity: Number
 
 
-def _text(d: dict[str, Any], key: str) -> str:
-    v = d.get(key)
-    if not isinstance(v, str):
-        raise BadFrame(f"{key} is not a string")
-    return v
+class _L2Event(msgspec.Struct, gc=False):
+    type: Literal["snapshot", "update"]
+    product_id: str
+    updates: list[_Level]
 
 
-def _number(d: dict[str, Any], key: str) -> str | int | float:
-    v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise BadFrame(f"{key} is not a number")
-    return v
+class _SubscriptionsEvent(msgspec.Struct, gc=False):
+    subscriptions: dict[str, list[Any]]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class _TradesMsg(msgspec.Struct, tag_field="channel", tag="market_trades", gc=False):
+    sequence_num: Seq
+    events: list[_TradesEvent]
+
+
+class _TickerMsg(msgspec.Struct, tag_field="channel", tag="ticker", gc=False):
+    sequence_num: Seq
+    timestamp: str
+    events: list[_TickersEvent]
+
+
+class _TickerBatchMsg(_TickerMsg, tag="ticker_batch", gc=False):
+    pass
+
+
+class _L2Msg(msgspec.Struct, tag_field="channel", tag="l2_data", gc=False):
+    sequence_num: Seq
+    events: list[_L2Event]
+
+
+class _SubscriptionsMsg(msgspec.Struct, tag_field="channel", tag="subscriptions", gc=False):
+    sequence_num: Seq
+    events: list[_SubscriptionsEvent]
+
+
+class _HeartbeatsMsg(msgspec.Struct, tag_field="channel", tag=HEARTBEATS, gc=False):
+    sequence_num: Seq
+    events: list[Any]
+
+
+class _OtherMsg(msgspec.Struct, gc=False):
+    """A frame of a channel this codec does not handle (e.g. `candles`): it still takes a
+    sequence number."""
+
+    channel: str
+    sequence_num: Seq
+    events: list[Any]
+
+
+_Channel = _TradesMsg | _TickerMsg | _TickerBatchMsg | _L2Msg | _SubscriptionsMsg | \
+    _HeartbeatsMsg
+
+_FRAME = msgspec.json.Decoder(_Channel)
+# One strict decoder per channel: on the generic path they raise with a precise reason.
+_STRICT: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    "market_trades": msgspec.json.Decoder(_TradesMsg),
+    "ticker": msgspec.json.Decoder(_TickerMsg),
+    "ticker_batch": msgspec.json.Decoder(_TickerBatchMsg),
+    "l2_data": msgspec.json.Decoder(_L2Msg),
+    "subscriptions": msgspec.json.Decoder(_SubscriptionsMsg),
+    HEARTBEATS: msgspec.json.Decoder(_HeartbeatsMsg)}
+_OTHER = msgspec.json.Decoder(_OtherMsg)
+
+# Decoded and validated, not yet applied.
+# A trade: (symbol, trade_id text, trade_id int | None (opaque), ts_ns, side, price, amount)
+_CheckedTrade = tuple[str, str, int | None, int, str, float, float]
+# A run of one l2_data event's levels sharing one event_time: (ts_event_ns, bids, asks)
+_Run = tuple[int, Levels, Levels]
+_NO_SNAPSHOTS: Final[frozenset[str]] = frozenset()
+
+
+def _trade_id(raw: str | int) -> tuple[str, int | None]:
+    """The id text as stored, and its integer value when it is one (None: opaque id)."""
+    text = str(raw) if isinstance(raw, int) else raw
+    if not text:
+        raise BadFrame("trade_id is empty")
+    if text.isascii() and text.isdigit():
+        tid = int(text)
+        if tid <= _MAX_I64:   # state is JSON: integers beyond 64 bits do not go through it
+            return text, tid
+    return text, None
+
+
+def _quote_side(px: Number, qty: Number) -> tuple[float | None, float | None]:
+    """One side of a ticker's BBO; (None, None) when the venue reports that side empty."""
+    if px == "" or float(px) == 0.0:
+        if qty == "" or float(qty) == 0.0:
+            return None, None
+        raise BadFrame(f"best price empty with quantity {qty!r}")
+    return price(px), amount(qty)
+
+
+def _runs(updates: list[_Level]) -> list[_Run]:
+    """An event's levels, validated, as runs of consecutive levels sharing an event_time."""
+    runs: list[_Run] = []
+    last_time = ""
+    bids: Levels = []
+    asks: Levels = []
+    for u in updates:
+        side = _BOOK_SIDE.get(u.side)
+        if side is None:
+            raise BadFrame(f"book side {u.side!r}"[:80])
+        if u.event_time != last_time or not runs:
+            last_time = u.event_time
+            bids, asks = [], []
+            runs.append((iso_to_ns(last_time), bids, asks))
+        (bids if side == BID else asks).append((price(u.price_level),
+                                                amount(u.new_quantity)))
+    return runs
+
+
+# ---- per-connection bookkeeping ---------------------------------------------------------------
+class _Connection:
+    """What one connection has established: the next `sequence_num`, when each book was
+    last asked for a snapshot (absent: only the connect-time subscription, or none since
+    its last snapshot), and the (channel, product) subscriptions acknowledged."""
+
+    def __init__(self) -> None:
+        self.expected = 0
+        self.asked: dict[str, int] = {}
+        self.acked: frozenset[tuple[str, str]] = frozenset()
+
+    def reset(self) -> None:
+        self.expected = 0
+        self.asked = {}
+        self.acked = frozenset()
+
+    def state(self) -> dict[str, Any]:
+        return {"expected": self.expected, "asked": dict(self.asked),
+                "acked": sorted([ch, p] for ch, p in self.acked)}
+
+    def restore(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise BadFrame("connection state is not an object")
+        expected, asked, acked = state["expected"], state["asked"], state["acked"]
+        if type(expected) is not int or expected < 0:
+            raise BadFrame(f"expected sequence_num {expected!r}")
+        if not isinstance(asked, dict) or not all(
+                isinstance(k, str) and type(v) is int and v >= 0 for k, v in asked.items()):
+            raise BadFrame("asked is not an object of receive times")
+        if not isinstance(acked, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                for p in acked):
+            raise BadFrame("acked is not a list of [channel, product]")
+        self.expected = expected
+        self.asked = dict(asked)
+        self.acked = frozenset((ch, p) for ch, p in acked)
 
 
 class Coinbase(Codec):
@@ -167,11 +318,15 @@ class Coinbase(Codec):
         self._want_trades = "trades" in self.channels
         self._want_quotes = "quotes" in self.channels
         self._want_book = "book" in self.channels
-        self._books: dict[str, _Book] = (
-            {s: _Book() for s in feed.symbols} if self._want_book else {})
-        self._trade_ids: dict[str, _TradeIds] = {}
-        self._expected_seq = 0
-        self._acked: frozenset[tuple[str, str]] = frozenset()
+        self._book_symbols: tuple[str, ...] = tuple(feed.symbols) if self._want_book else ()
+        self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
+        self.books = self.stateful("books", BookSync(self, None,
+                                                     resubscribe=self._resubscribe))
+        self.conn = self.stateful("connection", _Connection())
+        # Per frame: its receive time (for `_resubscribe`) and the books to re-subscribe.
+        self._now = 0
+        self._resub: list[str] = []
+        self._expect_snapshots()
 
     # ---- config --------------------------------------------------------------------------
     @classmethod
@@ -188,13 +343,17 @@ class Coinbase(Codec):
 
     # ---- connection ------------------------------------------------------------------------
     def on_connect(self) -> None:
-        # sequence_num restarts at 0 on every connection; every book needs a new snapshot
-        # (the connect-time `level2` subscription brings one).
-        self._expected_seq = 0
-        self._acked = frozenset()
-        for book in self._books.values():
-            book.synced = False
-            book.asked_ns = None
+        # sequence_num restarts at 0 on every connection; every book needs a new snapshot,
+        # which the connect-time `level2` subscription brings.
+        self.conn.reset()
+        self.books.reset()
+        self._expect_snapshots()
+
+    def _expect_snapshots(self) -> None:
+        """Every book waits for the snapshot its connect-time subscription brings: updates
+        before it are dropped without asking again (until `RESYNC_TIMEOUT_S`)."""
+        for sym in self._book_symbols:
+            self.books.book(sym).status = AWAITING
 
     def subscribe_messages(self) -> Sequence[str]:
         products = list(self.feed.symbols)
@@ -208,142 +367,72 @@ class Coinbase(Codec):
         return orjson.dumps({"type": kind, "product_ids": products,
                              "channel": channel}).decode()
 
+    def _resubscribe(self, sym: str, out: Output) -> None:
+        """BookSync's `resubscribe`: ask for a fresh snapshot of `sym`'s book. The symbols
+        of one frame go out as one unsubscribe + subscribe pair (see `parse_frame`)."""
+        self.conn.asked[sym] = self._now
+        if sym not in self._resub:
+            self._resub.append(sym)
+
     # ---- frames ----------------------------------------------------------------------------
-    def parse(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int) -> Output:
-        # Decode everything first (no state touched), then apply: a rejected frame leaves
-        # the codec as if it never arrived (its sequence_num then shows up as a gap).
+    def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        self._now = ts_recv_ns
+        self._resub = []
         try:
-            msg = _obj(orjson.loads(frame), "frame")
-            if msg.get("type") == "error":
-                return self._venue_error(msg, ts_recv_ns, recv_seq)
-            channel = msg.get("channel")
-            seq = msg.get("sequence_num")
-            if channel is None:
-                out = Output()
-                out.unknown = True
-                return out
-            if not isinstance(channel, str):
-                raise BadFrame("channel is not a string")
-            if not isinstance(seq, int) or isinstance(seq, bool):
-                raise BadFrame("sequence_num is not an integer")
-            seq_num = seq
-            events = _arr(msg.get("events"), "events")
-            trades: list[_Trade] | None = None
-            quotes: list[QuoteRow] | None = None
-            l2: list[_L2Event] | None = None
-            subs: frozenset[tuple[str, str]] | None = None
-            if channel == "market_trades":
-                trades = self._decode_trades(events)
-            elif channel == "ticker" or channel == "ticker_batch":
-                quotes = self._decode_tickers(events, iso_to_ns(_text(msg, "timestamp")),
-                                              ts_recv_ns, recv_seq)
-            elif channel == "l2_data":
-                l2 = self._decode_l2(events)
-            elif channel == "subscriptions":
-                subs = self._decode_subscriptions(events)
-            elif channel != HEARTBEATS:
-                channel = ""  # valid, but not a channel we handle
-        except _ERRORS as e:
-            bad = Output()
-            bad.error = f"{type(e).__name__}: {e}"[:200]
-            return bad
+            msg: Any = _FRAME.decode(frame)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            msg = self._generic(frame, ts_recv_ns, recv_seq, out)
+        cls = type(msg)
+        if cls is _L2Msg:
+            self._book(msg, ts_recv_ns, recv_seq, out)
+        elif cls is _TradesMsg:
+            self._trades(msg, ts_recv_ns, recv_seq, out)
+        elif cls is _TickerMsg or cls is _TickerBatchMsg:
+            self._quotes(msg, ts_recv_ns, recv_seq, out)
+        elif cls is _HeartbeatsMsg:
+            self._sequence(msg.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
+        elif cls is _SubscriptionsMsg:
+            self._subscriptions(msg, ts_recv_ns, recv_seq, out)
+        if self._resub:
+            out.reply(self._request("unsubscribe", CHANNEL_OF["book"], self._resub))
+            out.reply(self._request("subscribe", CHANNEL_OF["book"], self._resub))
+            self._resub = []
 
-        out = Output()
-        snap_syms = {e.symbol for e in l2 if e.snapshot} if l2 else set()
-        stale = self._check_sequence(seq_num, snap_syms, ts_recv_ns, recv_seq, out)
-        if trades is not None:
-            self._apply_trades(trades, ts_recv_ns, recv_seq, out)
-        elif quotes is not None:
-            self._apply_quotes(quotes, stale, out)
-        elif l2 is not None:
-            self._apply_l2(l2, stale, ts_recv_ns, recv_seq, out)
-        elif subs is not None:
-            self._apply_subscriptions(subs, ts_recv_ns, recv_seq, out)
-        elif not channel:
-            out.unknown = True
-        return out
-
-    # ---- decoding (pure) -------------------------------------------------------------------
-    @staticmethod
-    def _decode_trades(events: list[Any]) -> list[_Trade]:
-        trades: list[_Trade] = []
-        for ev in events:
-            for raw in reversed(_arr(_obj(ev, "event").get("trades"), "trades")):
-                t = _obj(raw, "trade")
-                tid_raw = t.get("trade_id")
-                if _is_int(tid_raw):
-                    tid_text = str(tid_raw)
-                elif isinstance(tid_raw, str) and tid_raw:
-                    tid_text = tid_raw
-                else:
-                    raise BadFrame("trade_id is not a string or integer")
-                tid = int(tid_text) if tid_text.isascii() and tid_text.isdigit() else None
-                side = t.get("side")
-                trades.append((_text(t, "product_id"), tid_text, tid,
-                               iso_to_ns(_text(t, "time")),
-                               _TAKER_SIDE.get(side, UNKNOWN) if isinstance(side, str)
-                               else UNKNOWN,
-                               price(_number(t, "price")), amount(_number(t, "size"))))
-        # Oldest first (the venue lists newest first); numeric ids strictly ascending.
-        if all(t[2] is not None for t in trades):
-            trades.sort(key=lambda t: (t[0], t[2]))
-        return trades
-
-    @staticmethod
-    def _decode_tickers(events: list[Any], ts_event_ns: int, ts_recv_ns: int,
-                        recv_seq: int) -> list[QuoteRow]:
-        rows: list[QuoteRow] = []
-        for ev in events:
-            for raw in _arr(_obj(ev, "event").get("tickers"), "tickers"):
-                t = _obj(raw, "ticker")
-                bid_px, bid_sz = _side_of_book(t, "best_bid", "best_bid_quantity")
-                ask_px, ask_sz = _side_of_book(t, "best_ask", "best_ask_quantity")
-                rows.append((_text(t, "product_id"), ts_event_ns, ts_recv_ns, recv_seq,
-                             bid_px, bid_sz, ask_px, ask_sz))
-        return rows
-
-    @staticmethod
-    def _decode_l2(events: list[Any]) -> list[_L2Event]:
-        decoded: list[_L2Event] = []
-        for raw_ev in events:
-            ev = _obj(raw_ev, "event")
-            kind = ev.get("type")
-            if kind != "snapshot" and kind != "update":
-                raise BadFrame(f"l2_data event type {kind!r}")
-            levels: list[_Level] = []
-            last_time, last_ns = "", 0
-            for raw in _arr(ev.get("updates"), "updates"):
-                u = _obj(raw, "update")
-                raw_side = u.get("side")
-                side = _BOOK_SIDE.get(raw_side) if isinstance(raw_side, str) else None
-                if side is None:
-                    raise BadFrame(f"book side {raw_side!r}")
-                t = _text(u, "event_time")
-                if t != last_time:  # a snapshot's levels share one event_time
-                    last_time, last_ns = t, iso_to_ns(t)
-                levels.append((last_ns, side, price(_number(u, "price_level")),
-                               amount(_number(u, "new_quantity"))))
-            decoded.append(_L2Event(kind == "snapshot", _text(ev, "product_id"), levels))
-        return decoded
-
-    @staticmethod
-    def _decode_subscriptions(events: list[Any]) -> frozenset[tuple[str, str]]:
-        pairs: set[tuple[str, str]] = set()
-        for ev in events:
-            subs = _obj(_obj(ev, "event").get("subscriptions"), "subscriptions")
-            for channel, products in subs.items():
-                for p in _arr(products, "subscribed products"):
-                    if isinstance(p, str):
-                        pairs.add((channel, p))
-        return frozenset(pairs)
+    def _generic(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
+                 out: Output) -> msgspec.Struct | None:
+        """Frames off the fast path: venue errors, other channels, foreign messages, and
+        bad frames (which raise here with a precise reason)."""
+        raw = orjson.loads(frame)
+        if not isinstance(raw, dict):
+            raise BadFrame("not a JSON object")
+        if raw.get("type") == "error":
+            self._venue_error(raw, ts_recv_ns, recv_seq, out)
+            return None
+        channel = raw.get("channel")
+        if channel is None:
+            out.unknown += 1
+            return None
+        if not isinstance(channel, str):
+            raise BadFrame("channel is not a string")
+        strict = _STRICT.get(channel)
+        if strict is not None:
+            decoded: msgspec.Struct = strict.decode(frame)
+            return decoded
+        other = _OTHER.decode(frame)   # valid, but not a channel we handle
+        self._sequence(other.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
+        out.unknown += 1
+        return None
 
     # ---- sequence and book resync ------------------------------------------------------------
-    def _check_sequence(self, seq: int, snap_syms: set[str], ts_recv_ns: int, recv_seq: int,
-                        out: Output) -> bool:
-        """Check `sequence_num`; True if the frame is older than what was already seen."""
-        expected = self._expected_seq
+    def _sequence(self, seq: int, snapshots: frozenset[str], ts_recv_ns: int, recv_seq: int,
+                  out: Output) -> bool:
+        """Check `sequence_num` (of a validated frame that snapshots the books of
+        `snapshots`); True if the frame is older than what was already seen."""
+        conn = self.conn
+        expected = conn.expected
         if seq == expected:
-            self._expected_seq = seq + 1
+            conn.expected = seq + 1
             return False
         if seq < expected:
             self.gap(out, None, ts_recv_ns, recv_seq,
@@ -352,125 +441,131 @@ class Coinbase(Codec):
         self.gap(out, None, ts_recv_ns, recv_seq,
                  f"sequence_num: expected {expected}, received {seq} "
                  f"({seq - expected} messages missing)")
-        self._expected_seq = seq + 1
+        conn.expected = seq + 1
         # Any book may have lost an update: resync all but those this frame snapshots.
-        resub = []
-        for sym, book in self._books.items():
-            if sym in snap_syms:
+        books = self.books
+        for sym in self._book_symbols:
+            if sym in snapshots:
                 continue
-            book.synced = False
-            if (book.asked_ns is None
-                    or ts_recv_ns - book.asked_ns >= RESUBSCRIBE_MIN_INTERVAL_S * _NS):
-                book.asked_ns = ts_recv_ns
-                resub.append(sym)
-        self._resubscribe_books(resub, out)
+            asked = conn.asked.get(sym)
+            if (books.awaiting(sym) and asked is not None
+                    and ts_recv_ns - asked < RESUBSCRIBE_MIN_INTERVAL_S * _NS):
+                continue  # asked for a snapshot less than a second ago: it is on its way
+            books.break_sync(sym, out, "", ts_recv_ns, recv_seq, event=False)
         return False
 
-    def _resubscribe_books(self, symbols: list[str], out: Output) -> None:
-        if symbols:
-            out.reply(self._request("unsubscribe", CHANNEL_OF["book"], symbols))
-            out.reply(self._request("subscribe", CHANNEL_OF["book"], symbols))
-
-    # ---- applying --------------------------------------------------------------------------
-    def _apply_trades(self, trades: list[_Trade], ts_recv_ns: int, recv_seq: int,
-                      out: Output) -> None:
-        rows: list[TradeRow] = []
-        for sym, tid_text, tid, ts, side, px, qty in trades:
-            if not self._want_trades or sym not in self.symbols:
-                out.drop(DROP_UNSUBSCRIBED)
+    # ---- trades ----------------------------------------------------------------------------
+    def _trades(self, msg: _TradesMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        checked: list[_CheckedTrade] = []
+        numeric = True
+        for ev in msg.events:
+            for t in reversed(ev.trades):   # the venue lists newest first
+                text, tid = _trade_id(t.trade_id)
+                numeric = numeric and tid is not None
+                side = _TAKER_SIDE.get(t.side, UNKNOWN) if t.side is not None else UNKNOWN
+                checked.append((t.product_id, text, tid, iso_to_ns(t.time), side,
+                                price(t.price), amount(t.size)))
+        if numeric and len(checked) > 1:
+            # Ascending ids per product: a replay is one run of duplicates, then new ids.
+            checked.sort(key=lambda r: (r[0], r[2] or 0))
+        # Everything validated: the sequence, then the ids.
+        self._sequence(msg.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
+        want, symbols, ids = self._want_trades, self.symbols, self.trade_ids
+        unsubscribed = 0
+        block = None
+        for sym, text, tid, ts, side, px, qty in checked:
+            if not want or sym not in symbols:
+                unsubscribed += 1
                 continue
-            ids = self._trade_ids.get(sym)
-            if ids is None:
-                ids = self._trade_ids[sym] = _TradeIds()
-            if not self._is_new_trade(sym, ids, tid_text, tid, ts_recv_ns, recv_seq, out):
-                out.drop(DROP_DUPLICATE_TRADE)
+            if tid is None:
+                if not admit_opaque_trade(out, ids, sym, text):
+                    continue
+            elif not admit_trade(self, out, ids, sym, tid, ts_recv_ns, recv_seq):
                 continue
-            rows.append((sym, ts, ts_recv_ns, recv_seq, tid_text, side, px, qty))
-        if rows:
-            out.trades = rows
+            if block is None:
+                block = out.trades_block()
+            block.add(sym, ts, ts_recv_ns, recv_seq, text, side, px, qty)
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)
 
-    def _is_new_trade(self, sym: str, ids: _TradeIds, tid_text: str, tid: int | None,
-                      ts_recv_ns: int, recv_seq: int, out: Output) -> bool:
-        if tid is None:
-            if tid_text in ids.text_seen:
-                return False
-            ids.text_seen.add(tid_text)
-            ids.text_order.append(tid_text)
-            if len(ids.text_order) > MAX_TEXT_TRADE_IDS:
-                ids.text_seen.discard(ids.text_order.popleft())
-            return True
-        last = ids.last
-        if last is None or tid > last:
-            if last is not None and tid > last + 1:
-                self.gap(out, sym, ts_recv_ns, recv_seq,
-                         f"trade_id: expected {last + 1}, received {tid}")
-                ids.missing.update(range(max(last + 1, tid - MAX_MISSING_TRADE_IDS), tid))
-                if len(ids.missing) > MAX_MISSING_TRADE_IDS:
-                    floor = tid - MAX_MISSING_TRADE_IDS
-                    ids.missing = {i for i in ids.missing if i >= floor}
-            ids.last = tid
-            return True
-        if tid in ids.missing:  # a trade skipped earlier, replayed now
-            ids.missing.discard(tid)
-            return True
-        return False
+    # ---- quotes ----------------------------------------------------------------------------
+    def _quotes(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        ts = iso_to_ns(msg.timestamp)
+        rows = [(t.product_id, *_quote_side(t.best_bid, t.best_bid_quantity),
+                 *_quote_side(t.best_ask, t.best_ask_quantity))
+                for ev in msg.events for t in ev.tickers]
+        stale = self._sequence(msg.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
+        want, symbols = self._want_quotes, self.symbols
+        unsubscribed = old = 0
+        block = None
+        for sym, bid_px, bid_sz, ask_px, ask_sz in rows:
+            if not want or sym not in symbols:
+                unsubscribed += 1
+            elif stale:
+                old += 1
+            else:
+                if block is None:
+                    block = out.quotes_block()
+                block.add(sym, ts, ts_recv_ns, recv_seq, bid_px, bid_sz, ask_px, ask_sz)
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)
+        if old:
+            out.drop(DROP_OUT_OF_ORDER, old)
 
-    def _apply_quotes(self, quotes: list[QuoteRow], stale: bool, out: Output) -> None:
-        rows = []
-        for row in quotes:
-            if not self._want_quotes or row[0] not in self.symbols:
+    # ---- order book ------------------------------------------------------------------------
+    def _book(self, msg: _L2Msg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        parsed = [(ev.type == "snapshot", ev.product_id, _runs(ev.updates))
+                  for ev in msg.events]
+        snapshots = frozenset(sym for snap, sym, _ in parsed if snap)
+        stale = self._sequence(msg.sequence_num, snapshots, ts_recv_ns, recv_seq, out)
+        books, symbols = self.books, self.symbols
+        for snapshot, sym, runs in parsed:
+            if not self._want_book or sym not in symbols:
                 out.drop(DROP_UNSUBSCRIBED)
             elif stale:
-                out.drop(DROP_OUT_OF_ORDER)
-            else:
-                rows.append(row)
-        if rows:
-            out.quotes = rows
-
-    def _apply_l2(self, events: list[_L2Event], stale: bool, ts_recv_ns: int, recv_seq: int,
-                  out: Output) -> None:
-        rows: list[BookRow] = []
-        resub: list[str] = []
-        for ev in events:
-            sym = ev.symbol
-            book = self._books.get(sym)
-            if book is None:
-                out.drop(DROP_UNSUBSCRIBED)
-                continue
-            if stale:
                 out.drop(DROP_STALE_BOOK)
-                continue
-            if ev.snapshot:
-                for ts, side, px, qty in ev.levels:
-                    rows.append((sym, ts, ts_recv_ns, recv_seq, True, side, px, qty, None))
-                if book.ever_synced:
-                    self.resync(out, sym, ts_recv_ns, recv_seq,
-                                f"l2_data snapshot, {len(ev.levels)} levels")
-                book.synced = book.ever_synced = True
-                book.asked_ns = None
-            elif book.synced:
-                for ts, side, px, qty in ev.levels:
-                    rows.append((sym, ts, ts_recv_ns, recv_seq, False, side, px, qty, None))
+            elif snapshot:
+                n = sum(len(b) + len(a) for _, b, a in runs)
+                books.snapshot(sym, out, ts_event_ns=max((r[0] for r in runs), default=None),
+                               ts_recv_ns=ts_recv_ns, recv_seq=recv_seq,
+                               bids=[lv for r in runs for lv in r[1]],
+                               asks=[lv for r in runs for lv in r[2]], snapshot_id=None,
+                               detail=f"l2_data snapshot, {n} levels")
+                self.conn.asked.pop(sym, None)
+            elif books.synced(sym):
+                for ts, bids, asks in runs:
+                    books.diff(sym, Diff(0, 0, -1, ts, ts_recv_ns, bids, asks), out,
+                               recv_seq)
             else:
-                out.drop(DROP_UNSYNCED_BOOK)
-                if book.asked_ns is None:
-                    book.asked_ns = ts_recv_ns  # start waiting from the first dropped update
-                elif ts_recv_ns - book.asked_ns >= RESYNC_TIMEOUT_S * _NS:
-                    book.asked_ns = ts_recv_ns
-                    resub.append(sym)
-        self._resubscribe_books(resub, out)
-        if rows:
-            out.book = rows
+                self._unsynced_update(sym, runs, ts_recv_ns, recv_seq, out)
 
-    def _apply_subscriptions(self, pairs: frozenset[tuple[str, str]], ts_recv_ns: int,
-                             recv_seq: int, out: Output) -> None:
-        for channel, sym in sorted(pairs - self._acked):
+    def _unsynced_update(self, sym: str, runs: list[_Run], ts_recv_ns: int, recv_seq: int,
+                         out: Output) -> None:
+        """An update for a book waiting for its snapshot: dropped (counted) by BookSync; if
+        no snapshot came `RESYNC_TIMEOUT_S` after we started waiting, ask again."""
+        self.books.diff(sym, Diff(0, 0, -1, runs[0][0] if runs else None, ts_recv_ns,
+                                  [lv for r in runs for lv in r[1]],
+                                  [lv for r in runs for lv in r[2]]), out, recv_seq)
+        asked = self.conn.asked.get(sym)
+        if asked is None:
+            self.conn.asked[sym] = ts_recv_ns  # start waiting from the first dropped update
+        elif ts_recv_ns - asked >= RESYNC_TIMEOUT_S * _NS:
+            self.books.request_snapshot(sym, out)
+
+    # ---- acks and errors -------------------------------------------------------------------
+    def _subscriptions(self, msg: _SubscriptionsMsg, ts_recv_ns: int, recv_seq: int,
+                       out: Output) -> None:
+        pairs = frozenset((channel, p) for ev in msg.events
+                          for channel, products in ev.subscriptions.items()
+                          for p in products if isinstance(p, str))
+        self._sequence(msg.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
+        for channel, sym in sorted(pairs - self.conn.acked):
             if sym in self.symbols:
                 self.subscribed(out, sym, ts_recv_ns, recv_seq, channel)
-        self._acked = pairs
+        self.conn.acked = pairs
 
-    def _venue_error(self, msg: dict[str, Any], ts_recv_ns: int, recv_seq: int) -> Output:
-        out = Output()
+    def _venue_error(self, msg: dict[str, Any], ts_recv_ns: int, recv_seq: int,
+                     out: Output) -> None:
         message, reason = msg.get("message"), msg.get("reason")
         detail = str(message) if message is not None else "error"
         if reason is not None:
@@ -483,15 +578,3 @@ class Coinbase(Codec):
         low = detail.lower()
         if not named and "subscribe" in low and "fail" in low:
             self.refused(out, None, ts_recv_ns, recv_seq, detail)
-        return out
-
-
-def _side_of_book(t: dict[str, Any], px_key: str, qty_key: str
-                  ) -> tuple[float | None, float | None]:
-    """One side of a ticker's BBO; (None, None) when the venue reports that side empty."""
-    px, qty = _number(t, px_key), _number(t, qty_key)
-    if px == "" or float(px) == 0.0:
-        if qty == "" or float(qty) == 0.0:
-            return None, None
-        raise BadFrame(f"{px_key} empty with {qty_key}={qty!r}")
-    return price(px), amount(qty)
