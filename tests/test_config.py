@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.config import ConfigError, load_config, parse_config
+from ingestd.checks import load_config, parse_config
+from ingestd.config import ConfigError
 
 MINIMAL = """
 [storage]

@@ -19,18 +19,14 @@ with one clear message and no traceback; 1 any other fatal error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ingestd import __version__
+from ingestd.runner import EX_CONFIG, EX_FATAL, EX_OK, EX_USAGE, run_loop
 
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 2
-EX_CONFIG = 78
+__all__ = ["EX_CONFIG", "EX_FATAL", "EX_OK", "EX_USAGE", "main"]
 
 COMMANDS = ("run", "check", "demo", "sim", "compact", "status")
 
@@ -69,14 +65,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def _status(url: str) -> int:
     from ingestd.status import fetch, render
 
@@ -97,14 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(seconds=args.seconds, root=args.root, exchanges=args.exchange)
     if command == "sim":
         from ingestd.sim.cli import serve_forever
-        return _run_loop(serve_forever(args.exchange, args.host, args.port, args.rate or None))
+        return run_loop(serve_forever(args.exchange, args.host, args.port, args.rate or None))
     if command == "status" and args.url:
         return _status(args.url)
     if not args.config:
         print("ingestd: --config PATH is required (see ingestd --help)", file=sys.stderr)
         return EX_USAGE
 
-    from ingestd.config import ConfigError, load_config
+    from ingestd.checks import load_config
+    from ingestd.config import ConfigError
 
     try:
         cfg = load_config(args.config)
@@ -149,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return await Daemon(cfg, config_path=args.config).run()
 
     try:
-        return _run_loop(_main())
+        return run_loop(_main())
     except HealthBindError as e:
         print(f"ingestd: {args.config}: {e}", file=sys.stderr)
         return EX_FATAL

@@ -21,8 +21,9 @@ import msgspec
 import structlog
 
 from ingestd import __version__
+from ingestd.checks import load_config
 from ingestd.clock import SYSTEM_CLOCK, Clock, SeqAllocator
-from ingestd.config import Config, ConfigError, FeedConfig, load_config
+from ingestd.config import Config, ConfigError, FeedConfig
 from ingestd.exchanges import CODECS, Codec, make_codec
 from ingestd.feed.intake import STOP, Intake, MessageQueue
 from ingestd.feed.limiter import ConnectLimiter
@@ -34,7 +35,7 @@ from ingestd.sink.journal import Journal
 from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.state import load_feed_state, save_feed_states
 from ingestd.sink.writer import Writer
-from ingestd.stats import FeedStats, QueueStats, WriterStats
+from ingestd.stats import DaemonSnapshot, FeedStats, QueueStats, WriterStats, daemon_snapshot
 
 log = structlog.get_logger("ingestd.daemon")
 
@@ -112,6 +113,15 @@ class Daemon:
     @staticmethod
     def root_of(cfg: Config) -> Path:
         return Path(cfg.storage.root)
+
+    def stats_snapshot(self) -> DaemonSnapshot:
+        """A frozen copy of every counter (what health and metrics read)."""
+        self.queue_stats.depth = self.queue.qsize()
+        return daemon_snapshot(
+            state=self.state, now_mono=self.clock.monotonic(), loop_lag_s=self.loop_lag_s,
+            loop_lag_max_s=self.loop_lag_max_s, feeds=self.feed_stats.values(),
+            queue=self.queue_stats, writer=self.writer_stats,
+            journal=None if self.journal is None else self.journal.stats)
 
     # ---- control ---------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -335,7 +345,7 @@ class Daemon:
             await self._recover()
             self.journal.start()
         host, _, port = self.cfg.health.listen.rpartition(":")
-        self.health = HealthServer(self, host.strip("[]"), int(port))
+        self.health = HealthServer(self.stats_snapshot, host.strip("[]"), int(port))
         try:
             self.health_port = await self.health.start()
         except OSError as e:

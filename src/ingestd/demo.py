@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ingestd.cli import EX_CONFIG, EX_OK, _run_loop
-from ingestd.config import ConfigError, parse_config
+from ingestd.checks import parse_config
+from ingestd.config import ConfigError
+from ingestd.runner import EX_CONFIG, EX_OK, run_loop
 from ingestd.schema import TABLES
 
 
@@ -97,5 +98,5 @@ def run_demo(seconds: float = 8.0, root: str | None = None,
               f"(have: {', '.join(sorted(VENUES))})", file=sys.stderr)
         return EX_CONFIG
     out = Path(root or "demo-data").resolve()
-    code = _run_loop(_demo(seconds, out, chosen))
+    code = run_loop(_demo(seconds, out, chosen))
     return code if code else EX_OK

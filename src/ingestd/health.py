@@ -11,13 +11,14 @@ server already in our dependencies): every request is answered from `process_req
 a client that does not send its request within `REQUEST_TIMEOUT_S` is dropped, and no
 handler awaits anything, so a slow or abusive client cannot stall the daemon.
 
-Must not: mutate daemon state, or compute anything expensive per request beyond reading
-the counters.
+Must not: mutate daemon state, import the daemon, or compute anything expensive per
+request: every answer is built from one frozen `DaemonSnapshot` taken from the snapshot
+source the daemon hands over (`Callable[[], DaemonSnapshot]`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -25,82 +26,93 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from ingestd.metrics import CONTENT_TYPE, exposition, registry_for
-
-if TYPE_CHECKING:
-    from ingestd.daemon import Daemon
+from ingestd.stats import DaemonSnapshot, SnapshotProvider, SnapshotSource
 
 REQUEST_TIMEOUT_S = 5.0
 WRITER_STALL_S = 10.0     # /livez fails if the writer made no progress for this long
 
+# A snapshot, a source of snapshots, or an object with `stats_snapshot()` (the daemon).
+SnapshotLike = DaemonSnapshot | SnapshotSource | SnapshotProvider
 
-def health_snapshot(d: Daemon) -> tuple[int, dict[str, Any]]:
-    now = d.clock.monotonic()
+
+def _snapshot(src: SnapshotLike) -> DaemonSnapshot:
+    if isinstance(src, DaemonSnapshot):
+        return src
+    if isinstance(src, SnapshotProvider):
+        return src.stats_snapshot()
+    return src()
+
+
+def _round(age: float | None) -> float | None:
+    return None if age is None else round(age, 3)
+
+
+def health_snapshot(src: SnapshotLike) -> tuple[int, dict[str, Any]]:
+    """The /health status code and JSON body of one snapshot."""
+    snap = _snapshot(src)
     feeds: dict[str, Any] = {}
-    all_streaming = bool(d.feed_stats)
-    for name, st in sorted(d.feed_stats.items()):
-        age = None if st.last_message_mono is None else round(now - st.last_message_mono, 3)
-        feeds[name] = {
+    all_streaming = bool(snap.feeds)
+    for st in snap.feeds:
+        feeds[st.name] = {
             "exchange": st.exchange,
             "state": st.state,
             "breaker": st.breaker,
             "messages": st.messages,
-            "last_message_age_s": age,
+            "last_message_age_s": _round(st.last_message_age_s),
             "reconnects": st.reconnects,
             "gaps": st.gaps,
             "resyncs": st.resyncs,
             "stale": st.stale,
-            "parse_errors": sum(st.parse_errors.values()),
-            "drops": sum(st.drops.values()),
+            "parse_errors": sum(n for _, n in st.parse_errors),
+            "drops": sum(n for _, n in st.drops),
             "last_error": st.last_error,
         }
         all_streaming = all_streaming and st.state == "streaming"
-    w = d.writer_stats
-    writer_ok = w.healthy and writer_progressing(d)
+    w = snap.writer
+    writer_ok = w.healthy and writer_progressing(snap)
     journal: dict[str, Any] | None = None
-    if d.journal is not None:
-        js = d.journal.stats
+    if snap.journal is not None:
+        js = snap.journal
         journal = {
             "healthy": js.healthy,
             "pending_bytes": js.pending_bytes,
-            "fsync_age_s": None if js.last_fsync_mono is None
-            else round(now - js.last_fsync_mono, 3),
+            "fsync_age_s": _round(js.fsync_age_s),
             "fsync_failures": js.fsync_failures,
             "segments_deleted": js.segments_deleted,
         }
         writer_ok = writer_ok and js.healthy
-    if d.state in ("starting", "stopping"):
-        status = d.state
+    if snap.state in ("starting", "stopping"):
+        status = snap.state
     else:
         status = "ok" if all_streaming and writer_ok else "degraded"
+    q = snap.queue
     body = {
         "status": status,
         "feeds": feeds,
-        "queue": {"depth": d.queue.qsize(), "capacity": d.queue_stats.capacity,
-                  "peak_depth": d.queue_stats.peak_depth,
-                  "dropped": sum(d.queue_stats.dropped.values())},
+        "queue": {"depth": q.depth, "capacity": q.capacity, "peak_depth": q.peak_depth,
+                  "dropped": sum(n for _, n in q.dropped)},
         "writer": {"healthy": w.healthy, "committing": writer_ok,
                    "rows_written": dict(w.rows_written), "files_written": w.files_written,
                    "buffered_rows": w.buffered_rows, "flush_errors": w.flush_errors,
-                   "last_commit_age_s": None if w.last_commit_mono is None
-                   else round(now - w.last_commit_mono, 3),
+                   "last_commit_age_s": _round(w.last_commit_age_s),
                    "last_error": w.last_error},
         "journal": journal,
-        "event_loop_lag_s": round(d.loop_lag_s, 6),
+        "event_loop_lag_s": round(snap.loop_lag_s, 6),
     }
     return (200 if status == "ok" else 503), body
 
 
-def writer_progressing(d: Daemon) -> bool:
-    last = d.writer_stats.last_progress_mono
-    return last is None or d.clock.monotonic() - last < WRITER_STALL_S
+def writer_progressing(src: SnapshotLike) -> bool:
+    age = _snapshot(src).writer.last_progress_age_s
+    return age is None or age < WRITER_STALL_S
 
 
 class HealthServer:
-    def __init__(self, daemon: Daemon, host: str, port: int) -> None:
-        self.daemon = daemon
+    def __init__(self, source: SnapshotSource, host: str, port: int) -> None:
+        self.source = source
         self.host = host
         self.port = port
-        self._registry = registry_for(daemon)
+        self._registry = registry_for(source)
         self._server: Server | None = None
 
     async def start(self) -> int:
@@ -124,16 +136,16 @@ class HealthServer:
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
-        d = self.daemon
         if path == "/health":
-            status, body = health_snapshot(d)
+            status, body = health_snapshot(self.source())
             return _json(status, body)
         if path == "/livez":
-            ok = writer_progressing(d)
+            ok = writer_progressing(self.source())
             return _json(200 if ok else 503, {"live": ok})
         if path == "/readyz":
-            ready = d.state not in ("starting", "stopping")
-            return _json(200 if ready else 503, {"ready": ready, "state": d.state})
+            state = self.source().state
+            ready = state not in ("starting", "stopping")
+            return _json(200 if ready else 503, {"ready": ready, "state": state})
         if path == "/metrics":
             return _response(200, exposition(self._registry), CONTENT_TYPE)
         return _json(404, {"error": "not found",

@@ -1,41 +1,39 @@
 """Prometheus exposition of ingestd's counters (prometheus_client, custom collector).
 
-Owns: the `ingestd_*` metric families, built at scrape time from the live stats objects
-(feeds, queue, writer, journal, event loop), so the hot path only bumps plain integers.
+Owns: the `ingestd_*` metric families, built at scrape time from one frozen
+`DaemonSnapshot` (feeds, queue, writer, journal, event loop) taken from the snapshot
+source the daemon hands over, so the hot path only bumps plain integers.
 
-Must not: keep state of its own, or be called per message.
+Must not: keep state of its own, import the daemon, or be called per message.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
 from ingestd import __version__
-
-if TYPE_CHECKING:
-    from ingestd.daemon import Daemon
+from ingestd.stats import SnapshotSource
 
 BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+class SnapshotCollector(Collector):
+    def __init__(self, source: SnapshotSource) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        now = d.clock.monotonic()
+        snap = self.source()
         labels = ["feed", "exchange"]
         info = GaugeMetricFamily("ingestd_info", "ingestd version", labels=["version"])
         info.add_metric([__version__], 1.0)
@@ -61,12 +59,12 @@ class DaemonCollector(Collector):
                                     labels=[*labels, "reason"])
         rows = CounterMetricFamily("ingestd_rows", "rows handed to the writer",
                                    labels=[*labels, "table"])
-        for name, st in sorted(d.feed_stats.items()):
-            lv = [name, st.exchange]
+        for st in snap.feeds:
+            lv = [st.name, st.exchange]
             up.add_metric(lv, 1.0 if st.state == "streaming" else 0.0)
             breaker.add_metric(lv, BREAKER_VALUE.get(st.breaker, 2.0))
-            if st.last_message_mono is not None:
-                age.add_metric(lv, max(0.0, now - st.last_message_mono))
+            if st.last_message_age_s is not None:
+                age.add_metric(lv, max(0.0, st.last_message_age_s))
             frames.add_metric(lv, st.messages)
             nbytes.add_metric(lv, st.bytes)
             reconnects.add_metric(lv, st.reconnects)
@@ -74,26 +72,26 @@ class DaemonCollector(Collector):
             resyncs.add_metric(lv, st.resyncs)
             stale.add_metric(lv, st.stale)
             unknown.add_metric(lv, st.unknown_messages)
-            for reason, n in sorted(st.parse_errors.items()):
+            for reason, n in sorted(st.parse_errors):
                 errors.add_metric([*lv, reason], n)
-            for reason, n in sorted(st.drops.items()):
+            for reason, n in sorted(st.drops):
                 drops.add_metric([*lv, reason], n)
-            for table, n in sorted(st.rows.items()):
+            for table, n in sorted(st.rows):
                 rows.add_metric([*lv, table], n)
         yield from (up, breaker, age, frames, nbytes, reconnects, gaps, resyncs, stale, unknown,
                     errors, drops, rows)
 
-        q = d.queue_stats
+        q = snap.queue
         yield GaugeMetricFamily("ingestd_queue_depth", "messages queued for the writer",
-                                value=d.queue.qsize())
+                                value=q.depth)
         yield GaugeMetricFamily("ingestd_queue_capacity", "queue capacity", value=q.capacity)
         yield GaugeMetricFamily("ingestd_queue_peak_depth", "highest depth seen",
                                 value=q.peak_depth)
 
-        w = d.writer_stats
+        w = snap.writer
         written = CounterMetricFamily("ingestd_rows_written", "rows committed to Parquet",
                                       labels=["table"])
-        for table, n in sorted(w.rows_written.items()):
+        for table, n in sorted(w.rows_written):
             written.add_metric([table], n)
         yield written
         yield CounterMetricFamily("ingestd_files_written", "Parquet files committed",
@@ -106,25 +104,25 @@ class DaemonCollector(Collector):
                                 value=1.0 if w.healthy else 0.0)
         yield GaugeMetricFamily("ingestd_buffered_rows", "rows buffered, not yet committed",
                                 value=w.buffered_rows)
-        flush = SummaryMetricFamily("ingestd_flush_duration_seconds",
-                                    "time from handing a batch to the worker to its commit",
-                                    count_value=w.files_written,
-                                    sum_value=w.flush_seconds_total)
-        yield flush
+        yield HistogramMetricFamily(
+            "ingestd_flush_duration_seconds",
+            "time from handing a batch to the worker to its commit",
+            buckets=[(_le(bound), n) for bound, n in w.flush_histogram],
+            sum_value=w.flush_seconds_total)
         yield GaugeMetricFamily("ingestd_event_loop_lag_seconds",
-                                "latest event-loop scheduling delay", value=d.loop_lag_s)
+                                "latest event-loop scheduling delay", value=snap.loop_lag_s)
         yield GaugeMetricFamily("ingestd_event_loop_lag_max_seconds",
-                                "largest event-loop scheduling delay", value=d.loop_lag_max_s)
+                                "largest event-loop scheduling delay",
+                                value=snap.loop_lag_max_s)
 
-        j = d.journal
-        if j is not None:
-            js = j.stats
+        js = snap.journal
+        if js is not None:
             yield GaugeMetricFamily("ingestd_journal_healthy", "1 while journal writes succeed",
                                     value=1.0 if js.healthy else 0.0)
-            if js.last_fsync_mono is not None:
+            if js.fsync_age_s is not None:
                 yield GaugeMetricFamily("ingestd_journal_fsync_age_seconds",
                                         "seconds since the journal's last fsync",
-                                        value=max(0.0, now - js.last_fsync_mono))
+                                        value=max(0.0, js.fsync_age_s))
             yield GaugeMetricFamily("ingestd_journal_pending_bytes",
                                     "journal bytes not yet durable", value=js.pending_bytes)
             yield CounterMetricFamily("ingestd_journal_bytes", "bytes appended to the journal",
@@ -134,9 +132,15 @@ class DaemonCollector(Collector):
                                       value=js.fsync_failures)
 
 
-def registry_for(daemon: Daemon) -> CollectorRegistry:
+def _le(bound: float) -> str:
+    """A bucket's `le` label as prometheus_client writes it (0.005, 1.0, +Inf)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def registry_for(source: SnapshotSource) -> CollectorRegistry:
+    """A registry whose every scrape reads one fresh snapshot from `source`."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DaemonCollector(daemon))
+    reg.register(SnapshotCollector(source))
     return reg
 
 
