@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd.config import ConfigError, parse_config
+from ingestd.checks import parse_config
+from ingestd.config import ConfigError
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Output, StateError
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd.config import ConfigError, FeedConfig, parse_config
+from ingestd.checks import parse_config
+from ingestd.config import ConfigError, FeedConfig
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import (
     DROP_DUPLICATE_TRADE,

@@ -263,6 +263,7 @@ class Writer:
         st.bytes_written += done.bytes
         st.last_commit_mono = now
         st.flush_seconds_total += now - started_mono
+        st.observe_flush(now - started_mono)
         self._commit_s_ewma += 0.2 * ((now - started_mono) - self._commit_s_ewma)
         st.buffered_rows = self.batcher.buffered_rows
 
