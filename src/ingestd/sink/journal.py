@@ -401,7 +401,7 @@ class Journal:
         return self._writing
 
     async def _after_write(self, fut: asyncio.Future[dict[Path, int]],
-                           chunks: list[tuple[Path, bytes]]) -> None:
+                           chunks: list[tuple[Path, list[bytes]]]) -> None:
         st = self.stats
         try:
             sizes = await fut
