@@ -89,6 +89,8 @@ class FeedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker_cooldown_s: PosFloat = 30.0
     rotate_after_s: PosFloat | None = None
     max_frame_bytes: PosInt = 16 * 1024 * 1024
+    # Total deadline of one REST snapshot fetch (connect, request, whole body).
+    rest_timeout_s: PosFloat = 10.0
     # A session shorter than this is a failure (no backoff reset; counts for the breaker).
     healthy_session_s: PosFloat = 10.0
     # Venue-specific choices; each codec documents and validates the values it accepts.

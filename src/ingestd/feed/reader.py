@@ -72,8 +72,6 @@ from ingestd.stats import FeedStats
 log = structlog.get_logger("ingestd.reader")
 
 OPEN_TIMEOUT_S = 10.0
-# Total deadline of one REST snapshot fetch (connect, request and the whole body).
-REST_DEADLINE_S = 10.0
 # Make-before-break: the new connection must have streamed this long before the switch,
 # so that its first frames overlap what the old one delivered (the codec drops the
 # overlap by exchange ids).
@@ -519,11 +517,8 @@ class FeedReader:
             await asyncio.sleep(req.delay_s)
         started = time.monotonic()
         try:
-            answer: Any = await http_get(req.url, REST_DEADLINE_S)
-            if isinstance(answer, tuple):  # TEMP until feed/rest.py returns RestAnswer
-                status, body, error = answer[0], answer[1], None
-            else:
-                status, body, error = answer.status, answer.body, answer.error
+            answer = await http_get(req.url, self.feed.rest_timeout_s)
+            status, body, error = answer.status, answer.body, answer.error
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a crashed fetch is a failed snapshot: the codec retries
