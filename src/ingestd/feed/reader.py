@@ -474,7 +474,8 @@ class FeedReader:
                 try:
                     await ws.send(text)
                 except (TransportClosed, OSError) as e:
-                    self.log.info("reply_not_sent", error=str(e)[:200])
+                    # The venue is closing: the session ends next; its rows are kept.
+                    self.log.warning("reply_not_sent", error=str(e)[:200])
                     break
         if out.reconnect:
             self._request_rotation(out.reconnect)
