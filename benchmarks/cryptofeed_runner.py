@@ -2,7 +2,8 @@
 
 Owns: running cryptofeed (the PyPI package, unmodified) in its own process against the
 benchmark's load generator, with callbacks that only record what the benchmark needs
-(trade id / book-diff update id and `time.time_ns()` at callback entry, counts), and
+(trade id / book-diff update id, `time.time_ns()` at callback entry and the
+`receipt_timestamp` cryptofeed passes to the callback, counts), and
 writing those measurements to `--out` when it stops. Started by peer_cryptofeed.py with
 the interpreter it chooses; it needs only the standard library and cryptofeed.
 
@@ -22,6 +23,7 @@ signal handlers), or by itself `--exit-after-idle` seconds after `IDLE`; in both
 the measurements are written before exit:
 
     <out>/trade_ids.i64, trade_ns.i64, depth_ids.i64, depth_ns.i64   (native int64)
+    <out>/trade_rts.i64, depth_rts.i64   (receipt_timestamp, ns, native int64)
     <out>/meta.json   (frame/ticker/snapshot counts, first/last frame ns, stopped_by)
 """
 
@@ -54,14 +56,24 @@ STATIC_EXCHANGE_INFO: dict[str, Any] = {
 }
 
 
+ARRAYS = ("trade_ids", "trade_ns", "trade_rts", "depth_ids", "depth_ns", "depth_rts")
+
+
 class Recorder:
-    """The callbacks' only state: growable int64 arrays and counters."""
+    """The callbacks' only state: growable int64 arrays and counters.
+
+    Per trade / book diff: its id, `time.time_ns()` at callback entry (`*_ns`) and
+    cryptofeed's `receipt_timestamp` (`*_rts`: `time.time()` when its websocket
+    connection yielded the frame, seconds; stored in ns).
+    """
 
     def __init__(self) -> None:
         self.trade_ids = array("q")
         self.trade_ns = array("q")
+        self.trade_rts = array("q")
         self.depth_ids = array("q")
         self.depth_ns = array("q")
+        self.depth_rts = array("q")
         self.tickers = 0
         self.snapshots = 0
         self.frames = 0
@@ -74,6 +86,7 @@ class Recorder:
         now = time.time_ns()
         self.trade_ids.append(int(trade.id))
         self.trade_ns.append(now)
+        self.trade_rts.append(round(receipt_timestamp * 1e9))
 
     async def on_book(self, book: Any, receipt_timestamp: float) -> None:
         now = time.time_ns()
@@ -82,13 +95,14 @@ class Recorder:
             return
         self.depth_ids.append(book.sequence_number)   # = the diff's `u`
         self.depth_ns.append(now)
+        self.depth_rts.append(round(receipt_timestamp * 1e9))
 
     async def on_ticker(self, ticker: Any, receipt_timestamp: float) -> None:
         self.tickers += 1
 
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("trade_ids", "trade_ns", "depth_ids", "depth_ns"):
+        for name in ARRAYS:
             with open(out / f"{name}.i64", "wb") as f:
                 getattr(self, name).tofile(f)
         (out / "meta.json").write_text(json.dumps({

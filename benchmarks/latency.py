@@ -8,16 +8,27 @@ production, journal on) against it, and reports:
 - daemon CPU per message (user+sys of the daemon process, all threads, from the OS),
   from the first frame until every row is committed;
 - ingest latency: frame sent -> its row handed to the writer (p50/p99/p99.9/max);
+- receive-stamp lateness: frame sent -> the row's `ts_recv` as stored in Parquet (trades
+  by trade id, book diffs by update id, one value per diff) (p50/p99/p99.9/max): how
+  late the daemon stamps a frame it received (a blocked event loop stamps late). Over
+  every trade and diff, whereas ingest latency is over the rows the daemon's trace
+  records (the last row of each queue item), so its max can be the lower one. When the
+  daemon falls behind, frames wait in socket buffers unread: that counts as lateness;
 - durable latency: frame sent -> its row in a committed Parquet file (p50/p99);
 - peak RSS (VmHWM) and rows lost (trades and book diffs the venue sent that are not in
   Parquet; must be 0).
 
 With `--peer cryptofeed` (and cryptofeed installed: `pip install -e '.[bench]'
 cryptofeed`), the same frames and rates are measured for cryptofeed, callback only, in
-the same run (see benchmarks/peer_cryptofeed.py) and ingestd/cryptofeed ratios printed.
+the same run (see benchmarks/peer_cryptofeed.py) and ingestd/cryptofeed ratios printed;
+its receive-stamp lateness is that of its own `receipt_timestamp`.
 
-Output: a table on stdout, JSON (`--json`), and a PNG of latency percentiles by rate
-(`--plot`).
+Send times are the load generator's (wall clock, taken right before the batch holding
+the frame is written to the socket), as are `ts_recv` and cryptofeed's stamps (same
+host, same clock).
+
+Output: two tables on stdout (throughput, CPU, RSS, loss; latencies), JSON (`--json`),
+and a PNG of ingest latency percentiles by rate (`--plot`).
 
     python benchmarks/latency.py                       # 10k, 50k, 100k, unthrottled
     python benchmarks/latency.py --rates 50000 --duration 20 --mix book
@@ -34,7 +45,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +72,12 @@ class Result:
     ingest_max_ms: float | None = None
     durable_p50_ms: float | None = None
     durable_p99_ms: float | None = None
+    # frame sent -> its receive stamp (ingestd: ts_recv in Parquet; cryptofeed:
+    # receipt_timestamp); None in results from before these fields existed
+    recv_late_p50_ms: float | None = None
+    recv_late_p99_ms: float | None = None
+    recv_late_p999_ms: float | None = None
+    recv_late_max_ms: float | None = None
     peak_rss_mb: float = 0.0
     rows_lost: int = 0
     rss_samples: list[tuple[int, float]] = field(default_factory=list)  # (msgs, MB)
@@ -213,7 +230,8 @@ def analyse(res: Result, root: Path, times: dict[str, Any], trace: dict[str, Any
     trade_files = list((root / "trades").glob("exchange=*/date=*/*.parquet"))
     if trade_files:
         trades = (pl.scan_parquet([str(f) for f in trade_files], include_file_paths="file")
-                  .select(pl.col("trade_id").cast(pl.Int64).alias("id"), "recv_seq", "file")
+                  .select(pl.col("trade_id").cast(pl.Int64).alias("id"), "recv_seq", "file",
+                          pl.col("ts_recv").dt.epoch("ns").alias("ts_recv_ns"))
                   .collect())
         sent = pl.DataFrame({"id": np.arange(len(times["trade_ns"]), dtype=np.int64)
                              + times["trade_first_id"], "sent_ns": times["trade_ns"]})
@@ -221,10 +239,17 @@ def analyse(res: Result, root: Path, times: dict[str, Any], trace: dict[str, Any
         parts.append(trades.join(sent, on="id"))
     book_files = list((root / "book").glob("exchange=*/date=*/*.parquet"))
     if book_files and times["depth_ns"]:
+        # One row per diff (its levels share update_id, recv_seq and ts_recv).
         book = (pl.scan_parquet([str(f) for f in book_files], include_file_paths="file")
                 .filter(~pl.col("is_snapshot"))
-                .group_by("update_id", "recv_seq", "file").agg()
+                .group_by("update_id", "recv_seq", "file")
+                .agg(pl.col("ts_recv").dt.epoch("ns").min().alias("ts_recv_ns"),
+                     (pl.col("ts_recv").n_unique() > 1).alias("mixed"))
                 .rename({"update_id": "id"}).collect())
+        if (mixed := int(book["mixed"].sum())):
+            res.notes.append(f"{mixed} book diff(s) with levels of different ts_recv "
+                             "(earliest taken)")
+        book = book.drop("mixed")
         sent_d = pl.DataFrame({"id": np.arange(len(times["depth_ns"]), dtype=np.int64)
                                + times["depth_first_id"], "sent_ns": times["depth_ns"]})
         # Diffs before the first applied one were covered by the REST snapshot (Binance's
@@ -237,7 +262,10 @@ def analyse(res: Result, root: Path, times: dict[str, Any], trace: dict[str, Any
         commits, on="file", how="left")
     ingest = (joined["accepted_ns"] - joined["sent_ns"]).drop_nulls().to_numpy()
     durable = (joined["committed_ns"] - joined["sent_ns"]).drop_nulls().to_numpy()
-    pi, pd = percentiles(ingest), percentiles(durable)
+    late = (joined["ts_recv_ns"] - joined["sent_ns"]).drop_nulls().to_numpy()
+    pi, pd, pr = percentiles(ingest), percentiles(durable), percentiles(late)
+    res.recv_late_p50_ms, res.recv_late_p99_ms = pr.get("p50"), pr.get("p99")
+    res.recv_late_p999_ms, res.recv_late_max_ms = pr.get("p999"), pr.get("max")
     res.ingest_p50_ms, res.ingest_p99_ms = pi.get("p50"), pi.get("p99")
     res.ingest_p999_ms, res.ingest_max_ms = pi.get("p999"), pi.get("max")
     res.durable_p50_ms, res.durable_p99_ms = pd.get("p50"), pd.get("p99")
@@ -246,23 +274,66 @@ def analyse(res: Result, root: Path, times: dict[str, Any], trace: dict[str, Any
     res.cpu_us_per_msg = cpu_s / max(1, res.frames_sent) * 1e6
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _rate(r: Result) -> str:
+    return "max" if not r.offered_rate else f"{r.offered_rate:.0f}"
+
+
+def _grid(cols: list[tuple[str, str]], rows: list[tuple[str, ...]]) -> list[str]:
+    """Right-aligned columns under (group, name) headers; a group's label spans its
+    consecutive columns (left-aligned over them), blank groups print nothing."""
+    names = tuple(name for _, name in cols)
+    widths = [max(len(row[i]) for row in [names, *rows]) for i in range(len(cols))]
+    spans: list[tuple[str, int, int]] = []          # (group, first column, last column)
+    for i, (group, _) in enumerate(cols):
+        if spans and spans[-1][0] == group:
+            spans[-1] = (group, spans[-1][1], i)
+        else:
+            spans.append((group, i, i))
+    # Widen a group's last column if its label is longer than the columns under it.
+    for group, a, b in spans:
+        need = len(group) - (sum(widths[a:b + 1]) + 2 * (b - a))
+        if group and need > 0:
+            widths[b] += need
+    groups = "  ".join(group.ljust(sum(widths[a:b + 1]) + 2 * (b - a))
+                       for group, a, b in spans).rstrip()
+    lines = [groups] if groups else []
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+              for row in [names, *rows]]
+    return lines
+
+
 def table(results: list[Result]) -> str:
-    hdr = ("system", "mix", "offered/s", "recv/s", "cpu us/msg", "ingest p50", "p99", "p99.9",
-           "max", "durable p50", "p99", "rss MB", "lost")
-    rows = [hdr]
+    """Two tables: throughput, CPU, RSS and loss; then latencies (ms)."""
+    key = [("", "system"), ("", "mix"), ("", "offered/s")]
+    first = _grid([*key, ("", "recv/s"), ("", "cpu us/msg"), ("", "rss MB"), ("", "lost")],
+                  [(r.system, r.mix, _rate(r), f"{r.received_rate:.0f}",
+                    f"{r.cpu_us_per_msg:.2f}", f"{r.peak_rss_mb:.0f}", str(r.rows_lost))
+                   for r in results])
+    pcts = ("p50", "p99", "p99.9", "max")
+    second = _grid(key + [("ingest", p) for p in pcts] + [("recv stamp late", p) for p in pcts]
+                   + [("durable", "p50"), ("durable", "p99")],
+                   [(r.system, r.mix, _rate(r), _ms(r.ingest_p50_ms), _ms(r.ingest_p99_ms),
+                     _ms(r.ingest_p999_ms), _ms(r.ingest_max_ms), _ms(r.recv_late_p50_ms),
+                     _ms(r.recv_late_p99_ms), _ms(r.recv_late_p999_ms),
+                     _ms(r.recv_late_max_ms), _ms(r.durable_p50_ms), _ms(r.durable_p99_ms))
+                    for r in results])
+    return "\n".join([*first, "", *second,
+                      "(latencies in ms from the frame's send time; ingest: to the row handed "
+                      "to the writer (cryptofeed:\n callback entry); recv stamp late: to the "
+                      "receive stamp (ingestd: ts_recv in Parquet; cryptofeed:\n "
+                      "receipt_timestamp); durable: to the row in a committed Parquet file)"])
 
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3f}"
 
-    for r in results:
-        rows.append((r.system, r.mix, "max" if not r.offered_rate else f"{r.offered_rate:.0f}",
-                     f"{r.received_rate:.0f}", f"{r.cpu_us_per_msg:.2f}", ms(r.ingest_p50_ms),
-                     ms(r.ingest_p99_ms), ms(r.ingest_p999_ms), ms(r.ingest_max_ms),
-                     ms(r.durable_p50_ms), ms(r.durable_p99_ms), f"{r.peak_rss_mb:.0f}",
-                     str(r.rows_lost)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(hdr))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
-                     for row in rows) + "\n(latencies in ms)"
+def progress(r: Result) -> str:
+    """One line per finished run."""
+    return (f"{r.system} {r.mix} {_rate(r)}/s: recv {r.received_rate:.0f}/s, "
+            f"cpu {r.cpu_us_per_msg:.2f} us/msg, ingest p50/p99 {_ms(r.ingest_p50_ms)}/"
+            f"{_ms(r.ingest_p99_ms)} ms, recv stamp late p50/p99 {_ms(r.recv_late_p50_ms)}/"
+            f"{_ms(r.recv_late_p99_ms)} ms, rss {r.peak_rss_mb:.0f} MB, lost {r.rows_lost}")
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -303,7 +374,9 @@ def plot(results: list[Result], path: Path) -> None:
 def replot(json_path: Path, png_path: Path) -> None:
     """Redraw the plot from a results JSON (python benchmarks/latency.py --replot)."""
     data = json.loads(json_path.read_text())
-    plot([Result(**{k: v for k, v in r.items()}) for r in data["results"]], png_path)
+    known = {f.name for f in fields(Result)}   # fields added later default to None
+    plot([Result(**{k: v for k, v in r.items() if k in known}) for r in data["results"]],
+         png_path)
 
 
 async def main() -> int:
@@ -331,12 +404,12 @@ async def main() -> int:
             with tempfile.TemporaryDirectory(prefix="ingestd-bench-") as tmp:
                 r = await run_ingestd(rate, args.duration, mix, Path(tmp))
             results.append(r)
-            print(table([r]).splitlines()[1], flush=True)
+            print(progress(r), flush=True)
             if args.peer == "cryptofeed":
                 from peer_cryptofeed import run_cryptofeed  # type: ignore[import-not-found]
                 with tempfile.TemporaryDirectory(prefix="cryptofeed-bench-") as tmp:
                     results.append(await run_cryptofeed(rate, args.duration, mix, Path(tmp)))
-                print(table([results[-1]]).splitlines()[1], flush=True)
+                print(progress(results[-1]), flush=True)
     print()
     print(table(results))
     if args.rss_report:

@@ -10,7 +10,15 @@ subscribes, streams synthetic but well-formed Binance frames for `--duration` se
             snapshot answers with the last `u` sent, so the daemon's sync procedure runs).
 
 Every frame's send time (wall clock, ns) is recorded by its exchange id (trade `t`,
-depth `u`), written as JSON to `--times-out` when the stream ends.
+depth `u`), written as JSON to `--times-out` when the stream ends. The send time is
+taken once the batch holding the frame is built, right before it is written to the
+socket (building a batch of book frames takes ~10 us per frame: stamping before it
+would add up to a batch's build time to every latency measured from it). Frames'
+own event times (`E`, `T`) are the batch's start, in ms, as a venue would stamp them.
+
+If the client closes the connection before the stream's end (the daemon disconnects or
+stops), the stream ends there, quietly; a reconnecting client gets a new stream (ids
+continue), and `DONE` comes from the stream that runs to its end.
 
 Frames are written to the socket in batches as ready-made WebSocket frames (server
 frames are unmasked; no extension is negotiated): the handshake is the websockets
@@ -36,6 +44,7 @@ import orjson
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 BATCH_TICK_S = 0.001
 MAX_WRITE_BUFFER = 8 * 1024 * 1024
@@ -62,6 +71,9 @@ class Generator:
         self.trade_ns = array("q")
         self.depth_ns = array("q")
         self.frames = 0
+        # frames of each kind in the last batch built, stamped by `sent()`
+        self._unstamped_trades = 0
+        self._unstamped_depth = 0
 
     def _trade(self, now_ms: int) -> bytes:
         self.trade_id += 1
@@ -91,25 +103,34 @@ class Generator:
                 % (now_ms, u, u, bids, asks))
 
     def batch(self, n: int, now_ns: int) -> bytes:
+        """The next n frames, event time `now_ns`; call `sent()` when writing them."""
         now_ms = now_ns // 1_000_000
         out = []
+        trades = depth = 0
         for _ in range(n):
             if self.mix == "trades":
                 out.append(ws_frame(self._trade(now_ms)))
-                self.trade_ns.append(now_ns)
+                trades += 1
             else:
                 k = self.i % 10
                 if k in (0, 5):
                     out.append(ws_frame(self._trade(now_ms)))
-                    self.trade_ns.append(now_ns)
+                    trades += 1
                 elif k in (1, 4, 7):
                     out.append(ws_frame(self._ticker()))
                 else:
                     out.append(ws_frame(self._depth(now_ms)))
-                    self.depth_ns.append(now_ns)
+                    depth += 1
             self.i += 1
         self.frames += n
+        self._unstamped_trades, self._unstamped_depth = trades, depth
         return b"".join(out)
+
+    def sent(self, sent_ns: int) -> None:
+        """Record `sent_ns` as the send time of every frame of the last batch."""
+        self.trade_ns.extend(array("q", [sent_ns]) * self._unstamped_trades)
+        self.depth_ns.extend(array("q", [sent_ns]) * self._unstamped_depth)
+        self._unstamped_trades = self._unstamped_depth = 0
 
     def snapshot(self) -> bytes:
         u = self.depth_id
@@ -145,6 +166,10 @@ async def main() -> int:
         end = t0 + args.duration
         sent = 0
         while loop.time() < end:
+            # The client closed (or is closing) the connection: websockets has answered its
+            # close frame and half-closed the socket (write_eof), so writing would raise.
+            if ws.state is not State.OPEN or transport.is_closing():
+                return
             if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
                 await asyncio.sleep(BATCH_TICK_S)  # the client is not keeping up
                 continue
@@ -154,7 +179,9 @@ async def main() -> int:
             else:
                 n = 2000
             if n > 0:
-                transport.write(gen.batch(n, time.time_ns()))
+                data = gen.batch(n, time.time_ns())
+                gen.sent(time.time_ns())
+                transport.write(data)
                 sent += n
             await asyncio.sleep(BATCH_TICK_S if args.rate else 0)
         with open(args.times_out, "wb") as f:

@@ -12,6 +12,10 @@ with the same fields and definitions as ingestd's where they apply:
   frame until it has been idle for the runner's `--idle-s`, per frame received;
 - ingest latency: frame sent (load generator, by trade `t` / depth `u`) -> callback
   invoked (`time.time_ns()` at callback entry), trades plus book diffs;
+- receive-stamp lateness (`recv_late_*`): frame sent -> cryptofeed's own receipt stamp
+  of it (the `receipt_timestamp` passed to the callback: `time.time()` when its
+  websocket connection yielded the frame), trades plus book diffs - cryptofeed's
+  equivalent of ingestd's `ts_recv` lateness;
 - durable latency: None (callback only: cryptofeed stores nothing here);
 - peak RSS: VmHWM of the cryptofeed process;
 - rows lost: trades sent but never seen by the trade callback, plus (mix `book`) diffs
@@ -120,7 +124,10 @@ async def run_cryptofeed(rate: float, duration: float, mix: str, workdir: Path) 
 
 
 def _load(out: Path, name: str) -> np.ndarray[Any, np.dtype[np.int64]]:
-    return np.fromfile(out / f"{name}.i64", dtype=np.int64)
+    path = out / f"{name}.i64"
+    if not path.exists():   # a runner that does not record it (receipt stamps)
+        return np.zeros(0, dtype=np.int64)
+    return np.fromfile(path, dtype=np.int64)
 
 
 def _match(sent_ns: list[int], first_id: int, ids: np.ndarray[Any, np.dtype[np.int64]],
@@ -140,14 +147,24 @@ def _match(sent_ns: list[int], first_id: int, ids: np.ndarray[Any, np.dtype[np.i
 
 def analyse(res: Result, out: Path, times: dict[str, Any], cpu_s: float) -> None:
     meta = json.loads((out / "meta.json").read_text())
+    trade_ids, depth_ids = _load(out, "trade_ids"), _load(out, "depth_ids")
     lat_t, lost_t = _match(times["trade_ns"], times["trade_first_id"],
-                           _load(out, "trade_ids"), _load(out, "trade_ns"), False)
+                           trade_ids, _load(out, "trade_ns"), False)
     parts = [lat_t]
+    late_parts = []
+    rts = _load(out, "trade_rts")
+    if rts.size == trade_ids.size:
+        late_parts.append(_match(times["trade_ns"], times["trade_first_id"],
+                                 trade_ids, rts, False)[0])
     res.rows_lost = lost_t
     if times["depth_ns"]:
         lat_d, lost_d = _match(times["depth_ns"], times["depth_first_id"],
-                               _load(out, "depth_ids"), _load(out, "depth_ns"), True)
+                               depth_ids, _load(out, "depth_ns"), True)
         parts.append(lat_d)
+        rts = _load(out, "depth_rts")
+        if rts.size == depth_ids.size:
+            late_parts.append(_match(times["depth_ns"], times["depth_first_id"],
+                                     depth_ids, rts, True)[0])
         res.rows_lost += lost_d
         res.notes.append(f"book: {meta['depth']} diffs, {meta['snapshots']} snapshot(s), "
                          f"{meta['tickers']} tickers via callbacks")
@@ -155,6 +172,12 @@ def analyse(res: Result, out: Path, times: dict[str, Any], cpu_s: float) -> None
     p = percentiles(lat)
     res.ingest_p50_ms, res.ingest_p99_ms = p.get("p50"), p.get("p99")
     res.ingest_p999_ms, res.ingest_max_ms = p.get("p999"), p.get("max")
+    if len(late_parts) == len(parts):
+        q = percentiles(np.concatenate(late_parts))
+        res.recv_late_p50_ms, res.recv_late_p99_ms = q.get("p50"), q.get("p99")
+        res.recv_late_p999_ms, res.recv_late_max_ms = q.get("p999"), q.get("max")
+    else:
+        res.notes.append("no receipt_timestamp recorded: receive-stamp lateness n/a")
     res.frames_received = int(meta["frames"])
     first_sent = min([x[0] for x in (times["trade_ns"], times["depth_ns"]) if x],
                      default=meta["first_frame_ns"])
