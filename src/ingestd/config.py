@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -179,6 +180,35 @@ def _check_listen(listen: str) -> str | None:
     return None
 
 
+def _check_url(url: str, schemes: tuple[str, ...]) -> str | None:
+    """Why no connection can use `url` (None: it can): the scheme, a host that can be
+    looked up, a port in 1..65535 - what the transports would otherwise fail on at run
+    time (or, for port 0, silently replace with the scheme's default port)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in schemes:
+        return "must start with " + " or ".join(f"{s}://" for s in schemes)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        return f"is not a valid URL: {e}"
+    host = parts.hostname
+    if not host:
+        return "has no host"
+    if not host.startswith("[") and ":" not in host:  # a name or IPv4 address
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return f"host {host!r} is not a valid host name"
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        text = parts.netloc.rpartition(":")[2]
+        return f"port {text!r} is not a number in 1..65535"
+    return None
+
+
 def _check_feed(feed: FeedConfig, where: str, problems: list[str],
                 venues: VenueRules | None) -> None:
     known_exchange = venues is not None and feed.exchange in venues.exchanges
@@ -202,11 +232,9 @@ def _check_feed(feed: FeedConfig, where: str, problems: list[str],
         value = getattr(feed, key)
         if value is None:
             continue
-        scheme = value.split("://", 1)[0] if "://" in value else ""
-        allowed = ("ws", "wss") if key == "url" else ("http", "https")
-        if scheme not in allowed:
-            problems.append(f"{where}.{key}: {value!r} must start with "
-                            + " or ".join(f"{s}://" for s in allowed))
+        bad = _check_url(value, ("ws", "wss") if key == "url" else ("http", "https"))
+        if bad:
+            problems.append(f"{where}.{key}: {value!r} {bad}")
     if feed.reconnect_min_delay_s > feed.reconnect_max_delay_s:
         problems.append(f"{where}.reconnect_min_delay_s: must not exceed reconnect_max_delay_s")
     if venues is not None and known_exchange:

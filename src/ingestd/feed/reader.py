@@ -269,18 +269,21 @@ class FeedReader:
         if isinstance(e, OSError | TimeoutError):
             return SessionEnd(f"connect failed: {type(e).__name__}: {e}")
         # Anything else is unexpected (e.g. a URL no connection can use): classified,
-        # logged and retried with backoff like a failed connect.
-        self.log.error("connect_crashed", error=f"{type(e).__name__}: {e}")
-        return SessionEnd(f"connect failed (unexpected): {type(e).__name__}: {e}")
+        # logged, recorded as an `error` event and retried with backoff like a failed
+        # connect.
+        reason = f"connect failed (unexpected): {type(e).__name__}: {e}"[:300]
+        self.log.error("connect_crashed", error=reason)
+        self._feed_event(EV_ERROR, reason)
+        return SessionEnd(reason)
 
     # ---- one session -----------------------------------------------------------------------
     async def _session(self) -> SessionEnd:
         """Connect, subscribe and stream until the connection ends."""
         st = self.stats
-        url = self.codec.ws_url()
         st.state = "connecting" if st.connects == 0 else "reconnecting"
         self._interruptible = True
         try:
+            url = self.codec.ws_url()
             ws = await self._connect(url)
         except asyncio.CancelledError:
             raise
