@@ -362,10 +362,3 @@ def to_arrow_table(table: str, exchange: str, columns: Sequence[Sequence[Any]],
             arrays.append(pa.array(col, fld.type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
-
-# LEGACY (removed once every codec emits blocks): row tuple aliases still imported by the
-# codecs that are being ported.
-TradeRow = tuple[Any, ...]
-QuoteRow = tuple[Any, ...]
-BookRow = tuple[Any, ...]
-EventRow = tuple[Any, ...]
