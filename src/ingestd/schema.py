@@ -181,6 +181,17 @@ class TradesBlock(Block):
         self.price = []
         self.amount = []
 
+    def extend(self, other: Block) -> None:  # explicit: the writer's hot path
+        assert isinstance(other, TradesBlock)
+        self.symbol.extend(other.symbol)
+        self.ts_event.extend(other.ts_event)
+        self.ts_recv.extend(other.ts_recv)
+        self.recv_seq.extend(other.recv_seq)
+        self.trade_id.extend(other.trade_id)
+        self.side.extend(other.side)
+        self.price.extend(other.price)
+        self.amount.extend(other.amount)
+
     def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
             trade_id: str | None, side: str, price: float, amount: float) -> None:
         self.symbol.append(symbol)
@@ -217,6 +228,17 @@ class QuotesBlock(Block):
         self.bid_amount = []
         self.ask_price = []
         self.ask_amount = []
+
+    def extend(self, other: Block) -> None:  # explicit: the writer's hot path
+        assert isinstance(other, QuotesBlock)
+        self.symbol.extend(other.symbol)
+        self.ts_event.extend(other.ts_event)
+        self.ts_recv.extend(other.ts_recv)
+        self.recv_seq.extend(other.recv_seq)
+        self.bid_price.extend(other.bid_price)
+        self.bid_amount.extend(other.bid_amount)
+        self.ask_price.extend(other.ask_price)
+        self.ask_amount.extend(other.ask_amount)
 
     def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
             bid_price: float | None, bid_amount: float | None, ask_price: float | None,
@@ -257,6 +279,18 @@ class BookBlock(Block):
         self.price = []
         self.amount = []
         self.update_id = []
+
+    def extend(self, other: Block) -> None:  # explicit: the writer's hot path
+        assert isinstance(other, BookBlock)
+        self.symbol.extend(other.symbol)
+        self.ts_event.extend(other.ts_event)
+        self.ts_recv.extend(other.ts_recv)
+        self.recv_seq.extend(other.recv_seq)
+        self.is_snapshot.extend(other.is_snapshot)
+        self.side.extend(other.side)
+        self.price.extend(other.price)
+        self.amount.extend(other.amount)
+        self.update_id.extend(other.update_id)
 
     def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
             is_snapshot: bool, side: str, price: float, amount: float,
@@ -312,6 +346,16 @@ class EventsBlock(Block):
         self.feed = []
         self.event = []
         self.detail = []
+
+    def extend(self, other: Block) -> None:  # explicit: the writer's hot path
+        assert isinstance(other, EventsBlock)
+        self.symbol.extend(other.symbol)
+        self.ts_event.extend(other.ts_event)
+        self.ts_recv.extend(other.ts_recv)
+        self.recv_seq.extend(other.recv_seq)
+        self.feed.extend(other.feed)
+        self.event.extend(other.event)
+        self.detail.extend(other.detail)
 
     def add(self, symbol: str | None, ts_event_ns: int | None, ts_recv_ns: int,
             recv_seq: int, feed: str, event: str, detail: str | None) -> None:

@@ -97,7 +97,13 @@ class Batcher:
             buf = self._buffers[key] = Buffer(key, now_mono, ts[0])
         self.last = buf
         n = len(block)
-        buf.blocks.append(block)
+        blocks = buf.blocks
+        if blocks:
+            # One open block per buffer part: small reads are joined here, so the writer
+            # thread converts long columns (the rows keep their order).
+            blocks[-1].extend(block)
+        else:
+            blocks.append(block)
         buf.rows += n
         buf.block_rows += n
         seqs = block.recv_seq  # type: ignore[attr-defined]
