@@ -82,7 +82,7 @@ from ingestd.exchanges.base import (
     price,
 )
 from ingestd.exchanges.book import BookSync, Diff, Levels, TextLevels
-from ingestd.exchanges.trades import TradeIds, admit_opaque_trade, admit_trade
+from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN, BookBlock
 
 # Deltas dropped while waiting for a snapshot before the topic is resubscribed again
@@ -522,34 +522,24 @@ class BybitSpot(Codec):
         # The whole frame is checked before any id is recorded.
         _decimals([x for t in data for x in (t.p, t.v)])
         checked = []
+        numeric = self.numeric_trade_ids
         for t in data:
-            tid = t.i if type(t.i) is str else str(t.i)
-            if not tid:
-                raise BadFrame("empty trade id")
+            text, tid = trade_id(t.i)
             side = BUY if t.S == "Buy" else SELL if t.S == "Sell" else UNKNOWN
-            checked.append((t.s, t.T * 1_000_000, tid, side, price(t.p), amount(t.v)))
-        want, symbols = self._want_trades, self.symbols
+            checked.append((t.s, t.T * 1_000_000, text, tid if numeric else None, side,
+                            price(t.p), amount(t.v)))
+        want, symbols, ids = self._want_trades, self.symbols, self.trade_ids
         unsubscribed = 0
         block = None
-        for sym, ts_event, tid, side, px, qty in checked:
+        for sym, ts_event, text, tid, side, px, qty in checked:
             if not want or sym not in symbols:
                 unsubscribed += 1
-            elif self._admit(out, sym, tid, ts_recv_ns, recv_seq):
+            elif admit_trade_id(self, out, ids, sym, text, tid, ts_recv_ns, recv_seq):
                 if block is None:
                     block = out.trades_block()
-                block.add(sym, ts_event, ts_recv_ns, recv_seq, tid, side, px, qty)
+                block.add(sym, ts_event, ts_recv_ns, recv_seq, text, side, px, qty)
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
-
-    def _admit(self, out: Output, sym: str, tid: str, ts_recv_ns: int,
-               recv_seq: int) -> bool:
-        """The shared verdict: spot's digit-string ids as integers, others as opaque ids."""
-        if (self.numeric_trade_ids and tid.isascii() and tid.isdigit()
-                and (tid[0] != "0" or tid == "0") and len(tid) <= 19):
-            n = int(tid)
-            if n <= _MAX_I64:  # JSON-able state
-                return admit_trade(self, out, self.trade_ids, sym, n, ts_recv_ns, recv_seq)
-        return admit_opaque_trade(out, self.trade_ids, sym, tid)
 
     # ---- order books -----------------------------------------------------------------------
     def _orderbook(self, msg: _BookMsg, ts_recv_ns: int, recv_seq: int,

@@ -88,7 +88,7 @@ from ingestd.exchanges.base import (
     price,
 )
 from ingestd.exchanges.book import AWAITING, BookSync, Diff, Levels
-from ingestd.exchanges.trades import TradeIds, admit_opaque_trade, admit_trade
+from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import ASK, BID, BUY, SELL, UNKNOWN
 
 # Our channels -> the venue's subscription channel names.
@@ -103,7 +103,6 @@ RESYNC_TIMEOUT_S: Final = 5.0            # no snapshot this long after asking: a
 MIN_BOOK_FRAME_BYTES: Final = 8 * 1024 * 1024
 
 _NS: Final = 1_000_000_000
-_MAX_I64: Final = 2**63 - 1
 _PRODUCT_ID: Final = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
 _TAKER_SIDE: Final = {"SELL": BUY, "BUY": SELL}   # the venue's side is the maker's
 _BOOK_SIDE: Final = {"bid": BID, "offer": ASK, "ask": ASK}
@@ -216,18 +215,6 @@ _CheckedTrade = tuple[str, str, int | None, int, str, float, float]
 # A run of one l2_data event's levels sharing one event_time: (ts_event_ns, bids, asks)
 _Run = tuple[int, Levels, Levels]
 _NO_SNAPSHOTS: Final[frozenset[str]] = frozenset()
-
-
-def _trade_id(raw: str | int) -> tuple[str, int | None]:
-    """The id text as stored, and its integer value when it is one (None: opaque id)."""
-    text = str(raw) if isinstance(raw, int) else raw
-    if not text:
-        raise BadFrame("trade_id is empty")
-    if text.isascii() and text.isdigit():
-        tid = int(text)
-        if tid <= _MAX_I64:   # state is JSON: integers beyond 64 bits do not go through it
-            return text, tid
-    return text, None
 
 
 def _quote_side(px: Number, qty: Number) -> tuple[float | None, float | None]:
@@ -460,7 +447,7 @@ class Coinbase(Codec):
         numeric = True
         for ev in msg.events:
             for t in reversed(ev.trades):   # the venue lists newest first
-                text, tid = _trade_id(t.trade_id)
+                text, tid = trade_id(t.trade_id)
                 numeric = numeric and tid is not None
                 side = _TAKER_SIDE.get(t.side, UNKNOWN) if t.side is not None else UNKNOWN
                 checked.append((t.product_id, text, tid, iso_to_ns(t.time), side,
@@ -477,10 +464,7 @@ class Coinbase(Codec):
             if not want or sym not in symbols:
                 unsubscribed += 1
                 continue
-            if tid is None:
-                if not admit_opaque_trade(out, ids, sym, text):
-                    continue
-            elif not admit_trade(self, out, ids, sym, tid, ts_recv_ns, recv_seq):
+            if not admit_trade_id(self, out, ids, sym, text, tid, ts_recv_ns, recv_seq):
                 continue
             if block is None:
                 block = out.trades_block()

@@ -15,8 +15,8 @@ the text as sent), and the decoding of these channels:
   capture), so a jump is a `gap` event, a replayed id is dropped (counted) and a
   never-seen id below the highest seen is stored with an `out_of_order` event. Since 2023
   a push may aggregate `count` fills of one taker order at one price and `tradeId` is the
-  LAST fill's id: such a push covers ids `tradeId - count + 1 .. tradeId` (all recorded as
-  seen; the continuity check is on the first). A non-integer id (never seen from OKX) is
+  LAST fill's id: such a push covers ids `tradeId - count + 1 .. tradeId` (admitted as one
+  range: the continuity check is on the first). A non-integer id (never seen from OKX) is
   de-duplicated as an opaque id. A frame is checked whole before any id is recorded.
 - `bbo-tbt` -> quotes (the `quotes` channel). Chosen over `tickers` because it is the true
   best bid/offer pushed tick by tick (10 ms) with both sides in every push, whereas
@@ -78,7 +78,6 @@ import orjson
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
-    DROP_DUPLICATE_TRADE,
     DROP_UNSUBSCRIBED,
     BadFrame,
     Codec,
@@ -88,13 +87,7 @@ from ingestd.exchanges.base import (
     price,
 )
 from ingestd.exchanges.book import BookSide, BookSync, Diff, Levels, TextLevels, levels_with_text
-from ingestd.exchanges.trades import (
-    DUPLICATE,
-    TradeIds,
-    admit_opaque_trade,
-    admit_trade,
-    report_trade,
-)
+from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN
 
 # Channels (OKX names) by the feed channel they serve.
@@ -110,9 +103,6 @@ _KNOWN_CHANNELS: Final = frozenset({CH_TRADES, CH_BBO, CH_BOOKS, CH_BOOKS5, "tic
 CHECKSUM_DEPTH: Final = 25
 # Subscribe args per request: OKX caps a request at 64 KB (an arg is ~45 bytes).
 ARGS_PER_REQUEST: Final = 200
-# An aggregated trade push marks at most this many of its fills' ids one by one (its
-# whole range is one interval of seen ids); a larger `count` marks the first and last.
-MAX_AGGREGATION_FILL: Final = 1024
 
 DROP_CHECKSUM_MISMATCH: Final = "book_checksum_mismatch"
 
@@ -251,17 +241,6 @@ def _ms(v: str | int) -> int:
 
 def _ms_opt(v: str | int | None) -> int | None:
     return None if v is None else _ms(v)
-
-
-def _int_id(raw: str | int) -> int | None:
-    """A trade id as an integer (JSON-able in state), or None for an opaque id."""
-    if isinstance(raw, int):
-        return raw if 0 <= raw <= _MAX_I64 else None
-    if raw.isascii() and raw.isdigit() and (raw[0] != "0" or raw == "0") and len(raw) <= 19:
-        n = int(raw)
-        if n <= _MAX_I64:
-            return n
-    return None
 
 
 def _count(raw: str | int | None) -> int:
@@ -525,47 +504,22 @@ class Okx(Codec):
         # The whole frame is checked before any id is recorded.
         checked = []
         for t in data:
-            raw_id = t.tradeId
-            tid = raw_id if type(raw_id) is str else str(raw_id)
-            if not tid:
-                raise BadFrame("empty tradeId")
-            n = _int_id(raw_id)
+            text, tid = trade_id(t.tradeId)
             count = _count(t.count)
-            if n is not None and count > n + 1:
-                raise BadFrame(f"trade count {count} exceeds tradeId {n}")
-            checked.append((n, tid, count, _ms(t.ts), _SIDES.get(t.side, UNKNOWN),
+            last = None
+            if tid is not None and count > 1:
+                if count > tid + 1:
+                    raise BadFrame(f"trade count {count} exceeds tradeId {tid}")
+                tid, last = tid - count + 1, tid   # the push covers its count fills
+            checked.append((text, tid, last, _ms(t.ts), _SIDES.get(t.side, UNKNOWN),
                             price(t.px), amount(t.sz)))
+        ids = self.trade_ids
         block = None
-        for n, tid, count, ts_event, side, px, qty in checked:
-            if n is None:
-                ok = admit_opaque_trade(out, self.trade_ids, sym, tid)
-            else:
-                ok = self._admit(out, sym, n, count, ts_recv_ns, recv_seq)
-            if ok:
+        for text, tid, last, ts_event, side, px, qty in checked:
+            if admit_trade_id(self, out, ids, sym, text, tid, ts_recv_ns, recv_seq, last):
                 if block is None:
                     block = out.trades_block()
-                block.add(sym, ts_event, ts_recv_ns, recv_seq, tid, side, px, qty)
-
-    def _admit(self, out: Output, sym: str, tid: int, count: int, ts_recv_ns: int,
-               recv_seq: int) -> bool:
-        """The shared verdict on a push covering the fills `tid - count + 1 .. tid`: the
-        first fill's id decides (a replay repeats the whole push), the others are marked
-        seen so the next push continues the interval."""
-        ids = self.trade_ids
-        if count == 1:
-            return admit_trade(self, out, ids, sym, tid, ts_recv_ns, recv_seq)
-        first = tid - count + 1
-        verdict = ids.admit(sym, first)
-        if verdict == DUPLICATE:
-            out.drop(DROP_DUPLICATE_TRADE)
-            return False
-        store = report_trade(self, out, ids, verdict, sym, first, ts_recv_ns, recv_seq)
-        if count <= MAX_AGGREGATION_FILL:
-            for i in range(first + 1, tid + 1):
-                ids.admit(sym, i)
-        else:
-            ids.admit(sym, tid)
-        return store
+                block.add(sym, ts_event, ts_recv_ns, recv_seq, text, side, px, qty)
 
     # ---- quotes ----------------------------------------------------------------------------
     def _quotes(self, sym: str, data: list[_Quote], ts_recv_ns: int, recv_seq: int,
