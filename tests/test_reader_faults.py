@@ -6,18 +6,25 @@ either transport."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import polars as pl
 import pytest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from ingestd.checks import parse_config
 from ingestd.config import Config, ConfigError
-from tests.support import make_config, read_table, run_daemon
+from ingestd.daemon import Daemon
+from ingestd.feed.transport import Connection, TransportClosed, connect
+from tests.support import make_config, read_table, recorded_frames, run_daemon
 
 FEED = {"name": "x", "exchange": "binance", "symbols": ["BTCUSDT"], "channels": ["trades"]}
 
@@ -135,3 +142,185 @@ async def test_an_unexpected_connect_failure_is_an_error_event_and_retried(
     # ... and counted as a failed session: the breaker opened, half-opened, opened again.
     kinds = [k for k in events["event"].to_list() if k.startswith("breaker_")]
     assert kinds[:3] == ["breaker_open", "breaker_half_open", "breaker_open"]
+
+
+# ---- frames larger than max_frame_bytes ------------------------------------------------
+MIB = 1024 * 1024
+TRANSPORTS = ["picows", "websockets"]
+
+
+class BigFrameServer:
+    """A real local WebSocket server that sends `before`, one message of `size` bytes
+    (in `pieces` fragments), then `after`, and records the close code each connection
+    got from the client."""
+
+    def __init__(self, size: int, pieces: int = 1, before: list[bytes] | None = None,
+                 after: list[bytes] | None = None) -> None:
+        self.size = size
+        self.pieces = pieces
+        self.before = before or [b'{"n":1}']
+        self.after = after or [b'{"n":2}']
+        self.close_codes: list[int | None] = []
+        self.open_connections = 0
+        self._server: Server | None = None
+        self.port = 0
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.open_connections += 1
+        try:
+            for frame in self.before:
+                await ws.send(frame, text=True)
+            big = b"[" + b" " * (self.size - 2) + b"]"
+            step = -(-self.size // self.pieces)
+            if self.pieces == 1:
+                await ws.send(big, text=True)
+            else:
+                await ws.send((big[i:i + step] for i in range(0, self.size, step)),
+                              text=True)
+            for frame in self.after:
+                await ws.send(frame, text=True)
+            await ws.wait_closed()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.close_codes.append(ws.close_code)
+            self.open_connections -= 1
+
+    async def __aenter__(self) -> BigFrameServer:
+        self._server = await serve(self._handler, "127.0.0.1", 0, compression=None,
+                                   ping_interval=None, max_size=None)
+        self.port = next(iter(self._server.sockets)).getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("size", "pieces", "limit"), [
+    (5 * MIB, 1, 1 * MIB),        # well over a small limit
+    (20 * MIB, 1, 16 * MIB),      # over the default limit
+    (5 * MIB, 10, 1 * MIB),       # fragments each under the limit, the message over it
+])
+async def test_an_oversized_frame_is_not_delivered_and_closes_with_1009(
+        transport: str, size: int, pieces: int, limit: int) -> None:
+    async with BigFrameServer(size, pieces) as server:
+        conn = await connect(server.url, ping_interval_s=None, max_size=limit,
+                             user_agent="test", transport=transport)
+        got, closed = await receive_all(conn)
+        await conn.close()
+        await wait_until(lambda: server.close_codes)
+    assert got == [b'{"n":1}']                      # the big one never delivered
+    assert closed.code == 1009 and not closed.by_peer
+    assert "closed by client: 1009" in closed.describe()
+    assert server.close_codes == [1009]             # what the venue saw
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_frame_at_the_limit_is_delivered(transport: str) -> None:
+    async with BigFrameServer(1 * MIB) as server:
+        conn = await connect(server.url, ping_interval_s=None, max_size=1 * MIB,
+                             user_agent="test", transport=transport)
+        got: list[bytes] = []
+        while len(got) < 3:
+            got.extend((await asyncio.wait_for(conn.recv_batch(), 10))[1])
+        await conn.close()
+    assert [len(f) for f in got] == [7, MIB, 7]
+
+
+async def receive_all(conn: Connection) -> tuple[list[bytes], TransportClosed]:
+    """Every message until the connection ends, and how it ended."""
+    got: list[bytes] = []
+    while True:
+        try:
+            got.extend((await asyncio.wait_for(conn.recv_batch(), 10))[1])
+        except TransportClosed as e:
+            return got, e
+
+
+async def wait_until(cond: Any, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_reader_counts_an_oversized_frame_and_says_so(
+        root: Path, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the daemon (INGESTD_TRANSPORT picks the transport): the trade before the
+    oversized frame is stored, the oversized frame and what follows are not delivered,
+    the session ends as oversized, and `oversized_frame` is counted (stats and metric)."""
+    monkeypatch.setenv("INGESTD_TRANSPORT", transport)
+    trades = recorded_frames("binance_spot", "aggTrade.jsonl")
+    zil = [f for f in trades if b'"ZILUSDT"' in f]
+    async with BigFrameServer(5 * MIB, before=zil[:1], after=zil[1:2]) as server:
+        cfg = make_config(root, [{**FEED, "symbols": ["ZILUSDT"], "url": server.url,
+                                  "trade_stream": "aggTrade", "max_frame_bytes": MIB,
+                                  "reconnect_min_delay_s": 0.2,
+                                  "reconnect_max_delay_s": 0.2}])
+        daemon = Daemon(cfg)
+        task = asyncio.create_task(daemon.run(install_signals=False))
+        try:
+            await wait_until(lambda: "x" in daemon.feed_stats
+                             and daemon.feed_stats["x"].parse_errors["oversized_frame"] >= 1
+                             and daemon.feed_stats["x"].state != "streaming")
+            assert daemon.health_port is not None
+            metrics = await get_metrics(daemon.health_port)
+        finally:
+            daemon.request_stop("test done")
+            assert await asyncio.wait_for(task, 30) == 0
+        await wait_until(lambda: server.open_connections == 0)
+    st = daemon.feed_stats["x"]
+    n = st.parse_errors["oversized_frame"]
+    assert server.close_codes[:n] == [1009] * n     # the client closed each with 1009
+    assert st.messages == len(server.close_codes)   # one trade per connection, no more
+    assert metrics[("x", "oversized_frame")] >= 1
+    stored = read_table(root, "trades")
+    assert stored["trade_id"].unique().to_list() == ["18938405"]
+    events = read_table(root, "events")
+    ends = events.filter(pl.col("event") == "disconnected")["detail"].to_list()
+    oversized = [d for d in ends if d.startswith("oversized frame")]
+    assert len(oversized) == n and all(f"over {MIB} bytes" in d for d in oversized), ends
+
+
+async def get_metrics(port: int) -> dict[tuple[str, str], float]:
+    """ingestd_parse_errors from /metrics, by (feed, reason)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return bytes(r.read()).decode()
+
+    text = await asyncio.to_thread(fetch)
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ingestd_parse_errors_total":
+                out[(sample.labels["feed"], sample.labels["reason"])] = sample.value
+    return out
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_server_that_closes_before_answering_the_upgrade_is_no_connection(
+        transport: str) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            await connect(f"ws://127.0.0.1:{port}/", ping_interval_s=None, max_size=MIB,
+                          user_agent="test", transport=transport)
+    finally:
+        server.close()
+        await server.wait_closed()

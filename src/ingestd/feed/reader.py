@@ -323,8 +323,18 @@ class FeedReader:
                 end.reason = self._session_error
             elif self._went_stale:
                 end.reason = f"stale: no data for {self.stale_after_s:g} s"
-            elif e.code == 1009:
+            elif e.code == 1009 and not e.by_peer:
+                # Either transport refused a message over max_frame_bytes (never
+                # delivered) and closed with 1009.
                 st.parse_errors["oversized_frame"] += 1
+                end.reason = (f"oversized frame: a message over {self.feed.max_frame_bytes} "
+                              f"bytes (closed with 1009: {e.reason})")[:300]
+                if self._bad_frames.allow("oversized_frame", self.clock.monotonic()):
+                    self.log.warning("bad_frame", reason="oversized_frame",
+                                     max_frame_bytes=self.feed.max_frame_bytes,
+                                     suppressed=self._bad_frames.take_suppressed(
+                                         "oversized_frame"),
+                                     total=st.parse_errors["oversized_frame"])
         except asyncio.CancelledError:
             end.reason = "shutdown"
             if not self._stopping:

@@ -16,8 +16,11 @@ Two implementations:
 - `websockets` (fallback; `INGESTD_TRANSPORT=websockets` forces it).
 
 Both answer pings, send keepalive pings after `ping_interval_s` of silence and drop the
-connection if the pong does not come within `ping_timeout_s`, enforce `max_size`
-(closing with 1009), and never decompress (no extension is offered).
+connection if the pong does not come within `ping_timeout_s`, enforce `max_size` the
+same way (a message over it, whole or fragmented, is never delivered - nor is anything
+after it - and this side closes with 1009: `TransportClosed(1009, ..., by_peer=False)`),
+report who closed first (a close this side's library sent on its own, e.g. on a protocol
+error, is `by_peer=False`), and never decompress (no extension is offered).
 
 Must not: interpret messages, or retry (the reader decides).
 """
@@ -96,6 +99,12 @@ async def connect(url: str, *, ping_interval_s: float | None, max_size: int,
 
 
 # ---- picows ---------------------------------------------------------------------------------
+def _text(reason: object) -> str:
+    if isinstance(reason, bytes | bytearray | memoryview):
+        return bytes(reason).decode("utf-8", "replace")
+    return "" if reason is None else str(reason)
+
+
 class _PicowsConnection:
     def __init__(self) -> None:
         # Groups of frames: [ts_recv_ns, frames] - the frames of one socket read.
@@ -105,9 +114,11 @@ class _PicowsConnection:
         self._closed: TransportClosed | None = None
         self._paused = False
         self._fragments: list[bytes] | None = None
+        self._fragments_size = 0
         self._transport: Any = None
         self._max_size = 0
-        self._close_sent: tuple[int, str] | None = None
+        self._disconnected: asyncio.Future[None] | None = None
+        self._oversized = False      # a message over max_size: closing with 1009
 
     @classmethod
     async def open(cls, url: str, ping_interval_s: float | None, max_size: int,
@@ -118,6 +129,9 @@ class _PicowsConnection:
         conn._max_size = max_size
 
         class Listener(picows.WSListener):
+            def on_ws_connected(self, transport: Any) -> None:
+                conn._on_connected(transport)
+
             def on_ws_frame(self, transport: Any, frame: Any) -> None:
                 conn._on_frame(frame)
 
@@ -129,6 +143,9 @@ class _PicowsConnection:
             kwargs = {"enable_auto_ping": True, "auto_ping_idle_timeout": ping_interval_s,
                       "auto_ping_reply_timeout": ping_interval_s}
         try:
+            # picows enforces `max_frame_size` on each frame's header (closing with 1009
+            # before the payload is buffered); `_on_frame` enforces it on a fragmented
+            # message, and drops whatever picows still parses after a close it sent.
             transport, _ = await picows.ws_connect(
                 Listener, url, websocket_handshake_timeout=OPEN_TIMEOUT_S,
                 enable_auto_pong=True, max_frame_size=max_size,
@@ -139,48 +156,92 @@ class _PicowsConnection:
                                     headers) from None
         except picows.WSError as e:
             raise OSError(f"{type(e).__name__}: {e}") from None
-        conn._transport = transport
+        if transport.response is None:
+            # The server closed before answering the upgrade: no connection was made.
+            raise OSError("connection closed before the handshake answer")
+        conn._on_connected(transport)
         return conn
+
+    def _on_connected(self, transport: Any) -> None:
+        if self._transport is not None:
+            return
+        self._transport = transport
+        # picows re-raises a failure it detected (a protocol error, an oversized frame)
+        # from wait_disconnected(); always consume it (close() and the close reason use
+        # the close handshake instead).
+        self._disconnected = asyncio.ensure_future(transport.wait_disconnected())
+        self._disconnected.add_done_callback(
+            lambda f: None if f.cancelled() else f.exception())
 
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _closed_by_client(self) -> TransportClosed | None:
+        """The close this side sent first (ours, or picows' own on a protocol error or an
+        oversized frame), if any."""
+        hs = self._transport.close_handshake if self._transport is not None else None
+        if hs is None or hs.sent is None or (hs.recv is not None and hs.recv_then_sent):
+            return None
+        return TransportClosed(int(hs.sent.code), _text(hs.sent.reason), by_peer=False)
+
+    def _too_big(self) -> None:
+        import picows
+
+        self._oversized = True
+        self._fragments = None
+        self._transport.send_close(picows.WSCloseCode.MESSAGE_TOO_BIG,
+                                   f"message over {self._max_size} bytes".encode())
+        self._closed = self._closed_by_client()
+        self._transport.disconnect()
+        self._wake()
+
     def _on_frame(self, frame: Any) -> None:
         import picows
 
         mt = frame.msg_type
-        if mt == picows.WSMsgType.TEXT or mt == picows.WSMsgType.BINARY:
-            if frame.fin:
-                self._append(frame.get_payload_as_bytes())
-            else:
-                self._fragments = [frame.get_payload_as_bytes()]
-                return
-        elif mt == picows.WSMsgType.CONTINUATION:
-            if self._fragments is None:
-                return
-            self._fragments.append(frame.get_payload_as_bytes())
-            if sum(len(p) for p in self._fragments) > self._max_size:
+        if mt == picows.WSMsgType.TEXT or mt == picows.WSMsgType.BINARY \
+                or mt == picows.WSMsgType.CONTINUATION:
+            if self._oversized:
+                return  # nothing after an oversized message is delivered
+            if frame.payload_size > self._max_size:
+                # picows rejected this frame by its header (close 1009 sent), yet parses
+                # its payload if it arrives before the disconnect: never deliver it.
+                self._oversized = True
                 self._fragments = None
-                self._transport.send_close(picows.WSCloseCode.MESSAGE_TOO_BIG, b"too big")
-                self._closed = TransportClosed(1009, "message too big", by_peer=False)
-                self._transport.disconnect()
-                self._wake()
+                if not self._transport.is_close_frame_sent:
+                    self._too_big()
                 return
-            if not frame.fin:
-                return
-            self._append(b"".join(self._fragments))
-            self._fragments = None
+            if mt != picows.WSMsgType.CONTINUATION:
+                if frame.fin:
+                    self._append(frame.get_payload_as_bytes())
+                else:
+                    self._fragments = [frame.get_payload_as_bytes()]
+                    self._fragments_size = len(self._fragments[0])
+                    return
+            else:
+                if self._fragments is None:
+                    return
+                piece = frame.get_payload_as_bytes()
+                self._fragments.append(piece)
+                self._fragments_size += len(piece)
+                if self._fragments_size > self._max_size:
+                    self._too_big()
+                    return
+                if not frame.fin:
+                    return
+                self._append(b"".join(self._fragments))
+                self._fragments = None
         elif mt == picows.WSMsgType.CLOSE:
-            if self._close_sent is not None:  # the echo of our own close
-                self._closed = TransportClosed(*self._close_sent, by_peer=False)
+            mine = self._closed_by_client()
+            if mine is not None:  # the echo of a close this side sent first
+                self._closed = mine
             else:
                 code = frame.get_close_code()
                 message = frame.get_close_message()
-                reason = message.decode("utf-8", "replace") if message else ""
                 self._closed = TransportClosed(int(code) if code is not None else 1005,
-                                               reason, by_peer=True)
+                                               _text(message), by_peer=True)
                 self._transport.send_close(code)
             self._transport.disconnect()
             self._wake()
@@ -205,10 +266,7 @@ class _PicowsConnection:
 
     def _on_disconnected(self) -> None:
         if self._closed is None:
-            if self._close_sent is not None:
-                self._closed = TransportClosed(*self._close_sent, by_peer=False)
-            else:
-                self._closed = TransportClosed(None, "", by_peer=True)
+            self._closed = self._closed_by_client() or TransportClosed(None, "", by_peer=True)
         self._wake()
 
     async def _wait_for_data(self) -> None:
@@ -255,16 +313,16 @@ class _PicowsConnection:
         self._transport.send(picows.WSMsgType.TEXT, text.encode())
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        if self._transport is None or self._transport.is_disconnected:
+        if self._transport is None or self._disconnected is None:
             return
-        self._close_sent = (code, reason)
-        self._transport.send_close(code, reason.encode())
-        try:
-            await asyncio.wait_for(self._transport.wait_disconnected(), CLOSE_TIMEOUT_S)
-        except TimeoutError:
-            self._transport.disconnect(graceful=False)
+        if not self._transport.is_disconnected:
+            self._transport.send_close(code, reason.encode())
+            done, _ = await asyncio.wait({self._disconnected}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                self._transport.disconnect(graceful=False)
         if self._closed is None:
-            self._closed = TransportClosed(code, reason, by_peer=False)
+            self._closed = self._closed_by_client() or TransportClosed(code, reason,
+                                                                       by_peer=False)
         self._wake()
 
     def abort(self) -> None:
@@ -297,10 +355,12 @@ class _WebsocketsConnection:
 
     @staticmethod
     def _closed(e: Any) -> TransportClosed:
+        """Who closed first: the venue (its close frame), or this side (ours, or the
+        library's own on a protocol error or an oversized message)."""
+        if e.sent is not None and (e.rcvd is None or not e.rcvd_then_sent):
+            return TransportClosed(e.sent.code, e.sent.reason, by_peer=False)
         if e.rcvd is not None:
             return TransportClosed(e.rcvd.code, e.rcvd.reason, by_peer=True)
-        if e.sent is not None:
-            return TransportClosed(e.sent.code, e.sent.reason, by_peer=False)
         return TransportClosed(None, "", by_peer=True)
 
     async def recv(self) -> bytes:
