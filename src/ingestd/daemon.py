@@ -166,16 +166,25 @@ class Daemon:
         """Re-read the config file: added feeds start, removed feeds stop (their data is
         committed), changed feeds restart, untouched feeds keep their connections. An
         invalid file is logged and the running config stays."""
-        if self.config_path is None or self.state == "stopping":
+        if self.config_path is None or self._stop.is_set():
             return False
         async with self._reload_lock:
+            if self._stop.is_set():
+                return False
             self.notifier.reloading()
             try:
                 new = await asyncio.to_thread(load_config, self.config_path)
             except ConfigError as e:
                 log.error("reload_rejected", problems=e.problems)
                 self.notifier.status(f"reload rejected: {e.problems[0]}; running config kept")
-                self.notifier.send("READY=1")
+                if not self._stop.is_set():
+                    self.notifier.send("READY=1")
+                return False
+            # Every await of a reload may end after shutdown began (a slow config read,
+            # a feed that takes its time to stop): from then on it changes nothing more.
+            if self._stop.is_set():
+                log.warning("reload_abandoned", detail="shutdown began while the config "
+                            "was read; nothing changed")
                 return False
             fixed = [name for name in ("storage", "journal", "queue", "service", "health",
                                        "log") if getattr(new, name) != getattr(self.cfg, name)]
@@ -194,6 +203,11 @@ class Daemon:
                     # A changed feed keeps its trade de-duplication state: the venue's
                     # replay of recent trades on the new connection is not stored twice.
                     carried[name] = reader.codec.state()
+            if self._stop.is_set():
+                log.warning("reload_abandoned", stopped=removed + changed,
+                            not_started=added + changed,
+                            detail="shutdown began while feeds stopped; none is started")
+                return False
             for name in added + changed:
                 self._start_feed(want[name], carried.get(name))
             self.cfg = msgspec.structs.replace(self.cfg, feeds=new.feeds)
@@ -204,12 +218,16 @@ class Daemon:
             return True
 
     async def _stop_feed(self, name: str) -> FeedReader | None:
-        reader = self.readers.pop(name, None)
+        """Stop one feed and wait until it handed on everything it received. It stays in
+        `readers` until then, so that a shutdown meanwhile waits for it too."""
+        reader = self.readers.get(name)
         if reader is None:
             return None
         reader.stop()
         if reader.task is not None:
             await asyncio.gather(reader.task, return_exceptions=True)
+        if self.readers.get(name) is reader:
+            del self.readers[name]
         if self.journal is not None:
             self.journal.unregister(name)
         self.feed_stats.pop(name, None)
@@ -278,6 +296,11 @@ class Daemon:
                         torn_segments=r.torn_segments, files=r.files)
 
     def _start_feed(self, feed: FeedConfig, carried: dict[str, Any] | None = None) -> None:
+        """Start one feed's reader - never once stopping began: the shutdown stops only
+        the readers it finds, and what a later one received would be lost."""
+        if self._stop.is_set():
+            log.warning("feed_not_started", feed=feed.name, reason="shutting down")
+            return
         stats = FeedStats(feed.name, feed.exchange)
         self.feed_stats[feed.name] = stats
         limiter = self.limiters.get(feed.exchange)
