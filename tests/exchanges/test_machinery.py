@@ -18,6 +18,7 @@ from ingestd.exchanges.base import (
     Codec,
     Output,
 )
+from ingestd.exchanges.book import BookSide
 from ingestd.exchanges.trades import (
     BACKWARDS,
     DUPLICATE,
@@ -232,3 +233,48 @@ def test_trade_ids_restore_refuses_more_intervals_than_kept() -> None:
     ids = TradeIds(consecutive=True, max_intervals=2)
     with pytest.raises(BadFrame):
         ids.restore({"ints": {"A": [[1, 3, 5], [1, 3, 5]]}})
+
+
+# ---- BookSide ------------------------------------------------------------------------------------
+def test_book_side_sorted_best_first_with_text() -> None:
+    bids, asks = BookSide(True), BookSide(False)
+    for px, amt in ((10.0, 1.0), (12.0, 2.0), (11.0, 3.0)):
+        bids.set(px, amt, (f"{px:.2f}", f"{amt}"))
+        asks.set(px + 10, amt)
+    assert bids.top() == [(12.0, 2.0), (11.0, 3.0), (10.0, 1.0)]
+    assert bids.top_text(2) == [("12.00", "2.0"), ("11.00", "3.0")]
+    assert asks.top(1) == [(20.0, 1.0)] and asks.best() == (20.0, 1.0)
+    bids.set(12.0, 0.0)
+    assert bids.best() == (11.0, 3.0) and 12.0 not in bids
+    assert bids.truncate(1) == [10.0] and bids.top() == [(11.0, 3.0)]
+    assert asks.truncate(2) == [22.0] and len(asks) == 2
+
+
+def test_book_side_load_replaces_everything_in_one_sort() -> None:
+    side = BookSide(True)
+    side.set(1.0, 1.0, ("1", "1"))
+    side.load([(3.0, 1.0), (2.0, 0.0), (5.0, 2.0), (3.0, 4.0), (5.0, 0.0)],
+              [("3", "1"), ("2", "0"), ("5", "2"), ("3.0", "4"), ("5", "0")])
+    assert side.top() == [(3.0, 4.0)] and side.top_text() == [("3.0", "4")]
+
+
+def test_book_side_state_round_trips_and_refuses_garbage() -> None:
+    side = BookSide(False)
+    side.load([(1.5, 2.0), (0.000051, 3.0)], [("1.50", "2"), ("0.00005100", "3.000")])
+    saved = json_round_trip(side.state())
+    assert saved == [[0.000051, 3.0, "0.00005100", "3.000"], [1.5, 2.0, "1.50", "2"]]
+    fresh = BookSide(False)
+    fresh.restore(saved, texts=True)
+    assert fresh.top_text() == side.top_text() and fresh.top() == side.top()
+    plain = BookSide(False)
+    plain.restore([[1.0, 2.0], [3.0, 4.0]])
+    assert plain.top() == [(1.0, 2.0), (3.0, 4.0)]
+    for bad in ("x", [[1.0]], [[1.0, 2.0, "1"]], [[1.0, 0.0]], [[1.0, -2.0]],
+                [[0.0, 1.0]], [[float("inf"), 1.0]], [["1", 1.0]], [[1, 1.0]],
+                [[2.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 2.0]],
+                [[1.0, 1.0, "1.5", "1"]], [[1.0, 1.0, "1", "1_0"]], [[1.0, 1.0, 1, "1"]],
+                [[1.0, 1.0, " 1", "1"]], [[1.0, 1.0, "nan", "1"]]):
+        with pytest.raises(BadFrame):
+            BookSide(False).restore(bad)
+    with pytest.raises(BadFrame):
+        BookSide(False).restore([[1.0, 2.0]], texts=True)   # a verified book needs texts

@@ -274,7 +274,7 @@ class Codec(ABC):
     # (attempts, window_s). Venues ban IPs that exceed their documented limits.
     connect_limit: ClassVar[tuple[int, float]] = (5, 1.0)
     # Version of what `state()` returns; bump when its shape changes.
-    STATE_VERSION: ClassVar[int] = 1
+    STATE_VERSION: ClassVar[int] = 2
 
     def __init__(self, feed: FeedConfig) -> None:
         self.feed = feed

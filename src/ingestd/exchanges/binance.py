@@ -382,7 +382,7 @@ class BinanceSpot(Codec):
         if sym not in self.symbols or not self._want_book:
             out.drop(DROP_UNSUBSCRIBED)
             return
-        diff = Diff(d.U, d.u, d.pu, self._event_time(d), ts_recv_ns, parse_levels(d.b),
+        diff = Diff(d.U, d.u, d.pu, d.u, self._event_time(d), ts_recv_ns, parse_levels(d.b),
                     parse_levels(d.a), nbytes)
         self.books.diff(sym, diff, out, recv_seq)
 
@@ -412,7 +412,7 @@ class BinanceSpot(Codec):
             return out
         out.last_seq = books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
                                       recv_seq=recv_seq, bids=bids, asks=asks,
-                                      snapshot_id=last_id,
+                                      snapshot_id=last_id, update_id=last_id,
                                       detail=f"snapshot lastUpdateId={last_id}")
         return out
 

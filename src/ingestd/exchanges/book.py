@@ -24,6 +24,7 @@ continuity `Rules`; do I/O, read a clock or log.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -36,6 +37,7 @@ from ingestd.exchanges.base import (
     Codec,
     Output,
     RestRequest,
+    parse_levels,
 )
 from ingestd.schema import EV_SNAPSHOT_FAILED
 
@@ -46,6 +48,16 @@ SNAPSHOT_RETRY_MIN_S: Final = 0.5
 SNAPSHOT_RETRY_MAX_S: Final = 30.0
 # Diffs buffered while snapshots are pending, per feed (all symbols), in frame bytes.
 MAX_BUFFER_BYTES: Final = 32 * 1024 * 1024
+
+
+_INF: Final = float("inf")
+_NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
+
+
+def _number(text: str) -> float | None:
+    """The value of a level's text as a venue spells numbers (None if it is not one:
+    float() alone would also take "1_000", " 1", "inf", "nan")."""
+    return float(text) if _NUMBER.fullmatch(text) else None
 
 
 # ---- sorted sides ------------------------------------------------------------------------
@@ -132,15 +144,61 @@ class BookSide:
             self._texts.pop(px, None)
         return removed
 
+    def load(self, levels: Levels, texts: TextLevels | None = None) -> None:
+        """Replace every level (a snapshot): one sort, not one insertion per level. A size
+        of 0 removes the price, as in an update."""
+        amounts: dict[float, float] = {}
+        kept: dict[float, tuple[str, str]] = {}
+        if texts is None:
+            for px, amt in levels:
+                if amt:
+                    amounts[px] = amt
+                else:
+                    amounts.pop(px, None)
+        else:
+            for (px, amt), text in zip(levels, texts, strict=True):
+                if amt:
+                    amounts[px] = amt
+                    kept[px] = text
+                else:
+                    amounts.pop(px, None)
+                    kept.pop(px, None)
+        self._amounts = amounts
+        self._texts = kept
+        self._prices = sorted(amounts)
+
     def state(self) -> list[Any]:
         t = self._texts
         return [[px, self._amounts[px], *t.get(px, ())] for px in self._prices]
 
-    def restore(self, levels: Any) -> None:
-        self.clear()
+    def restore(self, levels: Any, *, texts: bool = False) -> None:
+        """Take a `state()` back, checked: [price, amount] or [price, amount, price text,
+        amount text] levels in ascending price order, each price once, prices > 0 and
+        amounts > 0 (finite); the texts, when kept, must be the numbers' own spelling.
+        `texts`: every level must carry its text (books verified by a checksum)."""
+        if not isinstance(levels, list):
+            raise BadFrame("book side is not a list of levels")
+        prices: list[float] = []
+        amounts: dict[float, float] = {}
+        kept: dict[float, tuple[str, str]] = {}
         for lv in levels:
-            px, amt = float(lv[0]), float(lv[1])
-            self.set(px, amt, (str(lv[2]), str(lv[3])) if len(lv) == 4 else None)
+            if not isinstance(lv, list) or len(lv) not in (2, 4) or (texts and len(lv) != 4):
+                raise BadFrame(f"book level {lv!r} is not [price, amount, texts]"[:120])
+            px, amt = lv[0], lv[1]
+            if (type(px) is not float or type(amt) is not float
+                    or not (0.0 < px < _INF and 0.0 < amt < _INF)):
+                raise BadFrame(f"book level {lv!r} has no positive finite price and amount"[:120])
+            if prices and px <= prices[-1]:
+                raise BadFrame(f"book level prices are not ascending and unique at {px}")
+            if len(lv) == 4:
+                px_text, amt_text = lv[2], lv[3]
+                if not (isinstance(px_text, str) and isinstance(amt_text, str)
+                        and _number(px_text) == px and _number(amt_text) == amt):
+                    raise BadFrame(f"book level text {lv[2:]!r} is not {px} {amt}"[:120])
+                kept[px] = (px_text, amt_text)
+            prices.append(px)
+            amounts[px] = amt
+        self._prices, self._amounts, self._texts = prices, amounts, kept
 
 
 # ---- sequenced sync ----------------------------------------------------------------------
@@ -149,8 +207,9 @@ class Diff:
     """One incremental book message of one symbol, decoded and validated."""
 
     first_id: int                  # the venue's first update id in it (or its only id)
-    last_id: int                   # the venue's last update id in it (`update_id` column)
+    last_id: int                   # the venue's last update id in it (continuity)
     prev_id: int                   # the venue's "previous id" field (-1 if it has none)
+    update_id: int | None          # the `update_id` column (None: the venue sends no id)
     ts_event_ns: int | None
     ts_recv_ns: int
     bids: Levels
@@ -159,19 +218,49 @@ class Diff:
     texts: tuple[TextLevels, TextLevels] | None = None  # levels as sent (checksum venues)
 
     def to_state(self) -> list[Any]:
-        return [self.first_id, self.last_id, self.prev_id, self.ts_event_ns,
+        return [self.first_id, self.last_id, self.prev_id, self.update_id, self.ts_event_ns,
                 self.ts_recv_ns, self.bids, self.asks, self.nbytes,
                 None if self.texts is None else [self.texts[0], self.texts[1]]]
 
     @classmethod
     def from_state(cls, s: Any) -> Diff:
-        texts = None
-        if s[8] is not None:
-            texts = ([(str(a), str(b)) for a, b in s[8][0]],
-                     [(str(a), str(b)) for a, b in s[8][1]])
-        return cls(int(s[0]), int(s[1]), int(s[2]), None if s[3] is None else int(s[3]),
-                   int(s[4]), [(float(p), float(q)) for p, q in s[5]],
-                   [(float(p), float(q)) for p, q in s[6]], int(s[7]), texts)
+        if not isinstance(s, list) or len(s) != 10:
+            raise BadFrame("buffered diff is not a list of 10 fields")
+        first, last, prev, uid, ts_event, ts_recv, bids, asks, nbytes, texts = s
+        for v in (first, last, prev, ts_recv, nbytes):
+            _int(v, "diff id, time or size")
+        for v in (uid, ts_event):
+            if v is not None:
+                _int(v, "diff update id or event time")
+        sides = (parse_levels(bids), parse_levels(asks))
+        kept = None
+        if texts is not None:
+            kept = (_text_levels(texts[0], sides[0]), _text_levels(texts[1], sides[1]))
+        return cls(first, last, prev, uid, ts_event, ts_recv, *sides, nbytes, kept)
+
+
+def _int(v: Any, what: str, lo: int = -(2**63)) -> int:
+    if type(v) is not int or not lo <= v < 2**63:
+        raise BadFrame(f"{what} {v!r} is not an integer"[:120])
+    return v
+
+
+def _bool(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        raise BadFrame(f"{what} {v!r} is not a boolean"[:120])
+    return v
+
+
+def _text_levels(raw: Any, levels: Levels) -> TextLevels:
+    if not isinstance(raw, list) or len(raw) != len(levels):
+        raise BadFrame("diff level texts do not match its levels")
+    texts = []
+    for lv, (px, amt) in zip(raw, levels, strict=True):
+        if not (isinstance(lv, list) and len(lv) == 2 and all(isinstance(t, str) for t in lv)
+                and _number(lv[0]) == px and _number(lv[1]) == amt):
+            raise BadFrame(f"diff level text {lv!r} is not {px} {amt}"[:120])
+        texts.append((lv[0], lv[1]))
+    return texts
 
 
 class Rules(Protocol):
@@ -223,23 +312,49 @@ class SymbolBook:
             s["asks"] = self.asks.state()
         return s
 
+    @classmethod
+    def from_state(cls, s: Any, sides: bool, texts: bool) -> SymbolBook:
+        """A `to_state()` back, checked (BadFrame); `sides`: the book keeps its levels
+        (`texts`: with the text of every level)."""
+        if not isinstance(s, dict):
+            raise BadFrame("book state is not an object")
+        status = _int(s["status"], "book status")
+        if status not in (UNSYNCED, AWAITING, SYNCED):
+            raise BadFrame(f"book status {status}")
+        buffer = s["buffer"]
+        if not isinstance(buffer, list):
+            raise BadFrame("book buffer is not a list")
+        b = cls(status, _int(s["last_id"], "last id"), _bool(s["just_synced"], "just_synced"),
+                _bool(s["ever_synced"], "ever_synced"), _int(s["attempts"], "attempts", 0),
+                [Diff.from_state(d) for d in buffer])
+        if sides:
+            b.bids, b.asks = BookSide(True), BookSide(False)
+            b.bids.restore(s["bids"], texts=texts)
+            b.asks.restore(s["asks"], texts=texts)
+        elif "bids" in s or "asks" in s:
+            raise BadFrame("book levels in the state of a book that keeps none")
+        return b
+
 
 class BookSync:
     """Every symbol's book of one feed. `snapshot_request(symbol)` builds the REST
     request of a snapshot (REST venues); `resubscribe(symbol, out)` asks the venue for a
-    fresh snapshot on the channel (channel venues). `keep_levels`: keep sorted sides."""
+    fresh snapshot on the channel (channel venues). `keep_levels`: keep sorted sides;
+    `keep_text`: with every level's text as sent (checksums; implies `keep_levels`)."""
 
     def __init__(self, codec: Codec, rules: Rules | None, *,
                  snapshot_request: Callable[[str], str] | None = None,
                  resubscribe: Callable[[str, Output], None] | None = None,
-                 keep_levels: bool = False, max_buffer_bytes: int = MAX_BUFFER_BYTES) -> None:
+                 keep_levels: bool = False, keep_text: bool = False,
+                 max_buffer_bytes: int = MAX_BUFFER_BYTES) -> None:
         if (snapshot_request is None) == (resubscribe is None):
             raise ValueError("a book is synced either from REST or from its channel")
         self.codec = codec
         self.rules = rules
         self.snapshot_url = snapshot_request
         self.resubscribe = resubscribe
-        self.keep_levels = keep_levels
+        self.keep_levels = keep_levels or keep_text
+        self.keep_text = keep_text
         self.max_buffer_bytes = max_buffer_bytes
         self.books: dict[str, SymbolBook] = {}
         self.buffer_bytes = 0
@@ -367,8 +482,7 @@ class BookSync:
         if b.bids is not None and b.asks is not None:
             self._apply_levels(b, diff)
         out.book_block().add_levels(symbol, diff.ts_event_ns, diff.ts_recv_ns, recv_seq,
-                                    False, diff.bids, diff.asks,
-                                    diff.last_id if self.rules is not None else None)
+                                    False, diff.bids, diff.asks, diff.update_id)
 
     @staticmethod
     def _apply_levels(b: SymbolBook, diff: Diff) -> None:
@@ -387,10 +501,12 @@ class BookSync:
     # ---- snapshots --------------------------------------------------------------------
     def snapshot(self, symbol: str, out: Output, *, ts_event_ns: int | None,
                  ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
-                 snapshot_id: int | None, texts: tuple[TextLevels, TextLevels] | None = None,
+                 snapshot_id: int | None, update_id: int | None,
+                 texts: tuple[TextLevels, TextLevels] | None = None,
                  detail: str | None = None) -> int:
-        """A full book: written as a snapshot block; buffered diffs that follow it are
-        released with recv_seq + 1, + 2, ... Returns the highest recv_seq used."""
+        """A full book: written as a snapshot block (`update_id` its column); buffered
+        diffs that follow it (by the rules, from `snapshot_id`) are released with
+        recv_seq + 1, + 2, ... Returns the highest recv_seq used."""
         b = self.book(symbol)
         rules = self.rules
         if (rules is not None and snapshot_id is not None and b.buffer
@@ -403,11 +519,10 @@ class BookSync:
         self.buffer_bytes -= sum(d.nbytes for d in buffered)
         b.attempts = 0
         if b.bids is not None and b.asks is not None:
-            b.bids.clear()
-            b.asks.clear()
-            self._apply_levels(b, Diff(0, 0, -1, None, 0, bids, asks, 0, texts))
+            b.bids.load(bids, None if texts is None else texts[0])
+            b.asks.load(asks, None if texts is None else texts[1])
         out.book_block().add_levels(symbol, ts_event_ns, ts_recv_ns, recv_seq, True, bids,
-                                    asks, snapshot_id)
+                                    asks, update_id)
         if b.ever_synced:
             self.codec.resync(out, symbol, ts_recv_ns, recv_seq,
                               detail or (f"snapshot id {snapshot_id}"
@@ -436,27 +551,20 @@ class BookSync:
         return {sym: b.to_state() for sym, b in self.books.items()}
 
     def restore(self, state: Any) -> None:
+        """Take a `state()` back, checked (BadFrame: the caller's StateError)."""
+        if not isinstance(state, dict):
+            raise BadFrame("books state is not an object")
         books: dict[str, SymbolBook] = {}
         total = 0
-        for sym, s in dict(state).items():
-            b = SymbolBook(int(s["status"]), int(s["last_id"]), bool(s["just_synced"]),
-                           bool(s["ever_synced"]), int(s["attempts"]),
-                           [Diff.from_state(d) for d in s["buffer"]])
-            if b.status not in (UNSYNCED, AWAITING, SYNCED):
-                raise BadFrame(f"book status {b.status} of {sym!r}")
-            if self.keep_levels:
-                b.bids, b.asks = BookSide(True), BookSide(False)
-                b.bids.restore(s.get("bids", ()))
-                b.asks.restore(s.get("asks", ()))
+        for sym, s in state.items():
+            b = SymbolBook.from_state(s, self.keep_levels, self.keep_text)
             total += sum(d.nbytes for d in b.buffer)
-            books[str(sym)] = b
+            books[sym] = b
         self.books = books
         self.buffer_bytes = total
 
 
 def levels_with_text(raw: Sequence[Sequence[str]]) -> tuple[Levels, TextLevels]:
     """[[price text, amount text, ...], ...] -> float levels and the texts as sent."""
-    from ingestd.exchanges.base import parse_levels
-
     texts = [(str(lv[0]), str(lv[1])) for lv in raw]
     return parse_levels(texts), texts

@@ -246,7 +246,8 @@ class _ChannelBooks(BookSync):
 
     def snapshot(self, symbol: str, out: Output, *, ts_event_ns: int | None,
                  ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
-                 snapshot_id: int | None, texts: tuple[TextLevels, TextLevels] | None = None,
+                 snapshot_id: int | None, update_id: int | None,
+                 texts: tuple[TextLevels, TextLevels] | None = None,
                  detail: str | None = None, resync: bool = True) -> int:
         b = self.book(symbol)
         ever = b.ever_synced
@@ -258,7 +259,8 @@ class _ChannelBooks(BookSync):
         try:
             return super().snapshot(symbol, out, ts_event_ns=ts_event_ns,
                                     ts_recv_ns=ts_recv_ns, recv_seq=recv_seq, bids=bids,
-                                    asks=asks, snapshot_id=snapshot_id, texts=texts,
+                                    asks=asks, snapshot_id=snapshot_id, update_id=update_id,
+                                    texts=texts,
                                     detail=detail)
         finally:
             b.ever_synced = b.ever_synced or ever
@@ -596,10 +598,10 @@ class BybitSpot(Codec):
             topics.unsynced.pop(topic, None)
             topics.stale.pop(topic, None)
             sync.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
-                          recv_seq=recv_seq, bids=bids, asks=asks, snapshot_id=u,
+                          recv_seq=recv_seq, bids=bids, asks=asks, snapshot_id=u, update_id=u,
                           detail=f"{topic}: snapshot u={u} ({reason})", resync=not quiet)
         else:
-            diff = _TopicDiff(u, u, -1, ts_event, ts_recv_ns, bids, asks, topic=topic)
+            diff = _TopicDiff(u, u, -1, u, ts_event, ts_recv_ns, bids, asks, topic=topic)
             if not sync.diff(sym, diff, out, recv_seq):
                 if not synced:
                     self._unsynced(topic, out)

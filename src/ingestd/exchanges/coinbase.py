@@ -514,11 +514,12 @@ class Coinbase(Codec):
                                ts_recv_ns=ts_recv_ns, recv_seq=recv_seq,
                                bids=[lv for r in runs for lv in r[1]],
                                asks=[lv for r in runs for lv in r[2]], snapshot_id=None,
+                               update_id=None,
                                detail=f"l2_data snapshot, {n} levels")
                 self.conn.asked.pop(sym, None)
             elif books.synced(sym):
                 for ts, bids, asks in runs:
-                    books.diff(sym, Diff(0, 0, -1, ts, ts_recv_ns, bids, asks), out,
+                    books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns, bids, asks), out,
                                recv_seq)
             else:
                 self._unsynced_update(sym, runs, ts_recv_ns, recv_seq, out)
@@ -527,7 +528,7 @@ class Coinbase(Codec):
                          out: Output) -> None:
         """An update for a book waiting for its snapshot: dropped (counted) by BookSync; if
         no snapshot came `RESYNC_TIMEOUT_S` after we started waiting, ask again."""
-        self.books.diff(sym, Diff(0, 0, -1, runs[0][0] if runs else None, ts_recv_ns,
+        self.books.diff(sym, Diff(0, 0, -1, None, runs[0][0] if runs else None, ts_recv_ns,
                                   [lv for r in runs for lv in r[1]],
                                   [lv for r in runs for lv in r[2]]), out, recv_seq)
         asked = self.conn.asked.get(sym)

@@ -254,27 +254,7 @@ def _top(levels: Levels, texts: TextLevels, descending: bool,
     return side.top(), side.top_text()
 
 
-# ---- the shared sync, and Kraken's bookkeeping beside it --------------------------------------
-class _Books(BookSync):
-    """The shared BookSync (channel snapshots, no ids, levels kept with their text); a
-    restored book must carry the text of every level, as sent, or no checksum can be
-    verified after the restore."""
-
-    def restore(self, state: Any) -> None:
-        super().restore(state)
-        for sym, b in self.books.items():
-            for side in (b.bids, b.asks):
-                if side is None:
-                    raise BadFrame(f"book of {sym!r} has no sides")
-                for (px, sz), (px_text, sz_text) in zip(side.top(), side.top_text(),
-                                                        strict=True):
-                    if (_JSON_NUMBER.fullmatch(px_text) is None
-                            or _JSON_NUMBER.fullmatch(sz_text) is None
-                            or float(px_text) != price(px) or float(sz_text) != amount(sz)):
-                        raise BadFrame(f"book level {px_text!r} {sz_text!r} of {sym!r} "
-                                       f"is not {px} {sz}"[:160])
-
-
+# ---- Kraken's bookkeeping beside the shared sync ----------------------------------------------
 def _names(v: Any, what: str) -> set[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise BadFrame(f"{what} is not a list of strings")
@@ -334,8 +314,8 @@ class Kraken(Codec):
         self._want_quotes = "quotes" in self.channels
         self._want_book = "book" in self.channels
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
-        self.books = self.stateful("books", _Books(self, None, resubscribe=self._resubscribe,
-                                                   keep_levels=True))
+        self.books = self.stateful("books", BookSync(self, None, resubscribe=self._resubscribe,
+                                                     keep_text=True))
         self.checks = self.stateful("checks", _Checks())
         self._book_symbols = frozenset(self.symbols if self._want_book else ())
         self.checks.expecting = set(self._book_symbols)
@@ -620,7 +600,8 @@ class Kraken(Codec):
         c.resyncing.discard(sym)
         c.unsynced.pop(sym, None)
         books.snapshot(sym, out, ts_event_ns=ts, ts_recv_ns=ts_recv_ns, recv_seq=recv_seq,
-                       bids=bids, asks=asks, snapshot_id=None, texts=(bid_texts, ask_texts),
+                       bids=bids, asks=asks, snapshot_id=None, update_id=None,
+                       texts=(bid_texts, ask_texts),
                        detail=f"book snapshot {why}")
 
     def _update(self, sym: str, bids: Levels, bid_texts: TextLevels, asks: Levels,
@@ -629,7 +610,7 @@ class Kraken(Codec):
         books, c = self.books, self.checks
         if not books.synced(sym):
             # Dropped (counted) until the snapshot; BookSync asks for one if nobody has.
-            books.diff(sym, Diff(0, 0, -1, ts, ts_recv_ns, bids, asks), out, recv_seq)
+            books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns, bids, asks), out, recv_seq)
             dropped = c.unsynced[sym] = c.unsynced.get(sym, 0) + 1
             if dropped >= MAX_UNSYNCED_UPDATES and out.reconnect is None:
                 out.reconnect = f"book {sym}: no snapshot after {dropped} updates"
@@ -656,7 +637,7 @@ class Kraken(Codec):
         touched_bids.update(dict.fromkeys(bid_cut))
         touched_asks = dict.fromkeys([px for px, _ in asks])
         touched_asks.update(dict.fromkeys(ask_cut))
-        books.diff(sym, Diff(0, 0, -1, ts, ts_recv_ns,
+        books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns,
                              [(px, bid_side.amount(px)) for px in touched_bids],
                              [(px, ask_side.amount(px)) for px in touched_asks]),
                    out, recv_seq)

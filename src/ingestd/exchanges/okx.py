@@ -264,16 +264,6 @@ def _request(op: str, args: list[dict[str, str]]) -> str:
     return orjson.dumps({"op": op, "args": args}).decode()
 
 
-def _clear_update_ids(out: Output, start: int) -> None:
-    """Book rows from index `start` on carry no update id (a message without seqId):
-    BookSync writes the sync position, which is `NO_SEQ` for them."""
-    block = out.book
-    if block is not None:
-        ids = block.update_id
-        for i in range(start, len(ids)):
-            ids[i] = None
-
-
 # ---- continuity rules and the book sync ------------------------------------------------------
 class OkxRules:
     """`prevSeqId` == the previous message's `seqId` (the snapshot's for the first update).
@@ -301,17 +291,6 @@ class OkxRules:
     def gap_detail(diff: Diff, last_id: int) -> str:
         return (f"expected prevSeqId={last_id}, received prevSeqId={diff.prev_id} "
                 f"seqId={diff.last_id}")
-
-
-class _Books(BookSync):
-    """The shared BookSync; a restored book must keep every level's text (checksums)."""
-
-    def restore(self, state: Any) -> None:
-        super().restore(state)
-        for b in self.books.values():
-            assert b.bids is not None and b.asks is not None
-            b.bids.top_text()  # KeyError (a StateError for the caller) if a text is missing
-            b.asks.top_text()
 
 
 class _Expecting:
@@ -351,8 +330,8 @@ class Okx(Codec):
                                 (CH_BBO, "quotes" in self.channels),
                                 (self.book_channel, "book" in self.channels)) if want)
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
-        self.books = self.stateful("books", _Books(
-            self, OkxRules(), resubscribe=self._resubscribe, keep_levels=True))
+        self.books = self.stateful("books", BookSync(
+            self, OkxRules(), resubscribe=self._resubscribe, keep_text=True))
         self.expecting = self.stateful("expecting", _Expecting())
         self.expecting.symbols = self._book_symbols()
         # Checksum statistics (for tests and diagnostics): verified / absent (0 or missing).
@@ -576,26 +555,22 @@ class Okx(Codec):
             self.checksums_verified += 1
         else:
             self.checksums_absent += 1
-        start = len(out.book) if out.book is not None else 0
         self.books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
                             recv_seq=recv_seq, bids=bids, asks=asks,
-                            snapshot_id=NO_SEQ if seq is None else seq, texts=texts,
+                            snapshot_id=NO_SEQ if seq is None else seq, update_id=seq,
+                            texts=texts,
                             detail="snapshot" if seq is None else f"snapshot seqId={seq}")
-        if seq is None:
-            _clear_update_ids(out, start)
 
     def _update(self, sym: str, bids: Levels, asks: Levels,
                 texts: tuple[TextLevels, TextLevels], ts_event: int | None, seq: int | None,
                 prev: int | None, crc: int, ts_recv_ns: int, recv_seq: int,
                 out: Output) -> None:
         sid = NO_SEQ if seq is None else seq
-        diff = Diff(sid, sid, NO_SEQ if prev is None else prev, ts_event, ts_recv_ns, bids,
-                    asks, 0, texts)
+        diff = Diff(sid, sid, NO_SEQ if prev is None else prev, seq, ts_event, ts_recv_ns,
+                    bids, asks, 0, texts)
         start = len(out.book) if out.book is not None else 0
         if not self.books.diff(sym, diff, out, recv_seq):
             return  # dropped (not synced), or a break (gap event, resubscribed)
-        if seq is None:
-            _clear_update_ids(out, start)
         if crc == 0:
             self.checksums_absent += 1
             return
