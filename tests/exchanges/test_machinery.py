@@ -18,7 +18,7 @@ from ingestd.exchanges.base import (
     Codec,
     Output,
 )
-from ingestd.exchanges.book import BookSide
+from ingestd.exchanges.book import BookSide, BookSync, Diff, Levels, TextLevels
 from ingestd.exchanges.trades import (
     BACKWARDS,
     DUPLICATE,
@@ -63,7 +63,7 @@ def json_round_trip(state: Any) -> Any:
     return orjson.loads(orjson.dumps(state))
 
 
-# ---- TradeIds: integer ids ----------------------------------------------------------------------
+# ---- TradeIds: integer ids ------------------------------------------------------------------
 def test_trade_ids_in_order_are_one_interval() -> None:
     ids = TradeIds(consecutive=True)
     assert [ids.admit("A", i) for i in range(100, 110)] == [NEW] * 10
@@ -158,7 +158,7 @@ def test_trade_ids_out_of_order_stream_matches_a_set() -> None:
         seen.add(tid)
 
 
-# ---- TradeIds: opaque ids, ids from the wire ----------------------------------------------
+# ---- TradeIds: opaque ids, ids from the wire ------------------------------------------------
 def test_opaque_ids_window() -> None:
     ids = TradeIds(consecutive=False, window=3)
     assert [ids.admit_opaque("A", t) for t in ("a", "b", "a", "c", "d")] == [
@@ -197,7 +197,7 @@ def test_admit_helpers_write_events_and_count_drops() -> None:
     assert out.drops == {DROP_DUPLICATE_TRADE: 3}
 
 
-# ---- TradeIds: state -----------------------------------------------------------------------
+# ---- TradeIds: state ------------------------------------------------------------------------
 def test_trade_ids_state_round_trips() -> None:
     ids = TradeIds(consecutive=True)
     for i in (1, 2, 3, 7, 8, 20):
@@ -235,7 +235,7 @@ def test_trade_ids_restore_refuses_more_intervals_than_kept() -> None:
         ids.restore({"ints": {"A": [[1, 3, 5], [1, 3, 5]]}})
 
 
-# ---- BookSide ------------------------------------------------------------------------------------
+# ---- BookSide -------------------------------------------------------------------------------
 def test_book_side_sorted_best_first_with_text() -> None:
     bids, asks = BookSide(True), BookSide(False)
     for px, amt in ((10.0, 1.0), (12.0, 2.0), (11.0, 3.0)):
@@ -278,3 +278,128 @@ def test_book_side_state_round_trips_and_refuses_garbage() -> None:
             BookSide(False).restore(bad)
     with pytest.raises(BadFrame):
         BookSide(False).restore([[1.0, 2.0]], texts=True)   # a verified book needs texts
+
+
+# ---- BookSync: helpers ----------------------------------------------------------------------
+class SeqRules:
+    """Test rules: a diff's ids are first..last; the next diff starts at last + 1; the
+    first after a snapshot straddles snapshot id + 1 (Binance spot's shape)."""
+
+    @staticmethod
+    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
+        return diff.last_id <= last_id
+
+    @staticmethod
+    def bridges(diff: Diff, snapshot_id: int) -> bool:
+        return diff.first_id <= snapshot_id + 1 <= diff.last_id
+
+    @staticmethod
+    def continues(diff: Diff, last_id: int) -> bool:
+        return diff.first_id == last_id + 1
+
+    @staticmethod
+    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
+        return snapshot_id + 1 < first_buffered.first_id
+
+    @staticmethod
+    def gap_detail(symbol: str, diff: Diff, last_id: int) -> str:
+        return f"{symbol}: expected {last_id + 1}, got {diff.first_id}"
+
+
+def diff(first: int, last: int | None = None, bids: Levels | None = None,
+         asks: Levels | None = None, ts: int = TS, nbytes: int = 100,
+         texts: tuple[TextLevels, TextLevels] | None = None) -> Diff:
+    last = first if last is None else last
+    return Diff(first, last, -1, last, None, ts, bids or [], asks or [], nbytes, texts)
+
+
+def level_diff(bids: Levels, asks: Levels, ts: int = TS) -> Diff:
+    """A diff of a venue without ids (rules=None)."""
+    return Diff(0, 0, -1, None, None, ts, bids, asks, 0,
+                ([(str(p), str(q)) for p, q in bids], [(str(p), str(q)) for p, q in asks]))
+
+
+class Channel:
+    """A channel-snapshot venue's side of BookSync: what was resubscribed."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def resubscribe(self, symbol: str, out: Output) -> None:
+        self.asked.append(symbol)
+        out.reply(f"resubscribe {symbol}")
+
+
+def channel_sync(**keys: Any) -> tuple[BookSync, Channel]:
+    ch = Channel()
+    return BookSync(stub(), keys.pop("rules", None), resubscribe=ch.resubscribe,
+                    **keys), ch
+
+
+def snap(sync: BookSync, out: Output, seq: int, bids: Levels, asks: Levels,
+         **keys: Any) -> int:
+    texts = ([(str(p), str(q)) for p, q in bids], [(str(p), str(q)) for p, q in asks])
+    return sync.snapshot("A", out, ts_event_ns=None, ts_recv_ns=keys.pop("ts", TS),
+                         recv_seq=seq, bids=bids, asks=asks,
+                         snapshot_id=keys.pop("snapshot_id", None),
+                         update_id=keys.pop("update_id", None),
+                         texts=texts if sync.keep_text else None, **keys)
+
+
+def book_rows(out: Output) -> list[tuple[Any, ...]]:
+    """(recv_seq, is_snapshot, side, price, amount, update_id) of every book row."""
+    return [(r[3], r[4], r[5], r[6], r[7], r[8]) for r in out.rows("book")]
+
+
+# ---- BookSync: kept levels, depth, rows, resync control -------------------------------------
+def test_depth_truncation_writes_removals_and_nets_rows() -> None:
+    sync, _ = channel_sync(keep_text=True, depth=2)
+    out = Output()
+    snap(sync, out, 1, [(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0), (12.0, 0.0)])
+    # The snapshot block is the book as kept: depth 2, no zero sizes, best first.
+    assert book_rows(out) == [(1, True, "bid", 10.0, 1.0, None),
+                              (1, True, "bid", 9.0, 1.0, None),
+                              (1, True, "ask", 11.0, 1.0, None)]
+    out = Output()
+    # A new best bid pushes 9.0 out of depth 2: written as removed.
+    assert sync.diff("A", level_diff([(10.5, 2.0)], [(11.5, 1.0)]), out, 2)
+    assert book_rows(out) == [(2, False, "bid", 10.5, 2.0, None),
+                              (2, False, "bid", 9.0, 0.0, None),
+                              (2, False, "ask", 11.5, 1.0, None)]
+    # A level inserted beyond the depth, and one set twice: one row each, as it ends.
+    out = Output()
+    assert sync.diff("A", level_diff([(1.0, 5.0), (10.0, 3.0), (10.0, 4.0)], []), out, 3)
+    assert book_rows(out) == [(3, False, "bid", 1.0, 0.0, None),
+                              (3, False, "bid", 10.0, 4.0, None)]
+    b = sync.book("A")
+    assert b.bids is not None and b.bids.top_text() == [("10.5", "2.0"), ("10.0", "4.0")]
+
+
+def test_rows_false_keeps_the_book_and_writes_nothing() -> None:
+    sync, _ = channel_sync(keep_levels=True, depth=1, rows=False)
+    out = Output()
+    snap(sync, out, 1, [(10.0, 1.0), (9.0, 1.0)], [(11.0, 1.0)])
+    assert sync.diff("A", level_diff([(10.2, 1.0)], []), out, 2)
+    assert out.book is None
+    b = sync.book("A")
+    assert b.bids is not None and b.bids.top() == [(10.2, 1.0)]
+
+
+def test_resync_event_default_forced_and_suppressed() -> None:
+    sync, _ = channel_sync()
+    out = Output()
+    snap(sync, out, 1, [(1.0, 1.0)], [], detail="first")
+    assert events(out) == []                               # the first sync is no resync
+    snap(sync, out, 2, [(1.0, 1.0)], [], detail="again")   # synced before: a resync
+    snap(sync, out, 3, [(1.0, 1.0)], [], detail="repeat", resync=False)
+    assert [(e[3], e[5], e[6]) for e in events(out)] == [(2, "resync", "again")]
+    fresh, _ = channel_sync()
+    out = Output()
+    snap(fresh, out, 1, [(1.0, 1.0)], [], detail="forced", resync=True)
+    assert [e[6] for e in events(out)] == ["forced"]
+    # A gap before the first sync: its snapshot is a resync.
+    other, _ = channel_sync()
+    out = Output()
+    other.break_sync("A", out, "lost", TS, 1)
+    snap(other, out, 2, [(1.0, 1.0)], [], detail="after gap")
+    assert [(e[5], e[6]) for e in events(out)] == [("gap", "lost"), ("resync", "after gap")]

@@ -159,7 +159,7 @@ class SpotRules:
         return snapshot_id + 1 < first_buffered.first_id
 
     @staticmethod
-    def gap_detail(diff: Diff, last_id: int) -> str:
+    def gap_detail(symbol: str, diff: Diff, last_id: int) -> str:
         return f"expected U={last_id + 1}, got U={diff.first_id} u={diff.last_id}"
 
 
@@ -184,7 +184,7 @@ class UsdmRules:
         return snapshot_id < first_buffered.first_id
 
     @staticmethod
-    def gap_detail(diff: Diff, last_id: int) -> str:
+    def gap_detail(symbol: str, diff: Diff, last_id: int) -> str:
         return f"expected pu={last_id}, got pu={diff.prev_id} u={diff.last_id}"
 
 

@@ -282,7 +282,8 @@ class Rules(Protocol):
         """The snapshot predates the first buffered diff: it cannot be bridged."""
         ...
 
-    def gap_detail(self, diff: Diff, last_id: int) -> str:
+    def gap_detail(self, symbol: str, diff: Diff, last_id: int) -> str:
+        """The `gap` event's detail when `diff` does not continue `last_id`."""
         ...
 
 
@@ -299,6 +300,7 @@ class SymbolBook:
     ever_synced: bool = False
     attempts: int = 0           # snapshot requests since the last success
     buffer: list[Diff] = field(default_factory=list)
+    after_gap: bool = False     # a gap since the last snapshot: the next one is a resync
     bids: BookSide | None = None
     asks: BookSide | None = None
 
@@ -306,7 +308,8 @@ class SymbolBook:
         s: dict[str, Any] = {"status": self.status, "last_id": self.last_id,
                              "just_synced": self.just_synced,
                              "ever_synced": self.ever_synced, "attempts": self.attempts,
-                             "buffer": [d.to_state() for d in self.buffer]}
+                             "buffer": [d.to_state() for d in self.buffer],
+                             "after_gap": self.after_gap}
         if self.bids is not None and self.asks is not None:
             s["bids"] = self.bids.state()
             s["asks"] = self.asks.state()
@@ -326,7 +329,7 @@ class SymbolBook:
             raise BadFrame("book buffer is not a list")
         b = cls(status, _int(s["last_id"], "last id"), _bool(s["just_synced"], "just_synced"),
                 _bool(s["ever_synced"], "ever_synced"), _int(s["attempts"], "attempts", 0),
-                [Diff.from_state(d) for d in buffer])
+                [Diff.from_state(d) for d in buffer], _bool(s["after_gap"], "after_gap"))
         if sides:
             b.bids, b.asks = BookSide(True), BookSide(False)
             b.bids.restore(s["bids"], texts=texts)
@@ -337,24 +340,39 @@ class SymbolBook:
 
 
 class BookSync:
-    """Every symbol's book of one feed. `snapshot_request(symbol)` builds the REST
-    request of a snapshot (REST venues); `resubscribe(symbol, out)` asks the venue for a
-    fresh snapshot on the channel (channel venues). `keep_levels`: keep sorted sides;
-    `keep_text`: with every level's text as sent (checksums; implies `keep_levels`)."""
+    """Every symbol's book of one feed.
+
+    How a snapshot is asked for: `snapshot_request(symbol)` builds the URL of a REST
+    snapshot (REST venues), or `resubscribe(symbol, out)` asks the venue for a fresh one
+    on the channel (channel venues). `rules`: the venue's continuity rules (None: the
+    venue has no ids; only a snapshot starts a book).
+
+    What is kept: `keep_levels` keeps sorted sides; `keep_text` with every level's text
+    as sent (checksums; implies `keep_levels`); `depth` (with kept levels) truncates each
+    side to that many levels after every message - the venue expects clients to - and
+    writes the levels it removes as `amount = 0` rows (the rows of one message are then
+    netted: one per price touched, with its amount after the message, so they rebuild
+    the book in any order). `rows=False`: the book is kept but no book rows are written
+    (a venue's best-bid/ask stream read for quotes)."""
 
     def __init__(self, codec: Codec, rules: Rules | None, *,
                  snapshot_request: Callable[[str], str] | None = None,
                  resubscribe: Callable[[str, Output], None] | None = None,
                  keep_levels: bool = False, keep_text: bool = False,
+                 depth: int | None = None, rows: bool = True,
                  max_buffer_bytes: int = MAX_BUFFER_BYTES) -> None:
         if (snapshot_request is None) == (resubscribe is None):
             raise ValueError("a book is synced either from REST or from its channel")
+        if (depth is not None and not (keep_levels or keep_text)) or depth == 0:
+            raise ValueError("truncation to a depth needs kept levels, and a depth")
         self.codec = codec
         self.rules = rules
         self.snapshot_url = snapshot_request
         self.resubscribe = resubscribe
         self.keep_levels = keep_levels or keep_text
         self.keep_text = keep_text
+        self.depth = depth
+        self.rows = rows
         self.max_buffer_bytes = max_buffer_bytes
         self.books: dict[str, SymbolBook] = {}
         self.buffer_bytes = 0
@@ -377,6 +395,7 @@ class BookSync:
         for b in self.books.values():
             b.status = UNSYNCED
             b.attempts = 0
+            b.after_gap = False
             b.buffer.clear()
             if b.bids is not None and b.asks is not None:
                 b.bids.clear()
@@ -404,6 +423,7 @@ class BookSync:
         b = self.book(symbol)
         if event:
             self.codec.gap(out, symbol, ts_recv_ns, recv_seq, detail)
+        b.after_gap = True
         self._drop_buffer(b)
         if b.bids is not None and b.asks is not None:
             b.bids.clear()
@@ -440,8 +460,9 @@ class BookSync:
                   else rules.continues(diff, b.last_id))
             if not ok:
                 self.codec.gap(out, symbol, diff.ts_recv_ns, recv_seq,
-                               rules.gap_detail(diff, b.last_id))
+                               rules.gap_detail(symbol, diff, b.last_id))
                 b.status = UNSYNCED
+                b.after_gap = True
                 self._hold(symbol, b, diff, out, recv_seq)
                 return False
         self._apply(symbol, b, diff, out, recv_seq)
@@ -461,6 +482,7 @@ class BookSync:
             self.codec.gap(out, symbol, diff.ts_recv_ns, recv_seq,
                            f"book buffer cap of {self.max_buffer_bytes} bytes reached while "
                            f"waiting for a snapshot; {len(b.buffer)} buffered diffs dropped")
+            b.after_gap = True
             out.drop(DROP_BUFFER_OVERFLOW, len(b.buffer) + 1)
             self._drop_buffer(b)
             if b.status == UNSYNCED:
@@ -479,34 +501,50 @@ class BookSync:
                recv_seq: int) -> None:
         b.just_synced = False
         b.last_id = diff.last_id
+        bids, asks = diff.bids, diff.asks
         if b.bids is not None and b.asks is not None:
-            self._apply_levels(b, diff)
-        out.book_block().add_levels(symbol, diff.ts_event_ns, diff.ts_recv_ns, recv_seq,
-                                    False, diff.bids, diff.asks, diff.update_id)
+            bids, asks = self._apply_levels(b.bids, b.asks, diff)
+        if self.rows:
+            out.book_block().add_levels(symbol, diff.ts_event_ns, diff.ts_recv_ns, recv_seq,
+                                        False, bids, asks, diff.update_id)
 
-    @staticmethod
-    def _apply_levels(b: SymbolBook, diff: Diff) -> None:
-        assert b.bids is not None and b.asks is not None
-        if diff.texts is None:
-            for px, amt in diff.bids:
-                b.bids.set(px, amt)
-            for px, amt in diff.asks:
-                b.asks.set(px, amt)
+    def _apply_levels(self, bid_side: BookSide, ask_side: BookSide,
+                      diff: Diff) -> tuple[Levels, Levels]:
+        """Apply a diff to the kept sides and truncate them to `depth`; returns the rows
+        to write: the diff's levels, or netted rows where a price repeats or was cut."""
+        bids, asks, texts = diff.bids, diff.asks, diff.texts
+        if texts is None:
+            for px, amt in bids:
+                bid_side.set(px, amt)
+            for px, amt in asks:
+                ask_side.set(px, amt)
         else:
-            for (px, amt), text in zip(diff.bids, diff.texts[0], strict=True):
-                b.bids.set(px, amt, text)
-            for (px, amt), text in zip(diff.asks, diff.texts[1], strict=True):
-                b.asks.set(px, amt, text)
+            for (px, amt), text in zip(bids, texts[0], strict=True):
+                bid_side.set(px, amt, text)
+            for (px, amt), text in zip(asks, texts[1], strict=True):
+                ask_side.set(px, amt, text)
+        depth = self.depth
+        if depth is not None:
+            bid_cut, ask_cut = bid_side.truncate(depth), ask_side.truncate(depth)
+            if self.rows:
+                bids = _netted(bid_side, bids, bid_cut)
+                asks = _netted(ask_side, asks, ask_cut)
+        return bids, asks
 
     # ---- snapshots --------------------------------------------------------------------
     def snapshot(self, symbol: str, out: Output, *, ts_event_ns: int | None,
                  ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
                  snapshot_id: int | None, update_id: int | None,
                  texts: tuple[TextLevels, TextLevels] | None = None,
-                 detail: str | None = None) -> int:
-        """A full book: written as a snapshot block (`update_id` its column); buffered
+                 detail: str | None = None, resync: bool | None = None) -> int:
+        """A full book: written as a snapshot block (`update_id` its column; with kept
+        levels, the book as kept: no zero sizes, best first, `depth` deep); buffered
         diffs that follow it (by the rules, from `snapshot_id`) are released with
-        recv_seq + 1, + 2, ... Returns the highest recv_seq used."""
+        recv_seq + 1, + 2, ... Returns the highest recv_seq used.
+
+        `resync`: whether a `resync` event (`detail`) follows the block. None: if the
+        book was synced before, or a gap was reported since its last snapshot; True
+        forces it, False suppresses it (a snapshot that only repeats the book)."""
         b = self.book(symbol)
         rules = self.rules
         if (rules is not None and snapshot_id is not None and b.buffer
@@ -521,14 +559,20 @@ class BookSync:
         if b.bids is not None and b.asks is not None:
             b.bids.load(bids, None if texts is None else texts[0])
             b.asks.load(asks, None if texts is None else texts[1])
-        out.book_block().add_levels(symbol, ts_event_ns, ts_recv_ns, recv_seq, True, bids,
-                                    asks, update_id)
-        if b.ever_synced:
+            if self.depth is not None:
+                b.bids.truncate(self.depth)
+                b.asks.truncate(self.depth)
+            bids, asks = b.bids.top(), b.asks.top()
+        if self.rows:
+            out.book_block().add_levels(symbol, ts_event_ns, ts_recv_ns, recv_seq, True,
+                                        bids, asks, update_id)
+        if (b.ever_synced or b.after_gap) if resync is None else resync:
             self.codec.resync(out, symbol, ts_recv_ns, recv_seq,
                               detail or (f"snapshot id {snapshot_id}"
                                          if snapshot_id is not None else "snapshot"))
         b.status = SYNCED
         b.ever_synced = True
+        b.after_gap = False
         b.last_id = snapshot_id if snapshot_id is not None else 0
         b.just_synced = True
         seq = recv_seq
@@ -562,6 +606,17 @@ class BookSync:
             books[sym] = b
         self.books = books
         self.buffer_bytes = total
+
+
+def _netted(side: BookSide, levels: Levels, cut: list[float]) -> Levels:
+    """The rows of one side of a message: `levels` as sent, unless a price repeats or
+    levels were cut at the depth - then one row per price touched (in the order first
+    touched, then the cut ones) with its amount after the message (0: gone)."""
+    if not cut and (len(levels) < 2 or len({px for px, _ in levels}) == len(levels)):
+        return levels
+    touched = dict.fromkeys([px for px, _ in levels])
+    touched.update(dict.fromkeys(cut))
+    return [(px, side.amount(px)) for px in touched]
 
 
 def levels_with_text(raw: Sequence[Sequence[str]]) -> tuple[Levels, TextLevels]:

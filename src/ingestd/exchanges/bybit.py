@@ -63,8 +63,7 @@ Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode erro
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
@@ -81,9 +80,9 @@ from ingestd.exchanges.base import (
     parse_levels,
     price,
 )
-from ingestd.exchanges.book import BookSync, Diff, Levels, TextLevels
+from ingestd.exchanges.book import BookSync, Diff, Levels
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
-from ingestd.schema import BUY, SELL, UNKNOWN, BookBlock
+from ingestd.schema import BUY, SELL, UNKNOWN
 
 # Deltas dropped while waiting for a snapshot before the topic is resubscribed again
 # (the first resubscription was lost or not honoured); as many consecutive already-applied
@@ -167,18 +166,14 @@ def _levels(raw: list[tuple[str, str]]) -> Levels:
     return parse_levels(raw)
 
 
-# ---- continuity rules and the book sync ----------------------------------------------------
-@dataclass(slots=True)
-class _TopicDiff(Diff):
-    """A Diff that knows its topic (for the gap event's detail)."""
-
-    topic: str = ""
-
-
+# ---- continuity rules ----------------------------------------------------------------------
 class BybitRules:
     """`u` grows by exactly one per message of a topic: a delta with `u` <= the last
     applied one is a repeat; the first delta after a snapshot, like every later one, has
     `u` = previous + 1. Channel snapshots: nothing is buffered, so no snapshot is too old."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
 
     @staticmethod
     def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
@@ -196,76 +191,13 @@ class BybitRules:
     def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
         return False
 
-    @staticmethod
-    def gap_detail(diff: Diff, last_id: int) -> str:
-        topic = diff.topic if isinstance(diff, _TopicDiff) else "orderbook"
-        return f"{topic}: expected u={last_id + 1}, received u={diff.last_id}"
+    def gap_detail(self, symbol: str, diff: Diff, last_id: int) -> str:
+        return (f"{book_topic(self.depth, symbol)}: expected u={last_id + 1}, "
+                f"received u={diff.last_id}")
 
 
-class _NoRows(BookBlock):
-    """Where the orderbook.1 sync's book rows go: nowhere (its levels feed quotes)."""
-
-    __slots__ = ()
-
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def add_levels(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-_NO_ROWS: Final = _NoRows()
-
-
-class _ChannelBooks(BookSync):
-    """The shared BookSync for one orderbook depth, synced from the channel, with two
-    venue-local additions the shared class lacks: `rows=False` (orderbook.1 only feeds
-    quotes: the book rows BookSync writes go to a block that keeps nothing) and
-    `snapshot(resync=False)` (a snapshot that is not a resync: orderbook.1's resend, the
-    first news of a make-before-break switch)."""
-
-    def __init__(self, codec: Codec, depth: str, resubscribe: Callable[[str, Output], None],
-                 *, rows: bool) -> None:
-        super().__init__(codec, BybitRules(),
-                         resubscribe=lambda sym, out: resubscribe(self.topic(sym), out),
-                         keep_levels=not rows)
-        self.depth = depth
-        self.rows = rows
-
-    def topic(self, symbol: str) -> str:
-        return f"orderbook.{self.depth}.{symbol}"
-
-    def diff(self, symbol: str, diff: Diff, out: Output, recv_seq: int) -> bool:
-        if self.rows:
-            return super().diff(symbol, diff, out, recv_seq)
-        kept, out.book = out.book, _NO_ROWS
-        try:
-            return super().diff(symbol, diff, out, recv_seq)
-        finally:
-            out.book = kept
-
-    def snapshot(self, symbol: str, out: Output, *, ts_event_ns: int | None,
-                 ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
-                 snapshot_id: int | None, update_id: int | None,
-                 texts: tuple[TextLevels, TextLevels] | None = None,
-                 detail: str | None = None, resync: bool = True) -> int:
-        b = self.book(symbol)
-        ever = b.ever_synced
-        if not resync:
-            b.ever_synced = False  # BookSync writes `resync` after a book's first snapshot
-        kept = out.book
-        if not self.rows:
-            out.book = _NO_ROWS
-        try:
-            return super().snapshot(symbol, out, ts_event_ns=ts_event_ns,
-                                    ts_recv_ns=ts_recv_ns, recv_seq=recv_seq, bids=bids,
-                                    asks=asks, snapshot_id=snapshot_id, update_id=update_id,
-                                    texts=texts,
-                                    detail=detail)
-        finally:
-            b.ever_synced = b.ever_synced or ever
-            if not self.rows:
-                out.book = kept
+def book_topic(depth: int, symbol: str) -> str:
+    return f"orderbook.{depth}.{symbol}"
 
 
 # ---- per-topic bookkeeping and requests (explicit state) -----------------------------------
@@ -373,19 +305,30 @@ class BybitSpot(Codec):
         self.depth = feed.book_depth or self.default_book_depth
         self._want_trades = "trades" in self.channels
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=False))
-        self.book_sync = self.stateful("book", _ChannelBooks(
-            self, str(self.depth), self._resubscribe, rows=True))
-        self.bbo_sync = self.stateful("bbo", _ChannelBooks(
-            self, "1", self._resubscribe, rows=False))
+        self.book_sync = self.stateful("book", self._sync(self.depth))
+        # orderbook.1 feeds quotes: its best levels are kept, no book rows are written.
+        self.bbo_sync = self.stateful("bbo", self._sync(1, keep_levels=True, rows=False))
         self.topics = self.stateful("topics", _Topics())
         self.requests = self.stateful("requests", _Requests())
         # Every orderbook topic subscribed, exactly as spelled in the subscription.
-        self._books: dict[str, tuple[_ChannelBooks, str]] = {}
+        self._books: dict[str, tuple[BookSync, str]] = {}
         for sym in feed.symbols:
             for sync, channel in ((self.bbo_sync, "quotes"), (self.book_sync, "book")):
                 if channel in self.channels:
-                    self._books[sync.topic(sym)] = (sync, sym)
+                    self._books[self._topic(sync, sym)] = (sync, sym)
         self.topics.expecting = set(self._books)
+
+    def _sync(self, depth: int, *, keep_levels: bool = False, rows: bool = True) -> BookSync:
+        """The shared sync of one orderbook depth: channel snapshots, `u` continuity
+        (kept levels are truncated to the depth)."""
+        return BookSync(self, BybitRules(depth), resubscribe=lambda sym, out: (
+            self._resubscribe(book_topic(depth, sym), out)), keep_levels=keep_levels,
+            depth=depth if keep_levels else None, rows=rows)
+
+    @staticmethod
+    def _topic(sync: BookSync, symbol: str) -> str:
+        assert isinstance(sync.rules, BybitRules)
+        return book_topic(sync.rules.depth, symbol)
 
     # ---- config --------------------------------------------------------------------------
     @classmethod
@@ -569,7 +512,7 @@ class BybitSpot(Codec):
         self._sequence(sync, topic, sym, msg.type == "snapshot", d.u, ts * 1_000_000, bids,
                        asks, ts_recv_ns, recv_seq, out)
 
-    def _sequence(self, sync: _ChannelBooks, topic: str, sym: str, snapshot: bool, u: int,
+    def _sequence(self, sync: BookSync, topic: str, sym: str, snapshot: bool, u: int,
                   ts_event: int, bids: Levels, asks: Levels, ts_recv_ns: int, recv_seq: int,
                   out: Output) -> None:
         topics = self.topics
@@ -599,9 +542,10 @@ class BybitSpot(Codec):
             topics.stale.pop(topic, None)
             sync.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
                           recv_seq=recv_seq, bids=bids, asks=asks, snapshot_id=u, update_id=u,
-                          detail=f"{topic}: snapshot u={u} ({reason})", resync=not quiet)
+                          detail=f"{topic}: snapshot u={u} ({reason})",
+                          resync=False if quiet else None)
         else:
-            diff = _TopicDiff(u, u, -1, u, ts_event, ts_recv_ns, bids, asks, topic=topic)
+            diff = Diff(u, u, -1, u, ts_event, ts_recv_ns, bids, asks)
             if not sync.diff(sym, diff, out, recv_seq):
                 if not synced:
                     self._unsynced(topic, out)
@@ -616,14 +560,12 @@ class BybitSpot(Codec):
         if not sync.rows:
             self._quote(sync, sym, ts_event, ts_recv_ns, recv_seq, out)
 
-    def _quote(self, sync: _ChannelBooks, sym: str, ts_event: int, ts_recv_ns: int,
+    def _quote(self, sync: BookSync, sym: str, ts_event: int, ts_recv_ns: int,
                recv_seq: int, out: Output) -> None:
-        """The best bid/ask after an orderbook.1 message: whatever is not the best has left
-        the depth-1 stream."""
+        """The best bid/ask after an orderbook.1 message (the sync keeps depth 1: whatever
+        is not the best has left the stream)."""
         book = sync.book(sym)
         assert book.bids is not None and book.asks is not None
-        book.bids.truncate(1)
-        book.asks.truncate(1)
         bid, ask = book.bids.best(), book.asks.best()
         out.quotes_block().add(sym, ts_event, ts_recv_ns, recv_seq,
                                bid[0] if bid else None, bid[1] if bid else None,
@@ -640,7 +582,7 @@ class BybitSpot(Codec):
         topics.expecting.discard(topic)
         self._resubscribe(topic, out)
 
-    def _stale(self, sync: _ChannelBooks, topic: str, sym: str, u: int, last: int,
+    def _stale(self, sync: BookSync, topic: str, sym: str, u: int, last: int,
                ts_recv_ns: int, recv_seq: int, out: Output) -> None:
         """Already applied (a repeat, or a rotation's overlap: dropped, counted); endless
         repeats mean the venue's ids went back without `u = 1`: resynchronise."""

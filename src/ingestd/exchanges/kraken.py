@@ -589,10 +589,7 @@ class Kraken(Codec):
                 c.failed.pop(sym, None)
         book = books.book(sym)
         if sym in c.resyncing:
-            why = "after checksum gap"
-            # A resync even if the first snapshot never verified (BookSync writes `resync`
-            # only for a book that was synced before).
-            book.ever_synced = True
+            why = "after checksum gap"  # a resync even if no snapshot verified before
         elif book.status == SYNCED:  # the venue replaced a book we were keeping
             why = "replacing a synced book"
         else:

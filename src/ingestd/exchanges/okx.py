@@ -288,7 +288,7 @@ class OkxRules:
         return False
 
     @staticmethod
-    def gap_detail(diff: Diff, last_id: int) -> str:
+    def gap_detail(symbol: str, diff: Diff, last_id: int) -> str:
         return (f"expected prevSeqId={last_id}, received prevSeqId={diff.prev_id} "
                 f"seqId={diff.last_id}")
 
