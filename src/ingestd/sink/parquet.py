@@ -4,7 +4,9 @@ Owns: blocks -> Arrow table (one bulk conversion per column per chunk of rows), 
 naming scheme, and
 the commit protocol: write to `<root>/.staging/`, fsync the file, rename it atomically
 into `<root>/<table>/exchange=<id>/date=<YYYY-MM-DD>/`, fsync the directory. Only
-complete, fsync'd files ever appear under a table directory.
+complete, fsync'd files ever appear under a table directory. A failure after the rename
+(the directory sync) is reported apart (`PublishedNotDurable`): that file is visible
+and must never be written again.
 
 Must not: be called on the event loop, or decide when to flush.
 """
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingestd.schema import Block, schema_for, to_arrow_table
+from ingestd.sink import fsutil
 from ingestd.sink.batcher import Batch
-from ingestd.sink.fsutil import fsync_dir, try_lock_dir
+from ingestd.sink.fsutil import try_lock_dir
 
 STAGING_DIR = ".staging"
 # File metadata: {feed key: [[min_seq, max_seq], ...]} - exactly which rows the file holds.
@@ -37,6 +41,17 @@ class Committed:
     path: Path
     rows: int
     bytes: int
+
+
+class PublishedNotDurable(OSError):
+    """The file was renamed into its partition - it is visible, readers see its rows - but
+    the directory fsync that makes the rename durable failed. The commit must never be
+    repeated (its rows would appear twice): only the directory sync is retried."""
+
+    def __init__(self, committed: Committed, cause: OSError) -> None:
+        super().__init__(cause.errno, f"published {committed.path.name}, but the directory "
+                         f"sync failed: {cause.strerror or cause}", str(committed.path.parent))
+        self.committed = committed
 
 
 # Dictionary encoding only where it pays: low-cardinality strings. On prices, timestamps,
@@ -102,7 +117,8 @@ def partition_dir(root: Path, table: str, exchange: str, date: str) -> Path:
     return root / table / f"exchange={exchange}" / f"date={date}"
 
 
-def _ensure_dir(path: Path, root: Path) -> None:
+def _ensure_dir(path: Path, root: Path,
+                fsync_dir: Callable[[Path], None] = fsutil.fsync_dir) -> None:
     """mkdir -p, fsyncing each parent whose entries changed so the new dirs are durable."""
     if path.is_dir():
         return
@@ -128,10 +144,16 @@ def unique_name(batch: Batch) -> str:
 
 
 def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
-           metadata: dict[str, str] | None = None) -> Committed:
-    """Write `batch` as one Parquet file and atomically publish it. Raises OSError on failure
-    (the staging file is removed; nothing becomes visible). `staging` is this process's
-    own directory under `<root>/.staging/` (see `Staging`)."""
+           metadata: dict[str, str] | None = None, *,
+           fsync_dir: Callable[[Path], None] = fsutil.fsync_dir) -> Committed:
+    """Write `batch` as one Parquet file and atomically publish it. `staging` is this
+    process's own directory under `<root>/.staging/` (see `Staging`); `fsync_dir` is the
+    directory sync step (injectable, e.g. to produce a failing one).
+
+    Raises `PublishedNotDurable` (an OSError carrying the `Committed`) when the file is
+    visible but the directory sync after the rename failed: the caller must not commit
+    the rows again, only retry `fsync_dir(committed.path.parent)`. Raises any other
+    OSError when nothing became visible (the staging file is removed)."""
     table = batch_table(batch)
     extra = dict(metadata or {})
     if batch.coverage:
@@ -152,14 +174,18 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
             os.fsync(f.fileno())
             size = f.tell()
         final_dir = partition_dir(root, batch.table, batch.exchange, batch.date)
-        _ensure_dir(final_dir, root)
+        _ensure_dir(final_dir, root, fsync_dir)
         final = final_dir / name
         os.rename(tmp, final)
-        fsync_dir(final_dir)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Committed(final, batch.rows, size)
+    done = Committed(final, batch.rows, size)
+    try:
+        fsync_dir(final_dir)
+    except OSError as e:
+        raise PublishedNotDurable(done, e) from e
+    return done
 
 
 class Staging:

@@ -4,8 +4,10 @@ Owns: consuming queue items (the blocks of one socket read or REST answer of one
 taken all at once), the flush timer, handing due
 batches to a single worker thread (so commits of one process are serialized and the loop
 never blocks on encoding or fsync), retrying failed commits with backoff without losing
-or reordering rows, keeping rejected frames raw under `<root>/.rejects/`, and the drain
-at shutdown.
+or reordering rows, retrying only the directory sync of a file that was published but
+not made durable (its rows are never committed twice; the journal keeps them until the
+sync succeeds), keeping rejected frames raw under `<root>/.rejects/` within a size budget
+(oldest files deleted first, counted), and the drain at shutdown.
 
 Must not: parse frames, or block the event loop (all file I/O happens in the worker).
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +32,24 @@ from ingestd.clock import Clock
 from ingestd.exchanges.base import Output
 from ingestd.feed.intake import MessageQueue
 from ingestd.schema import Block
-from ingestd.sink.batcher import NS_PER_DAY, Batch, Batcher, PartitionKey, day_to_date
-from ingestd.sink.parquet import Committed, Staging, commit, to_arrow
+from ingestd.sink import fsutil
+from ingestd.sink.batcher import (
+    NS_PER_DAY,
+    Batch,
+    Batcher,
+    Coverage,
+    PartitionKey,
+    day_to_date,
+)
+from ingestd.sink.parquet import Committed, PublishedNotDurable, Staging, commit, to_arrow
 from ingestd.stats import WriterStats
 from ingestd.trace import from_env as trace_from_env
 
 log = structlog.get_logger("ingestd.writer")
 
 REJECTS_DIR = ".rejects"
+REJECTS_MAX_BYTES = 64 * 1024 * 1024   # default budget of `<root>/.rejects/`
+REJECTS_FILES_PER_BUDGET = 16          # a rejects file is rotated at 1/16 of the budget
 MAX_INFLIGHT_COMMITS = 4
 # A buffer's newest rows are converted to Arrow ahead of its commit in parts this big.
 CONVERT_ROWS = 8192
@@ -59,35 +73,123 @@ class Reject:
 
 
 
-def write_rejects(root: Path, rejects: list[Reject]) -> None:
-    """Append rejected frames as JSON lines (blocking; worker thread)."""
-    by_dir: dict[Path, list[bytes]] = {}
-    for r in rejects:
-        date = day_to_date(r.ts_recv_ns // NS_PER_DAY)
-        d = root / REJECTS_DIR / f"exchange={r.exchange}" / f"date={date}"
-        try:
-            text: dict[str, Any] = {"frame": r.frame.decode("utf-8")}
-        except UnicodeDecodeError:
-            text = {"frame_b64": base64.b64encode(r.frame).decode()}
-        line = orjson.dumps({"feed": r.feed, "ts_recv": r.ts_recv_ns, "reason": r.reason,
-                             **text}) + b"\n"
-        by_dir.setdefault(d, []).append(line)
-    for d, lines in by_dir.items():
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl", "ab") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
+@dataclass(frozen=True, slots=True)
+class RejectsWritten:
+    """What one `RejectsStore.write` did."""
+
+    written: int          # rejected frames appended
+    deleted_files: int    # files deleted (oldest first) to stay under the budget
+    deleted_bytes: int
+    total_bytes: int      # bytes under `.rejects/` afterwards
+
+
+class RejectsStore:
+    """`<root>/.rejects/exchange=<id>/date=<YYYY-MM-DD>/<created ns>-<pid>-<random>.jsonl`:
+    rejected frames as JSON lines, at most `max_bytes` in all (blocking; worker thread).
+
+    Each partition's current file is appended to until it holds `max_bytes /
+    REJECTS_FILES_PER_BUDGET`, then a new one starts, so the directory holds a few dozen
+    files, not one per write. When the total passes the budget, the directory is listed
+    again (other processes write there too) and whole files are deleted, oldest first by
+    name (names start with their creation time), until it fits.
+    """
+
+    def __init__(self, root: Path, max_bytes: int = REJECTS_MAX_BYTES) -> None:
+        self.base = root / REJECTS_DIR
+        self.max_bytes = max_bytes
+        self.file_max_bytes = max(1, max_bytes // REJECTS_FILES_PER_BUDGET)
+        self._current: dict[Path, tuple[Path, int]] = {}  # partition -> (file, its size)
+        self._total_bytes: int | None = None              # None: not listed yet
+
+    def write(self, rejects: list[Reject], now_ns: int) -> RejectsWritten:
+        by_dir: dict[Path, list[bytes]] = {}
+        for r in rejects:
+            date = day_to_date(r.ts_recv_ns // NS_PER_DAY)
+            d = self.base / f"exchange={r.exchange}" / f"date={date}"
+            try:
+                text: dict[str, Any] = {"frame": r.frame.decode("utf-8")}
+            except UnicodeDecodeError:
+                text = {"frame_b64": base64.b64encode(r.frame).decode()}
+            line = orjson.dumps({"feed": r.feed, "ts_recv": r.ts_recv_ns, "reason": r.reason,
+                                 **text}) + b"\n"
+            by_dir.setdefault(d, []).append(line)
+        if self._total_bytes is None:
+            self._total_bytes = sum(size for _, _, size in self._listing())
+        for d, lines in by_dir.items():
+            data = b"".join(lines)
+            cur = self._current.get(d)
+            if cur is None or cur[1] >= self.file_max_bytes:
+                path = d / f"{now_ns:019d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+                size = 0
+            else:
+                path, size = cur
+            _append(path, data)
+            self._current[d] = (path, size + len(data))
+            self._total_bytes += len(data)
+        deleted = freed = 0
+        if self._total_bytes > self.max_bytes:
+            deleted, freed = self._evict()
+        return RejectsWritten(len(rejects), deleted, freed, self._total_bytes)
+
+    def _listing(self) -> list[tuple[str, Path, int]]:
+        """Every rejects file (of every process): (name, path, size), oldest first."""
+        files = []
+        for p in self.base.glob("exchange=*/date=*/*.jsonl"):
+            try:
+                files.append((p.name, p, p.stat().st_size))
+            except FileNotFoundError:
+                continue  # deleted meanwhile by another process
+        files.sort()
+        return files
+
+    def _evict(self) -> tuple[int, int]:
+        files = self._listing()
+        total = sum(size for _, _, size in files)
+        deleted = freed = 0
+        for _, path, size in files:
+            if total <= self.max_bytes:
+                break
+            total -= size
+            cur = self._current.get(path.parent)
+            if cur is not None and cur[0] == path:
+                del self._current[path.parent]
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue  # another process deleted it
+            deleted += 1
+            freed += size
+            for d in (path.parent, path.parent.parent):
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    break
+        self._total_bytes = total
+        return deleted, freed
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append and fsync; creates the partition directory if missing (or removed by an
+    eviction in another process)."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class Writer:
     def __init__(self, root: Path, queue: MessageQueue, *, flush_interval_s: float,
                  flush_max_rows: int, compression: str, clock: Clock,
-                 stats: WriterStats | None = None, instance: str = "") -> None:
+                 stats: WriterStats | None = None, instance: str = "",
+                 fsync_dir: Callable[[Path], None] = fsutil.fsync_dir,
+                 rejects_max_bytes: int = REJECTS_MAX_BYTES) -> None:
         self.root = root
         self.queue = queue
         self.clock = clock
         self.compression = compression
+        self.fsync_dir = fsync_dir
         self.stats = stats or WriterStats()
         self.batcher = Batcher(flush_interval_s, flush_max_rows)
         self.staging = Staging(root)
@@ -101,8 +203,16 @@ class Writer:
         self._feed_keys: dict[str, str] = {}
         self.trace = trace_from_env()
         self._rejects: list[Reject] = []
+        self.rejects_store = RejectsStore(root, rejects_max_bytes)
         self._retry_at_mono = 0.0
         self._retry_delay_s = RETRY_MIN_S
+        self._commit_failing = False
+        # Published files whose directory sync failed, by partition directory: their rows
+        # are visible (never committed again) but not yet durable (the journal keeps them).
+        self._unsynced: dict[Path, list[Coverage]] = {}
+        self._dir_sync: asyncio.Future[Any] | None = None
+        self._dir_retry_at_mono = 0.0
+        self._dir_retry_delay_s = RETRY_MIN_S
         self._tick_s = min(0.05, flush_interval_s / 4)
         self._commit_s_ewma = 0.0    # how long a commit takes lately (s)
         self._max_buffered = max(2 * flush_max_rows, 100_000)
@@ -194,6 +304,8 @@ class Writer:
 
     def _flush_due(self, force: bool = False) -> None:
         now = self.clock.monotonic()
+        if self._unsynced and self._dir_sync is None and now >= self._dir_retry_at_mono:
+            self._start_dir_sync()
         if now < self._retry_at_mono:
             return
         # Flush early by the tick and the recent commit time: `flush_interval_s` is the
@@ -206,20 +318,28 @@ class Writer:
         if self._rejects:
             rejects, self._rejects = self._rejects, []
             fut = asyncio.get_running_loop().run_in_executor(
-                self._executor, write_rejects, self.root, rejects)
+                self._executor, self.rejects_store.write, rejects, self.clock.time_ns())
             self._inflight.add(fut)
             count = len(rejects)
             fut.add_done_callback(lambda f: self._rejects_done(f, count))
 
-    def _rejects_done(self, fut: asyncio.Future[None], n: int) -> None:
+    def _rejects_done(self, fut: asyncio.Future[RejectsWritten], n: int) -> None:
         self._inflight.discard(fut)
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
+        st = self.stats
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            # The frames stay in the journal; only this readable copy of them is lost.
+            st.rejects_lost += n
             log.error("rejects_write_failed", error=str(exc), count=n)
-        else:
-            self.stats.rejects_written += n
+            return
+        done = fut.result()
+        st.rejects_written += done.written
+        st.rejects_bytes = done.total_bytes
+        if done.deleted_files:
+            st.rejects_deleted += done.deleted_files
+            log.warning("rejects_deleted", files=done.deleted_files, bytes=done.deleted_bytes,
+                        budget_bytes=self.rejects_store.max_bytes,
+                        total_deleted=st.rejects_deleted)
 
     def _start_commit(self, key: PartitionKey) -> None:
         if self.clock.monotonic() < self._retry_at_mono:
@@ -227,7 +347,8 @@ class Writer:
         batch = self.batcher.take(key)
         started = self.clock.monotonic()
         fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, commit, self.root, self.staging.path, batch, self.compression)
+            self._executor, functools.partial(commit, fsync_dir=self.fsync_dir),
+            self.root, self.staging.path, batch, self.compression)
         self._inflight.add(fut)
         self._inflight_batches[fut] = batch
         fut.add_done_callback(lambda f: self._commit_done(f, batch, key, started))
@@ -239,11 +360,17 @@ class Writer:
         now = self.clock.monotonic()
         st = self.stats
         exc = None if fut.cancelled() else fut.exception()
-        if fut.cancelled() or exc is not None:
+        if isinstance(exc, PublishedNotDurable):
+            # Visible: the rows are written and must never be committed again. Only the
+            # directory sync is retried; until it succeeds the journal keeps their frames.
+            done = exc.committed
+            self._not_durable(batch, done, exc)
+        elif fut.cancelled() or exc is not None:
             # Nothing became visible: put the rows back (in order) and retry later.
             self.batcher.restore(batch, key, now)
             st.flush_errors += 1
             st.healthy = False
+            self._commit_failing = True
             st.last_error = f"{type(exc).__name__}: {exc}" if exc else "cancelled"
             self._retry_at_mono = now + self._retry_delay_s
             log.error("commit_failed", table=batch.table, exchange=batch.exchange,
@@ -251,13 +378,20 @@ class Writer:
                       retry_in_s=round(self._retry_delay_s, 3))
             self._retry_delay_s = min(RETRY_MAX_S, self._retry_delay_s * 2)
             return
-        done = fut.result()
+        else:
+            done = fut.result()
+            # The directory sync of this commit also made every earlier rename into that
+            # directory durable (commits are serialized in one thread).
+            if self._unsynced.pop(done.path.parent, None) is not None:
+                log.info("dir_sync_recovered", dir=str(done.path.parent), by="commit")
+        if self._commit_failing:
+            log.info("commit_recovered", table=batch.table, exchange=batch.exchange)
+        self._commit_failing = False
+        self._retry_delay_s = RETRY_MIN_S
+        st.unsynced_dirs = len(self._unsynced)
+        st.healthy = not self._commit_failing and not self._unsynced
         if self.trace is not None:
             self.trace.committed(str(done.path))
-        if not st.healthy:
-            log.info("commit_recovered", table=batch.table, exchange=batch.exchange)
-        st.healthy = True
-        self._retry_delay_s = RETRY_MIN_S
         st.rows_written[batch.table] += done.rows
         st.files_written += 1
         st.bytes_written += done.bytes
@@ -267,14 +401,71 @@ class Writer:
         self._commit_s_ewma += 0.2 * ((now - started_mono) - self._commit_s_ewma)
         st.buffered_rows = self.batcher.buffered_rows
 
+    def _not_durable(self, batch: Batch, done: Committed, exc: PublishedNotDurable) -> None:
+        st = self.stats
+        st.dir_fsync_failures += 1
+        st.last_error = f"{type(exc).__name__}: {exc}"
+        self._unsynced.setdefault(done.path.parent, []).append(
+            {k: list(v) for k, v in batch.coverage.items()})
+        self._dir_retry_at_mono = self.clock.monotonic() + self._dir_retry_delay_s
+        log.error("commit_not_durable", table=batch.table, exchange=batch.exchange,
+                  rows=batch.rows, path=str(done.path), error=st.last_error,
+                  retry_in_s=round(self._dir_retry_delay_s, 3))
+
+    def _start_dir_sync(self) -> None:
+        """Retry the directory syncs of published, not yet durable files (worker thread)."""
+        # How many entries each directory has now: only those are known to be covered
+        # by this sync (a later one's rename may come after it).
+        pending = {d: len(entries) for d, entries in self._unsynced.items()}
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._executor, _sync_dirs, list(pending), self.fsync_dir)
+        self._dir_sync = fut
+        self._inflight.add(fut)
+        fut.add_done_callback(lambda f: self._dir_sync_done(f, pending))
+
+    def _dir_sync_done(self, fut: asyncio.Future[dict[Path, str | None]],
+                       pending: dict[Path, int]) -> None:
+        self._inflight.discard(fut)
+        self._dir_sync = None
+        st = self.stats
+        now = self.clock.monotonic()
+        errors = {d: "cancelled" for d in pending} if fut.cancelled() else fut.result()
+        failed = False
+        for d, n in pending.items():
+            entries = self._unsynced.get(d)
+            if entries is None:
+                continue  # a commit's sync made it durable meanwhile
+            error = errors.get(d)
+            if error is None:
+                del entries[:n]
+                if not entries:
+                    del self._unsynced[d]
+                log.info("dir_sync_recovered", dir=str(d), by="retry")
+            else:
+                failed = True
+                st.dir_fsync_failures += 1
+                st.last_error = error
+                log.error("dir_sync_failed", dir=str(d), error=error,
+                          retry_in_s=round(self._dir_retry_delay_s, 3))
+        if failed:
+            self._dir_retry_at_mono = now + self._dir_retry_delay_s
+            self._dir_retry_delay_s = min(RETRY_MAX_S, self._dir_retry_delay_s * 2)
+        else:
+            self._dir_retry_delay_s = RETRY_MIN_S
+        st.unsynced_dirs = len(self._unsynced)
+        st.healthy = not self._commit_failing and not self._unsynced
+
     async def _drain(self) -> None:
         """Commit every buffered row; keeps retrying failed commits until cancelled."""
         while True:
-            self._retry_at_mono = min(self._retry_at_mono, self.clock.monotonic())
+            now = self.clock.monotonic()
+            self._retry_at_mono = min(self._retry_at_mono, now)
+            self._dir_retry_at_mono = min(self._dir_retry_at_mono, now)
             self._flush_due(force=True)
             if self._inflight:
                 await asyncio.wait(set(self._inflight))
-            if not self.batcher.buffered_rows and not self._inflight and not self._rejects:
+            if not (self.batcher.buffered_rows or self._inflight or self._rejects
+                    or self._unsynced):
                 break
             await asyncio.sleep(self._retry_delay_s)
         self._executor.shutdown(wait=False)  # nothing is pending any more
@@ -288,8 +479,11 @@ class Writer:
         `consumed_seq` (the intake keeps each feed's order)."""
         low: dict[str, int | None] = {}
         pending = self.batcher.lowest_seq()
-        for batch in self._inflight_batches.values():
-            for feed, (lo, _) in batch.coverage.items():
+        coverages = [b.coverage for b in self._inflight_batches.values()]
+        for entries in self._unsynced.values():
+            coverages.extend(entries)   # visible, but not durable yet
+        for coverage in coverages:
+            for feed, (lo, _) in coverage.items():
                 if lo < pending.get(feed, lo + 1):
                     pending[feed] = lo
         for feed, consumed in self.consumed_seq.items():
@@ -299,3 +493,16 @@ class Writer:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+
+def _sync_dirs(dirs: list[Path], fsync_dir: Callable[[Path], None]) -> dict[Path, str | None]:
+    """Sync each directory (blocking; worker thread): None where it worked, else why not."""
+    out: dict[Path, str | None] = {}
+    for d in dirs:
+        try:
+            fsync_dir(d)
+        except OSError as e:
+            out[d] = f"{type(e).__name__}: {e}"
+        else:
+            out[d] = None
+    return out
