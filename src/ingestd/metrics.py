@@ -87,6 +87,15 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("ingestd_queue_capacity", "queue capacity", value=q.capacity)
         yield GaugeMetricFamily("ingestd_queue_peak_depth", "highest depth seen",
                                 value=q.peak_depth)
+        # The queue's own count of the messages it turned away (`drop_newest`). Each is also
+        # in ingestd_drops{feed,reason="queue_full"}, with its rows and rejects; this one
+        # survives the removal of a feed by a reload.
+        qdropped = CounterMetricFamily("ingestd_queue_dropped",
+                                       "messages the full queue turned away, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(q.dropped):
+            qdropped.add_metric([reason], n)
+        yield qdropped
 
         w = snap.writer
         written = CounterMetricFamily("ingestd_rows_written", "rows committed to Parquet",
@@ -100,8 +109,26 @@ class SnapshotCollector(Collector):
                                   value=w.bytes_written)
         yield CounterMetricFamily("ingestd_flush_errors", "failed commits (retried)",
                                   value=w.flush_errors)
-        yield GaugeMetricFamily("ingestd_writer_healthy", "1 while commits succeed",
+        yield GaugeMetricFamily("ingestd_writer_healthy",
+                                "1 while commits succeed and every committed file is durable",
                                 value=1.0 if w.healthy else 0.0)
+        yield CounterMetricFamily("ingestd_dir_fsync_failures",
+                                  "directory syncs that failed after a file was published "
+                                  "(only the sync is retried, never the rows)",
+                                  value=w.dir_fsync_failures)
+        yield GaugeMetricFamily("ingestd_unsynced_dirs",
+                                "partition directories with published files not yet durable",
+                                value=w.unsynced_dirs)
+        yield CounterMetricFamily("ingestd_rejects_written", "rejected frames kept raw",
+                                  value=w.rejects_written)
+        yield CounterMetricFamily("ingestd_rejects_lost",
+                                  "rejected frames whose write to .rejects/ failed",
+                                  value=w.rejects_lost)
+        yield CounterMetricFamily("ingestd_rejects_deleted",
+                                  "files deleted from .rejects/ to stay within its budget",
+                                  value=w.rejects_deleted)
+        yield GaugeMetricFamily("ingestd_rejects_bytes", "bytes under .rejects/",
+                                value=w.rejects_bytes)
         yield GaugeMetricFamily("ingestd_buffered_rows", "rows buffered, not yet committed",
                                 value=w.buffered_rows)
         yield HistogramMetricFamily(

@@ -59,6 +59,11 @@ class WriterStats:
     flush_seconds_total: float = 0.0
     buffered_rows: int = 0
     rejects_written: int = 0
+    rejects_lost: int = 0               # rejected frames whose write to .rejects/ failed
+    rejects_deleted: int = 0            # files deleted from .rejects/ to keep its budget
+    rejects_bytes: int = 0              # size of .rejects/ after the latest write
+    dir_fsync_failures: int = 0         # directory syncs after a publish that failed
+    unsynced_dirs: int = 0              # partitions with published files not yet durable
     healthy: bool = True
     # Commits per flush-duration bucket (not cumulative): index i counts durations in
     # (FLUSH_BUCKETS[i-1], FLUSH_BUCKETS[i]]; the last slot counts those above 30 s.
@@ -134,6 +139,11 @@ class WriterSnapshot(msgspec.Struct, frozen=True):
     flush_errors: int
     buffered_rows: int
     rejects_written: int
+    rejects_lost: int
+    rejects_deleted: int
+    rejects_bytes: int
+    dir_fsync_failures: int
+    unsynced_dirs: int
     last_commit_age_s: float | None     # None: nothing committed yet
     last_progress_age_s: float | None   # None: no progress recorded yet
     last_error: str | None
@@ -212,7 +222,9 @@ def writer_snapshot(st: WriterStats, now_mono: float) -> WriterSnapshot:
         healthy=st.healthy, rows_written=_counts(st.rows_written),
         files_written=st.files_written, bytes_written=st.bytes_written,
         flush_errors=st.flush_errors, buffered_rows=st.buffered_rows,
-        rejects_written=st.rejects_written,
+        rejects_written=st.rejects_written, rejects_lost=st.rejects_lost,
+        rejects_deleted=st.rejects_deleted, rejects_bytes=st.rejects_bytes,
+        dir_fsync_failures=st.dir_fsync_failures, unsynced_dirs=st.unsynced_dirs,
         last_commit_age_s=_age(now_mono, st.last_commit_mono),
         last_progress_age_s=_age(now_mono, st.last_progress_mono),
         last_error=st.last_error, flush_seconds_total=st.flush_seconds_total,
