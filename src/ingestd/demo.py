@@ -2,7 +2,9 @@
 
 Owns: starting one simulated venue per exchange on 127.0.0.1, a config pointing the
 daemon's feeds at them, running the real daemon for a few seconds, then printing where
-the data went, row counts read back with Polars, and a one-line query to try.
+the data went, row counts read back with Polars, and a one-line query to try that works
+right after `pip install` (this interpreter, with Polars; the DuckDB command line, which
+pip does not install, only as an alternative).
 
 Must not: take any shortcut around the daemon: the data goes through the same reader,
 codec, queue and writer as in production.
@@ -11,6 +13,8 @@ codec, queue and writer as in production.
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,12 +83,39 @@ def _summary(root: Path) -> None:
         for ex, rows in df.iter_rows():
             n = sum(1 for f in files if f.parent.parent.name == f"exchange={ex}")
             print(f"{table:<8} {ex:<14} {rows:>8}  {n}")
+    tables = [t for t in TABLES if any((root / t).glob("exchange=*/date=*/*.parquet"))]
+    if not tables:
+        return
     print()
-    print("Read it back, e.g.:")
-    print(f"  python -c \"import polars as pl; print(pl.scan_parquet('{root}/trades/**/*.parquet',"
-          " hive_partitioning=True).sort('recv_seq').collect())\"")
-    print(f"  duckdb -c \"SELECT exchange, symbol, count(*) FROM read_parquet("
-          f"'{root}/trades/**/*.parquet', hive_partitioning=true) GROUP BY ALL\"")
+    for line in read_back_commands(root, "trades" if "trades" in tables else tables[0]):
+        print(line)
+
+
+def read_back_commands(root: Path, table: str) -> list[str]:
+    """Lines suggesting how to read `table` back: first a command that works right after
+    `pip install` (this very interpreter, which has Polars), then the DuckDB command line,
+    for those who have it. Every argument is quoted for a POSIX shell."""
+    pattern = f"{root}/{table}/**/*.parquet"
+    code = (f"import polars as pl; print(pl.scan_parquet({json.dumps(pattern)}, "
+            f"hive_partitioning=True).sort(\"recv_seq\").collect())")
+    literal = "'" + pattern.replace("'", "''") + "'"
+    sql = (f"SELECT exchange, symbol, count(*) FROM read_parquet({literal}, "
+           f"hive_partitioning=true) GROUP BY ALL")
+    return [
+        "Read it back with Polars (installed with ingestd):",
+        f"  {_sh(sys.executable)} -c {_sh(code)}",
+        "If you have the DuckDB command line (not installed with ingestd):",
+        f"  duckdb -c {_sh(sql)}",
+    ]
+
+
+def _sh(arg: str) -> str:
+    """`arg` quoted for a POSIX shell, in double quotes where that is safe (readable)."""
+    if shlex.quote(arg) == arg:
+        return arg
+    if not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return shlex.quote(arg)
 
 
 def run_demo(seconds: float = 8.0, root: str | None = None,
