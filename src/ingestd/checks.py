@@ -24,7 +24,13 @@ from ingestd.exchanges import CODECS
 
 
 def _check_feed(feed: FeedConfig) -> Iterable[str]:
-    return CODECS[feed.exchange].check_feed(feed)
+    codec = CODECS[feed.exchange]
+    offered = codec.CHANNELS
+    for channel in feed.channels:
+        if channel not in offered:
+            yield (f"channels: {feed.exchange} does not offer {channel!r} "
+                   f"(it offers {', '.join(offered)})")
+    yield from codec.check_feed(feed)
 
 
 VENUES = VenueRules(exchanges=CODECS.keys(), check_feed=_check_feed)

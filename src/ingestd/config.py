@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-CHANNELS = ("trades", "quotes", "book")
-Channel = Literal["trades", "quotes", "book"]
+CHANNELS = ("trades", "quotes", "book", "derivatives", "liquidations")
+Channel = Literal["trades", "quotes", "book", "derivatives", "liquidations"]
 
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -56,6 +56,10 @@ class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     segment_max_bytes: PosInt = 256 * 1024 * 1024
     # Bytes appended but not yet durable before intake follows `queue.when_full`.
     max_pending_bytes: PosInt = 256 * 1024 * 1024
+    # Keep committed segments (the raw frames) this many days under <root>/.raw/ for
+    # `ingestd replay` (0: delete them once committed), within a size cap (oldest first).
+    keep_raw_days: NonNegFloat = 0.0
+    keep_raw_max_bytes: PosInt = 16 * 1024**3
 
 
 class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -27,7 +27,9 @@ TRADES: Final = "trades"
 QUOTES: Final = "quotes"
 BOOK: Final = "book"
 EVENTS: Final = "events"
-TABLES: Final = (TRADES, QUOTES, BOOK, EVENTS)
+DERIVATIVES: Final = "derivatives"
+LIQUIDATIONS: Final = "liquidations"
+TABLES: Final = (TRADES, QUOTES, BOOK, EVENTS, DERIVATIVES, LIQUIDATIONS)
 
 # Trade sides (the taker's / aggressor's side) and book sides.
 BUY: Final = "buy"
@@ -92,6 +94,20 @@ SCHEMAS: Final[dict[str, pa.Schema]] = {
         pa.field("price", pa.float64(), nullable=False),
         pa.field("amount", pa.float64(), nullable=False),
         pa.field("update_id", pa.int64(), nullable=True),
+    ]),
+    DERIVATIVES: _schema(DERIVATIVES, [
+        pa.field("mark_price", pa.float64(), nullable=True),
+        pa.field("index_price", pa.float64(), nullable=True),
+        pa.field("funding_rate", pa.float64(), nullable=True),
+        pa.field("predicted_funding_rate", pa.float64(), nullable=True),
+        pa.field("open_interest", pa.float64(), nullable=True),
+        pa.field("next_funding_time", _TS, nullable=True),
+    ]),
+    LIQUIDATIONS: _schema(LIQUIDATIONS, [
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("price", pa.float64(), nullable=False),
+        pa.field("amount", pa.float64(), nullable=False),
+        pa.field("order_id", pa.string(), nullable=True),
     ]),
     EVENTS: _schema(EVENTS, [
         pa.field("feed", pa.string(), nullable=False),
@@ -368,8 +384,72 @@ class EventsBlock(Block):
         self.detail.append(detail)
 
 
+class DerivativesBlock(Block):
+    __slots__ = ("funding_rate", "index_price", "mark_price", "next_funding_time",
+                 "open_interest", "predicted_funding_rate", "recv_seq", "symbol", "ts_event",
+                 "ts_recv")
+    TABLE = DERIVATIVES
+    COLUMNS = ("symbol", "ts_event", "ts_recv", "recv_seq", "mark_price", "index_price",
+               "funding_rate", "predicted_funding_rate", "open_interest", "next_funding_time")
+    symbol: list[str]
+    ts_event: list[int | None]
+    ts_recv: list[int]
+    recv_seq: list[int]
+    mark_price: list[float | None]
+    index_price: list[float | None]
+    funding_rate: list[float | None]
+    predicted_funding_rate: list[float | None]
+    open_interest: list[float | None]
+    next_funding_time: list[int | None]
+
+    def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
+            values: Sequence[float | int | None]) -> None:
+        """`values`: mark, index, funding, predicted funding, open interest, next funding
+        time (ns) - the symbol's latest values after the message (see exchanges/derivs)."""
+        self.symbol.append(symbol)
+        self.ts_event.append(ts_event_ns)
+        self.ts_recv.append(ts_recv_ns)
+        self.recv_seq.append(recv_seq)
+        mark, index, funding, predicted, oi, next_ns = values
+        self.mark_price.append(mark)
+        self.index_price.append(index)
+        self.funding_rate.append(funding)
+        self.predicted_funding_rate.append(predicted)
+        self.open_interest.append(oi)
+        self.next_funding_time.append(None if next_ns is None else int(next_ns))
+
+
+class LiquidationsBlock(Block):
+    __slots__ = ("amount", "order_id", "price", "recv_seq", "side", "symbol", "ts_event",
+                 "ts_recv")
+    TABLE = LIQUIDATIONS
+    COLUMNS = ("symbol", "ts_event", "ts_recv", "recv_seq", "side", "price", "amount",
+               "order_id")
+    symbol: list[str]
+    ts_event: list[int | None]
+    ts_recv: list[int]
+    recv_seq: list[int]
+    side: list[str]
+    price: list[float]
+    amount: list[float]
+    order_id: list[str | None]
+
+    def add(self, symbol: str, ts_event_ns: int | None, ts_recv_ns: int, recv_seq: int,
+            side: str, price: float, amount: float, order_id: str | None) -> None:
+        """`side`: the liquidation ORDER's side (a long is liquidated by a sell)."""
+        self.symbol.append(symbol)
+        self.ts_event.append(ts_event_ns)
+        self.ts_recv.append(ts_recv_ns)
+        self.recv_seq.append(recv_seq)
+        self.side.append(side)
+        self.price.append(price)
+        self.amount.append(amount)
+        self.order_id.append(order_id)
+
+
 BLOCK_TYPES: Final[dict[str, type[Block]]] = {
-    b.TABLE: b for b in (TradesBlock, QuotesBlock, BookBlock, EventsBlock)}
+    b.TABLE: b for b in (TradesBlock, QuotesBlock, BookBlock, EventsBlock, DerivativesBlock,
+                         LiquidationsBlock)}
 
 
 def schema_for(table: str, unit: str = "ns") -> pa.Schema:

@@ -50,7 +50,9 @@ from ingestd.schema import (
     EV_SUBSCRIBED,
     Block,
     BookBlock,
+    DerivativesBlock,
     EventsBlock,
+    LiquidationsBlock,
     QuotesBlock,
     TradesBlock,
 )
@@ -112,11 +114,13 @@ class Output:
     """Everything one codec call produced: at most one block per table, plus what the
     reader must do. Attributes are None until used (the common read has one table)."""
 
-    __slots__ = ("book", "drops", "events", "exchange", "feed", "last_seq", "messages",
+    __slots__ = ("book", "derivatives", "drops", "events", "exchange", "feed", "last_seq",
+                 "liquidations", "messages",
                  "quotes", "raw_rejects", "reconnect", "rejects", "replies", "requests",
                  "trades", "unknown")
 
-    TABLE_ATTRS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "events")
+    TABLE_ATTRS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "events",
+                                              "derivatives", "liquidations")
 
     def __init__(self, feed: str = "", exchange: str = "") -> None:
         self.feed = feed
@@ -125,6 +129,8 @@ class Output:
         self.quotes: QuotesBlock | None = None
         self.book: BookBlock | None = None
         self.events: EventsBlock | None = None
+        self.derivatives: DerivativesBlock | None = None
+        self.liquidations: LiquidationsBlock | None = None
         self.requests: list[RestRequest] | None = None
         self.replies: list[str] | None = None    # text frames to send back (e.g. pong)
         self.rejects: list[tuple[int, str]] | None = None  # (frame index, why) kept raw
@@ -158,6 +164,18 @@ class Output:
         b = self.events
         if b is None:
             b = self.events = EventsBlock()
+        return b
+
+    def derivatives_block(self) -> DerivativesBlock:
+        b = self.derivatives
+        if b is None:
+            b = self.derivatives = DerivativesBlock()
+        return b
+
+    def liquidations_block(self) -> LiquidationsBlock:
+        b = self.liquidations
+        if b is None:
+            b = self.liquidations = LiquidationsBlock()
         return b
 
     def blocks(self) -> Iterator[Block]:
@@ -273,6 +291,8 @@ class Codec(ABC):
     # Connection attempts allowed per window, shared by every feed of the venue:
     # (attempts, window_s). Venues ban IPs that exceed their documented limits.
     connect_limit: ClassVar[tuple[int, float]] = (5, 1.0)
+    # The contract's channels this venue offers (`ingestd check` rejects the others).
+    CHANNELS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book")
     # Version of what `state()` returns; bump when its shape changes.
     STATE_VERSION: ClassVar[int] = 2
 

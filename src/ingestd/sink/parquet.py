@@ -62,6 +62,8 @@ DICTIONARY_COLUMNS: dict[str, list[str]] = {
     "quotes": ["exchange", "symbol"],
     "book": ["exchange", "symbol", "side"],
     "events": ["exchange", "symbol", "feed", "event"],
+    "derivatives": ["exchange", "symbol"],
+    "liquidations": ["exchange", "symbol", "side"],
 }
 
 # Rows converted per Arrow call. Converting Python lists holds the GIL for the whole call;

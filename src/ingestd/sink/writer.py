@@ -274,6 +274,10 @@ class Writer:
             self._add(out.book, exchange, now, key)
         if out.events:
             self._add(out.events, exchange, now, key)
+        if out.derivatives:
+            self._add(out.derivatives, exchange, now, key)
+        if out.liquidations:
+            self._add(out.liquidations, exchange, now, key)
         top = out.last_seq
         consumed = self.consumed_seq
         if top > consumed.get(key, 0):
