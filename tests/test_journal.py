@@ -11,6 +11,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -81,6 +82,18 @@ async def _start(cfg: Path) -> asyncio.subprocess.Process:
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+async def _read_until_event(proc: asyncio.subprocess.Process, event: str) -> bytes:
+    """The daemon's stdout up to and including its log line `event`."""
+    assert proc.stdout is not None
+    seen = b""
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line, f"the daemon ended before logging {event}"
+        seen += line
+        if line.startswith(b"{") and json.loads(line).get("event") == event:
+            return seen
+
+
 def durable_frames(root: Path) -> dict[int, bytes]:
     """recv_seq -> frame of every frame record a dead process made durable."""
     out: dict[int, bytes] = {}
@@ -109,8 +122,9 @@ def assert_exactly_once(root: Path, durable: dict[int, bytes]) -> None:
             assert trade_seqs[seq] == 1, f"journaled trade {data['a']} missing"
         elif "b" in data and "A" in data:
             assert quote_seqs[seq] == 1, f"journaled quote {data['u']} missing"
-    levels = list(zip(book["recv_seq"], book["side"], book["price"], strict=True))
-    assert len(levels) == len(set(levels)), "a book row is stored twice"
+    if book.height:
+        levels = list(zip(book["recv_seq"], book["side"], book["price"], strict=True))
+        assert len(levels) == len(set(levels)), "a book row is stored twice"
     for f in root.glob("*/exchange=*/date=*/*.parquet"):
         pq.read_table(f)  # every visible file is complete and readable
     assert not [p for p in root.rglob("*.parquet") if ".staging" in p.parts]
@@ -139,6 +153,7 @@ async def test_kill_9_then_restart_loses_nothing_journaled(tmp_path: Path, seed:
         assert durable, "the journal holds the frames received before the crash"
         # Restart: recovery, then normal streaming until the venue's timeline ends.
         proc2 = await _start(cfg)
+        head = await _read_until_event(proc2, "starting")  # its signal handlers are set
         for _ in range(2000):
             if sim.timeline_done:
                 break
@@ -147,7 +162,7 @@ async def test_kill_9_then_restart_loses_nothing_journaled(tmp_path: Path, seed:
         proc2.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc2.communicate(), 30)
     assert proc2.returncode == 0, err.decode()
-    logs = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
+    logs = [json.loads(x) for x in (head + out).decode().splitlines() if x.startswith("{")]
     recovered = [e for e in logs if e["event"] == "recovered_from_journal"]
     assert len(recovered) == 1 and recovered[0]["journals"] == 1
     assert_exactly_once(root, durable)
@@ -280,3 +295,142 @@ async def test_journal_makes_frames_durable_within_the_interval(tmp_path: Path) 
     assert [r.data for r in recs if r.kind == FRAME] == [b"hello"]
     await j.close(removable=True)
     assert not j.dir.exists()
+
+
+def _commit_journal_rows_as_one_old_batch(root: Path, staging: Path, n_frames: int) -> int:
+    """A file as a writer commits it after holding a batch through a long outage: its
+    first row was received two hours before the journal's oldest record (so its name says
+    "two hours old"), the rest are the rows of the journal's first `n_frames` frames.
+    Returns how many of the journal's rows it holds."""
+    from ingestd.config import parse_config
+    from ingestd.exchanges.binance import BinanceSpot
+    from ingestd.schema import TradesBlock
+    from ingestd.sink.batcher import NS_PER_DAY, Batch, day_to_date
+    from ingestd.sink.parquet import commit
+    from tests.support import recorded_frames
+
+    cfg = parse_config({"storage": {"root": "/x"}, "feeds": [
+        {"name": "spot", "exchange": "binance", "symbols": ["ZILUSDT", "DENTUSDT", "MANAUSDT"],
+         "channels": ["trades"], "trade_stream": "aggTrade"}]}).feeds[0]
+    codec = BinanceSpot(cfg)
+    t0 = 1_700_000_000_000_000_000
+    old = TradesBlock()
+    old_ts = t0 - 2 * 3600 * 1_000_000_000
+    old.add("ZILUSDT", old_ts, old_ts, old_ts, "1", "buy", 0.1, 1.0)
+    blocks: list[Any] = [old]
+    rows = 0
+    for i, frame in enumerate(recorded_frames("binance_spot", "aggTrade.jsonl")[:n_frames]):
+        ts = t0 + i * 1_000_000
+        out = codec.parse(frame, ts, ts)
+        if out.trades is not None:
+            blocks.append(out.trades)
+            rows += len(out.trades)
+    last = t0 + (n_frames - 1) * 1_000_000
+    assert old_ts // NS_PER_DAY == t0 // NS_PER_DAY  # one partition
+    batch = Batch("trades", "binance", day_to_date(t0 // NS_PER_DAY), blocks, rows + 1,
+                  {"deadbeef0001/spot": [old_ts, last]}, first_ts_recv_ns=old_ts)
+    commit(root, staging, batch)
+    return rows
+
+
+def test_recovery_skips_rows_of_a_file_spanning_more_than_an_hour(tmp_path: Path) -> None:
+    """A committed file whose first ts_recv (its name) is hours older than the journal
+    still holds journaled rows: recovery must see them (not commit them twice)."""
+    root = tmp_path / "data"
+    n = write_dead_journal(root / ".journal" / "deadbeef0001", "json")
+    staging = Staging(root)
+    staging.open()
+    held = _commit_journal_rows_as_one_old_batch(root, staging.path, 40)
+    assert 0 < held < n
+    result = recover(root, "zstd", staging.path)
+    staging.close()
+    assert (result.rows_already_committed, result.rows_committed) == (held, n - held)
+    trades = read_table(root, "trades")
+    assert trades.height == n + 1
+    ids = list(zip(trades["symbol"], trades["trade_id"], strict=True))
+    assert len(ids) == len(set(ids)), "a trade is stored twice"
+
+
+def test_recovery_reads_only_files_written_since_the_journal_began(tmp_path: Path) -> None:
+    """The cheap filter that stays: a file last written (mtime) more than the margin
+    before the journal's oldest record cannot hold its rows, and is not even opened."""
+    from ingestd.sink.recovery import FILE_AGE_MARGIN_NS
+
+    root = tmp_path / "data"
+    n = write_dead_journal(root / ".journal" / "deadbeef0001", "json")
+    part = root / "trades" / "exchange=binance" / "date=2023-11-14"
+    part.mkdir(parents=True)
+    t0 = 1_700_000_000_000_000_000
+    for i in range(3):  # not Parquet at all: reading one would log an error
+        old = part / f"{t0:019d}-old{i}.parquet"
+        old.write_bytes(b"not parquet")
+        before = t0 - FILE_AGE_MARGIN_NS - 1_000_000_000
+        os.utime(old, ns=(before, before))
+    staging = Staging(root)
+    staging.open()
+    result = recover(root, "zstd", staging.path)
+    staging.close()
+    assert result.rows_committed == n and result.coverage_files_read == 0
+
+
+def test_a_feed_changed_by_a_reload_replays_from_its_own_checkpoint(tmp_path: Path) -> None:
+    """A reload re-registers a changed feed under a new id with a checkpoint carrying its
+    trade de-duplication state. In a later segment than the first, replay must still seed
+    the new id from it: the trades the venue replays on the new connection are not
+    committed again."""
+    import struct
+
+    import msgspec
+    import orjson
+
+    from ingestd.config import parse_config
+    from ingestd.exchanges.binance import BinanceSpot
+    from ingestd.sink.journal import CHECKPOINT, CONNECT, FEED
+    from tests.support import recorded_frames
+
+    cfg = parse_config({"storage": {"root": "/x"}, "feeds": [
+        {"name": "spot", "exchange": "binance", "symbols": ["ZILUSDT", "DENTUSDT", "MANAUSDT"],
+         "channels": ["trades"], "trade_stream": "aggTrade"}]}).feeds[0]
+    info = orjson.dumps({"name": "spot", "exchange": "binance",
+                         "config": msgspec.to_builtins(cfg)})
+    frames = recorded_frames("binance_spot", "aggTrade.jsonl")[:60]
+    t0 = 1_700_000_000_000_000_000
+    live = BinanceSpot(cfg)
+
+    def head(fid: int, codec: BinanceSpot, last_seq: int) -> list[bytes]:
+        return [encode(FEED, struct.pack("<H", fid) + info),
+                encode(CHECKPOINT, struct.pack("<Hq", fid, last_seq)
+                       + orjson.dumps(codec.state()))]
+
+    def stream(fid: int, codec: BinanceSpot, start: int) -> tuple[list[bytes], int]:
+        parts = [encode(CONNECT, struct.pack("<Hq", fid, start))]
+        rows = 0
+        for i, frame in enumerate(frames):
+            ts = start + i * 1_000_000
+            out = codec.parse(frame, ts, ts)  # what the live feed stored
+            rows += len(out.trades) if out.trades is not None else 0
+            parts.append(encode(FRAME, struct.pack("<Hqq", fid, ts, ts) + frame))
+        return parts, rows
+
+    seg1 = head(1, live, 0)
+    parts, rows_before = stream(1, live, t0)
+    seg1 += parts
+    # A new segment (feed 1 checkpointed), then the reload: feed 2 carries feed 1's state
+    # and its new connection gets the same recent trades again.
+    t1 = t0 + 10**12
+    seg2 = head(1, live, t0 + 10**11) + head(2, live, t0 + 10**11)
+    parts, rows_after = stream(2, live, t1)
+    seg2 += parts
+    assert rows_before > 0 and rows_after == 0  # the live codec stored nothing twice
+    dead = tmp_path / "data" / ".journal" / "deadbeef0001"
+    dead.mkdir(parents=True)
+    (dead / "seg-00000001.wal").write_bytes(b"".join(seg1))
+    (dead / "seg-00000002.wal").write_bytes(b"".join(seg2))
+    root = tmp_path / "data"
+    staging = Staging(root)
+    staging.open()
+    result = recover(root, "zstd", staging.path)
+    staging.close()
+    assert result.unreadable_checkpoints == 0
+    assert result.rows_committed == rows_before
+    assert read_table(root, "trades").height == rows_before

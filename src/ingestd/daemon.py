@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,46 @@ def check_root(root: Path) -> None:
                            f"{e.strerror or e}") from None
 
 
+def journal_close_reserve_s(cfg: Config) -> float:
+    """The part of `shutdown_timeout_s` kept for the journal's last writes: the writer's
+    drain gets the rest, so the whole shutdown stays within the budget."""
+    return min(cfg.service.shutdown_timeout_s / 4, max(2 * cfg.journal.fsync_interval_s, 0.5))
+
+
+def committed_below(writer: Writer, journal: Journal,
+                    readers: Mapping[str, FeedReader]) -> dict[str, int | None]:
+    """Per feed key, the lowest recv_seq whose rows are not all committed yet (missing or
+    None: nothing pending): journal segments holding only lower values may go.
+
+    A row is pending in the writer (buffered, or in a commit in flight) or in the queue
+    (its reader handed on more than the writer took: everything after what the writer
+    took counts as pending). Nothing else is: a read whose frames produced no rows was
+    done when it was journaled (the reader journals, decodes and hands on in one
+    synchronous step), so a feed that only sends heartbeats never pins the journal. A feed
+    a reload stopped has no reader any more: its last journaled record is its
+    `disconnected` event (a row), so the journal's highest recv_seq of it stands in."""
+    taken = writer.consumed_seq
+    low: dict[str, int | None] = {}
+    for key, value in writer.committed_below().items():
+        # The writer answers "what it took + 1" when nothing of a feed is buffered or in
+        # flight: rows it holds never have a recv_seq above what it took.
+        if value is not None and value <= taken.get(key, 0):
+            low[key] = value
+    handed: dict[str, int] = {}
+    for name in journal.feeds_seen():
+        handed[journal.feed_key(name)] = journal.last_seq(name)
+    for name, reader in readers.items():
+        # A reader that has handed nothing on yet (just started by a reload) may follow
+        # one whose rows still wait in the queue: the journal's watermark stands in.
+        handed[journal.feed_key(name)] = reader.handed_seq or journal.last_seq(name)
+    for key, top in handed.items():
+        took = taken.get(key, 0)
+        if top > took:
+            pending = low.get(key)
+            low[key] = took + 1 if pending is None else min(pending, took + 1)
+    return low
+
+
 class Daemon:
     def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK,
                  config_path: str | None = None, notifier: Notifier | None = None) -> None:
@@ -93,6 +134,8 @@ class Daemon:
             self.journal = Journal(self.root, fsync_interval_s=jc.fsync_interval_s, clock=clock,
                                    segment_max_bytes=jc.segment_max_bytes,
                                    segment_max_s=jc.segment_max_s,
+                                   keep_raw_s=jc.keep_raw_days * 86_400.0,
+                                   keep_raw_max_bytes=jc.keep_raw_max_bytes,
                                    max_pending_bytes=jc.max_pending_bytes)
         self.writer = Writer(self.root, self.queue,
                              flush_interval_s=cfg.storage.flush_interval_s,
@@ -287,7 +330,7 @@ class Daemon:
         """Replay journals of processes that died, before any feed starts."""
         self.recovery = await asyncio.to_thread(
             recover, self.root, self.cfg.storage.compression, self.writer.staging.path,
-            self.cfg.storage.flush_max_rows)
+            self.cfg.storage.flush_max_rows, keep_raw=self.cfg.journal.keep_raw_days > 0)
         r = self.recovery
         if r.journals:
             log.warning("recovered_from_journal", journals=r.journals, records=r.records,
@@ -332,22 +375,12 @@ class Daemon:
         reader.start()
 
     def _committed_below(self) -> dict[str, int | None]:
-        """Per feed key, the lowest recv_seq not yet committed (None: nothing pending).
-        A feed whose reader handed on more than the writer consumed has rows in the
-        queue: everything after what was consumed is pending."""
-        low = self.writer.committed_below()
-        if self.journal is None:
-            return low
-        for name, reader in self.readers.items():
-            key = self.journal.feed_key(name)
-            consumed = self.writer.consumed_seq.get(key, 0)
-            if reader.handed_seq > consumed:
-                pending = low.get(key)
-                low[key] = consumed + 1 if pending is None else min(pending, consumed + 1)
-        return low
+        assert self.journal is not None
+        return committed_below(self.writer, self.journal, self.readers)
 
     async def _journal_retention(self) -> None:
-        """Delete journal segments once everything derived from them is committed."""
+        """Retire journal segments once everything derived from them is committed (kept
+        as raw frames with `[journal] keep_raw_days`, whose area is pruned here too)."""
         journal = self.journal
         assert journal is not None
         while True:
@@ -355,6 +388,7 @@ class Daemon:
             segments = journal.deletable(self._committed_below())
             if segments:
                 await journal.delete_segments(segments)
+            await journal.prune_raw()
 
     async def run(self, install_signals: bool = True) -> int:
         if install_signals:
@@ -402,9 +436,12 @@ class Daemon:
             self.request_stop("writer failed")
         stop_wait.cancel()
         self.notifier.stopping()
+        shutdown_deadline = self.clock.monotonic() + self.cfg.service.shutdown_timeout_s
+        journal_reserve_s = journal_close_reserve_s(self.cfg) if self.journal else 0.0
         try:
             await asyncio.wait_for(self._shutdown(writer_task),
-                                   timeout=self.cfg.service.shutdown_timeout_s)
+                                   timeout=self.cfg.service.shutdown_timeout_s
+                                   - journal_reserve_s)
         except TimeoutError:
             log.error("shutdown_timeout", timeout_s=self.cfg.service.shutdown_timeout_s,
                       buffered_rows=self.writer_stats.buffered_rows,
@@ -423,10 +460,16 @@ class Daemon:
                                 [(r.feed, r.codec.state(), r.seq.last)
                                  for r in self.readers.values()])
         if self.journal is not None:
-            # Safe to drop the journal only if every row reached Parquet.
+            # Safe to drop the journal only if every row reached Parquet. Its last writes
+            # get what is left of the shutdown budget (its reserve, unless saving states
+            # took it): a disk that fails them (ENOSPC) must not hold the process; what is
+            # not written is logged and the journal kept for the next start.
             complete = self.exit_code == EXIT_OK and not self.writer_stats.buffered_rows \
                 and self.writer.inflight == 0
-            await self.journal.close(removable=complete)
+            await self.journal.close(
+                removable=complete,
+                timeout_s=max(shutdown_deadline - self.clock.monotonic(),
+                              journal_reserve_s / 2))
         log.info("stopped", exit_code=self.exit_code,
                  rows_written=dict(self.writer_stats.rows_written),
                  files_written=self.writer_stats.files_written)

@@ -5,9 +5,13 @@ process (`<root>/.journal/<instance>/seg-<n>.wal`, held by an flock), appending 
 the event loop into a memory buffer, writing and fsyncing that buffer in a dedicated
 thread every `fsync_interval_s / 2` (so a frame is durable at most `fsync_interval_s`
 after arrival), segment rotation with a checkpoint of every codec at the start of each
-segment, and deleting segments once every row derived from them is committed.
+segment, retiring segments once every row derived from them is committed (deleted, or
+with `keep_raw_s` moved to `<root>/.raw/<instance>/` as the raw frames `ingestd replay`
+re-derives tables from), pruning that raw area (age, then size: oldest first), and a
+close bounded in time (what could not be written is reported and the journal kept).
 
-Must not: parse frames, or block the event loop on disk I/O (only the thread writes).
+Must not: parse frames, or block the event loop on disk I/O (only the thread writes), or
+delete a journal that holds anything not written.
 
 Records (all integers little-endian):
     header   crc32 u32 (of kind+body) | body length u32 | kind u8
@@ -35,7 +39,7 @@ import os
 import struct
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,10 @@ log = structlog.get_logger("ingestd.journal")
 
 JOURNAL_DIR = ".journal"
 SEGMENT_SUFFIX = ".wal"
+# Committed segments kept for `ingestd replay`: <root>/.raw/<instance>/seg-<n>.wal
+RAW_DIR = ".raw"
+# The raw area is pruned at least this often (and after every segment moved into it).
+RAW_PRUNE_INTERVAL_S = 60.0
 
 FEED, CHECKPOINT, CONNECT, ROTATE, FRAME, REST, EVENT, FRAMES = 1, 2, 3, 4, 5, 6, 7, 8
 
@@ -145,6 +153,76 @@ def iter_segments(journal_dir: Path) -> list[Path]:
     return sorted(journal_dir.glob(f"seg-*{SEGMENT_SUFFIX}"))
 
 
+def keep_raw(root: Path, instance: str, segments: list[Path]) -> int:
+    """Move committed segments of journal `instance` into `<root>/.raw/<instance>/` (a
+    rename: same filesystem; the file keeps its mtime, the time of its last record).
+    Blocking. Returns the bytes moved."""
+    if not segments:
+        return 0
+    dest = root / RAW_DIR / instance
+    if not dest.is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        fsync_dir(dest.parent)
+    moved = 0
+    for p in segments:
+        try:
+            size = p.stat().st_size
+            os.rename(p, dest / p.name)
+        except FileNotFoundError:
+            continue
+        moved += size
+    fsync_dir(dest)
+    fsync_dir(segments[0].parent)
+    return moved
+
+
+@dataclass(frozen=True, slots=True)
+class RawPrune:
+    """What one pass over the raw area found and did."""
+
+    kept_bytes: int
+    kept_segments: int
+    deleted_segments: int
+    deleted_bytes: int
+
+
+def prune_raw(root: Path, *, now_ns: int, keep_s: float, max_bytes: int) -> RawPrune:
+    """Delete kept raw segments older than `keep_s` (by mtime: the time their last record
+    was written), then the oldest ones until the rest fit in `max_bytes` (0: no cap).
+    Every instance's segments count (workers share a root). Blocking."""
+    base = root / RAW_DIR
+    if not base.is_dir():
+        return RawPrune(0, 0, 0, 0)
+    files: list[tuple[int, str, Path, int]] = []
+    for inst in base.iterdir():
+        if not inst.is_dir():
+            continue
+        for p in inst.glob(f"seg-*{SEGMENT_SUFFIX}"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime_ns, str(p), p, st.st_size))
+    files.sort()
+    cutoff_ns = now_ns - int(keep_s * 1e9)
+    total = sum(f[3] for f in files)
+    deleted = freed = 0
+    for mtime_ns, _name, path, size in files:
+        if mtime_ns >= cutoff_ns and (not max_bytes or total <= max_bytes):
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        deleted += 1
+        freed += size
+    if deleted:
+        for inst in base.iterdir():
+            try:
+                inst.rmdir()  # only empty ones go
+            except OSError:
+                pass
+    return RawPrune(total, len(files) - deleted, deleted, freed)
+
+
 @dataclass(slots=True)
 class _Segment:
     number: int
@@ -160,10 +238,13 @@ class JournalStats:
     fsyncs: int = 0
     fsync_failures: int = 0
     last_fsync_mono: float | None = None
-    segments_deleted: int = 0
+    segments_deleted: int = 0     # retired from the journal (deleted or kept as raw)
     pending_bytes: int = 0
     healthy: bool = True
     last_error: str | None = None
+    raw_kept_bytes: int = 0       # bytes in <root>/.raw (every instance), at the last prune
+    raw_kept_segments: int = 0
+    raw_deleted: int = 0          # kept raw segments deleted by age or the size cap
 
 
 class Journal:
@@ -171,7 +252,8 @@ class Journal:
 
     def __init__(self, root: Path, *, fsync_interval_s: float, clock: Clock,
                  segment_max_bytes: int = 256 * 1024 * 1024, segment_max_s: float = 300.0,
-                 keep_s: float = 0.0, max_pending_bytes: int = 256 * 1024 * 1024) -> None:
+                 keep_raw_s: float = 0.0, keep_raw_max_bytes: int = 0,
+                 max_pending_bytes: int = 256 * 1024 * 1024) -> None:
         self.root = root
         self.instance = uuid.uuid4().hex[:12]
         self.dir = root / JOURNAL_DIR / self.instance
@@ -179,7 +261,10 @@ class Journal:
         self.fsync_interval_s = fsync_interval_s
         self.segment_max_bytes = segment_max_bytes
         self.segment_max_s = segment_max_s
-        self.keep_s = keep_s
+        self.keep_raw_s = keep_raw_s
+        self.keep_raw_max_bytes = keep_raw_max_bytes
+        self._raw_pruned_mono: float | None = None
+        self._raw_dirty = False
         self.max_pending_bytes = max_pending_bytes
         self.stats = JournalStats()
         # Appended, not yet handed to the thread: pieces are kept as they are (no growing
@@ -243,23 +328,37 @@ class Journal:
         self._feed_seq.pop(feed, None)
         self._feed_info.pop(feed, None)
 
-    async def close(self, removable: bool) -> None:
-        """Flush and fsync everything; delete our segments if `removable` (all committed)."""
+    async def close(self, removable: bool, timeout_s: float | None = None) -> int:
+        """Flush and fsync everything, retrying failed writes for at most `timeout_s`
+        (None: until it succeeds); then, if `removable` (every row committed) and nothing
+        is left unwritten, retire our segments (deleted, or kept as raw frames). Returns
+        the bytes that could not be written: then the journal stays where it is, for the
+        next start to replay what did reach the disk."""
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
-        await self.flush()
-        if removable and not self.keep_s:
+        await self.flush(timeout_s)
+        unwritten = self.stats.pending_bytes
+        if unwritten:
+            log.error("journal_close_incomplete", unwritten_bytes=unwritten,
+                      journal=str(self.dir), timeout_s=timeout_s,
+                      error=self.stats.last_error, detail="journal kept for the next start")
+        elif removable:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._remove_all)
+            await loop.run_in_executor(self._executor, self._retire_all)
         self._executor.shutdown(wait=False)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        return unwritten
 
-    def _remove_all(self) -> None:
-        for p in iter_segments(self.dir):
+    def _retire_all(self) -> None:
+        paths = iter_segments(self.dir)
+        if self.keep_raw_s:
+            self.stats.raw_kept_bytes += keep_raw(self.root, self.instance, paths)
+        for p in paths:
             p.unlink(missing_ok=True)
+        self.stats.segments_deleted += len(paths)
         (self.dir / ".lock").unlink(missing_ok=True)
         try:
             self.dir.rmdir()
@@ -464,17 +563,37 @@ class Journal:
             try:
                 self._write(list(self._chunks), dict(self._sizes))
             except OSError as e:
-                log.error("journal_final_write_failed", error=str(e))
+                log.error("journal_final_write_failed", error=str(e),
+                          unwritten_bytes=self.stats.pending_bytes)
 
-    async def flush(self) -> None:
-        """Write and fsync everything appended so far; retries until it succeeds."""
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Write and fsync everything appended so far, retrying failed writes until they
+        succeed or `timeout_s` has passed (None: no limit). Returns whether everything is
+        durable. A write still running at the deadline is left to finish in the thread."""
         self._submit_pending()
+        clock = self.clock
+        deadline = None if timeout_s is None else clock.monotonic() + max(0.0, timeout_s)
         while self._chunks:
             fut = self._start_write()
             if fut is not None:
-                await fut
-            if self._chunks:
-                await asyncio.sleep(min(self.fsync_interval_s, 0.2))
+                if deadline is None:
+                    await fut
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(fut),
+                                               max(0.0, deadline - clock.monotonic()))
+                    except TimeoutError:
+                        return False
+            if not self._chunks:
+                break
+            pause_s = min(self.fsync_interval_s, 0.2)
+            if deadline is not None:
+                left_s = deadline - clock.monotonic()
+                if left_s <= 0:
+                    return False
+                pause_s = min(pause_s, left_s)
+            await asyncio.sleep(pause_s)
+        return True
 
     async def _flush_loop(self) -> None:
         period = self.fsync_interval_s / 2
@@ -504,14 +623,63 @@ class Journal:
             out.append(seg)
         return out
 
+    def last_seq(self, feed: str) -> int:
+        """The highest recv_seq of `feed` in the segments not yet retired (0: none)."""
+        return max((seg.max_seq.get(feed, 0) for seg in self._segments), default=0)
+
+    def feeds_seen(self) -> set[str]:
+        """Every feed with a recv_seq in the segments not yet retired (also feeds a
+        reload removed since)."""
+        return {feed for seg in self._segments for feed in seg.max_seq}
+
     async def delete_segments(self, segments: list[_Segment]) -> None:
-        if self.keep_s or not segments:
+        """Retire committed segments: deleted, or moved to the raw area if raw frames are
+        kept (`keep_raw_s`)."""
+        if not segments:
             return
         for seg in segments:
             self._segments.remove(seg)
+            self._sizes.pop(seg.path, None)
+        paths = [s.path for s in segments]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._unlink, [s.path for s in segments])
+        if self.keep_raw_s:
+            moved = await loop.run_in_executor(self._executor, keep_raw, self.root,
+                                               self.instance, paths)
+            self.stats.raw_kept_bytes += moved
+            self._raw_dirty = True
+        else:
+            await loop.run_in_executor(self._executor, self._unlink, paths)
         self.stats.segments_deleted += len(segments)
+
+    async def prune_raw(self, force: bool = False) -> RawPrune | None:
+        """Apply `keep_raw_s` and `keep_raw_max_bytes` to the raw area (a thread does the
+        I/O): after segments were moved into it, and every RAW_PRUNE_INTERVAL_S. Does
+        nothing when raw frames are not kept (a raw area left from such a config stays
+        untouched). Returns what it did, or None if it did not run."""
+        if not self.keep_raw_s:
+            return None
+        now = self.clock.monotonic()
+        last = self._raw_pruned_mono
+        if not (force or self._raw_dirty or last is None
+                or now - last >= RAW_PRUNE_INTERVAL_S):
+            return None
+        self._raw_pruned_mono = now
+        self._raw_dirty = False
+        loop = asyncio.get_running_loop()
+        done = await loop.run_in_executor(
+            self._executor, lambda: prune_raw(self.root, now_ns=self.clock.time_ns(),
+                                              keep_s=self.keep_raw_s,
+                                              max_bytes=self.keep_raw_max_bytes))
+        st = self.stats
+        st.raw_kept_bytes = done.kept_bytes
+        st.raw_kept_segments = done.kept_segments
+        if done.deleted_segments:
+            st.raw_deleted += done.deleted_segments
+            log.info("raw_frames_pruned", deleted_segments=done.deleted_segments,
+                     freed_bytes=done.deleted_bytes, kept_bytes=done.kept_bytes,
+                     kept_segments=done.kept_segments, keep_s=self.keep_raw_s,
+                     max_bytes=self.keep_raw_max_bytes)
+        return done
 
     @staticmethod
     def _unlink(paths: list[Path]) -> None:
@@ -543,10 +711,18 @@ def feed_config_from(info: bytes) -> tuple[str, str, FeedConfig]:
     return d["name"], d["exchange"], msgspec.convert(d["config"], FeedConfig)
 
 
-def records_of(journal_dir: Path, truncate: bool) -> Iterator[tuple[Path, list[Record], bool]]:
-    """Every segment's valid records in order; with `truncate`, torn tails are cut off."""
-    for path in iter_segments(journal_dir):
-        recs, end, torn = read_segment(path)
+def records_of(journal_dir: Path, truncate: bool, segments: Sequence[Path] | None = None,
+               ) -> Iterator[tuple[Path, list[Record], bool]]:
+    """Every segment's valid records in order (or those of `segments`, in the order
+    given); with `truncate`, torn tails are cut off."""
+    for path in iter_segments(journal_dir) if segments is None else segments:
+        try:
+            recs, end, torn = read_segment(path)
+        except FileNotFoundError:
+            # Deleted since it was listed (kept raw frames are pruned oldest first): the
+            # next segment starts with its own checkpoints.
+            log.warning("journal_segment_vanished", segment=str(path))
+            continue
         if torn and truncate:
             with open(path, "r+b") as f:
                 f.truncate(end)

@@ -5,8 +5,11 @@ flock can be taken), reading their segments in order (cutting torn tails off), r
 every record through the same codecs (restored from the checkpoint at the start of the
 oldest segment), skipping every row that a committed file already holds (by the
 `ingestd.coverage` metadata: feed key, table, partition and recv_seq interval), committing
-the rest, and only then deleting the journal directory. Also `replay_journal`, the same
-re-normalization for `ingestd replay` on kept segments.
+the rest, and only then deleting the journal directory (or, when raw frames are kept,
+moving its segments to `<root>/.raw/<instance>/`). Also `replay_journal`, the one
+re-normalization of journal records that `ingestd replay` (replay.py) runs on kept
+segments, with the codec classes it is given, and `RowSink`, the batching committer both
+share.
 
 Must not: run on the event loop (it is blocking; the daemon runs it in a thread before
 any feed starts), or trust anything in a journal past its first invalid record.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,11 @@ import orjson
 import pyarrow.parquet as pq
 import structlog
 
-from ingestd.exchanges import CODECS, make_codec
-from ingestd.exchanges.base import Codec, Output, RestRequest
-from ingestd.sink.batcher import NS_PER_DAY, Batcher
+from ingestd.config import FeedConfig
+from ingestd.exchanges import CODECS
+from ingestd.exchanges.base import Codec, Output, RestRequest, StateError
+from ingestd.schema import Block
+from ingestd.sink.batcher import NS_PER_DAY, Batcher, PartitionKey
 from ingestd.sink.fsutil import try_lock_dir
 from ingestd.sink.journal import (
     CHECKPOINT,
@@ -41,9 +46,12 @@ from ingestd.sink.journal import (
     JOURNAL_DIR,
     REST,
     ROTATE,
+    Record,
     feed_config_from,
+    iter_segments,
     records_of,
 )
+from ingestd.sink.journal import keep_raw as keep_raw_segments
 from ingestd.sink.parquet import COVERAGE_KEY, commit, partition_dir
 
 log = structlog.get_logger("ingestd.recovery")
@@ -51,9 +59,11 @@ log = structlog.get_logger("ingestd.recovery")
 # Journals that could not be replayed are moved here (kept, never replayed again).
 FAILED_DIR = ".journal-failed"
 
-# A file can hold rows from a journal only if its first ts_recv is at most this much
-# older than the journal's oldest record (buffers live seconds; released book diffs keep
-# their earlier receive time).
+# A file can hold rows from a journal only if it was written after the journal's oldest
+# record was received: its mtime (set when it was written, kept by the rename that
+# publishes it, fresh for a compacted file) is then no older. The margin absorbs wall
+# clock steps. A file's name (its first ts_recv) says nothing of the kind: a batch held
+# through a long outage, or a long flush interval, spans more than any margin.
 FILE_AGE_MARGIN_NS = 3600 * 1_000_000_000
 
 
@@ -75,6 +85,8 @@ class RecoveryResult:
     rows_already_committed: int = 0
     torn_segments: int = 0
     files: int = 0
+    coverage_files_read: int = 0   # committed files whose coverage metadata was read
+    raw_segments_kept: int = 0     # segments moved to <root>/.raw after their recovery
     feeds: dict[str, FeedState] = field(default_factory=dict)  # feed name -> replayed state
 
 
@@ -84,9 +96,14 @@ class CoverageIndex:
     def __init__(self) -> None:
         self._intervals: dict[tuple[str, str, str, int], list[tuple[int, int]]] = {}
         self._loaded: set[tuple[str, str, int]] = set()
+        self.files_read = 0
 
     def load(self, root: Path, table: str, exchange: str, day: int, prefix: str,
              min_ts_ns: int) -> None:
+        """Index the files of one partition that may hold rows of feed keys starting with
+        `prefix` from a journal whose oldest record was received at `min_ts_ns`: every
+        file written since then (by mtime, see FILE_AGE_MARGIN_NS); older ones are not
+        opened (one stat each instead of a footer read)."""
         if (table, exchange, day) in self._loaded:
             return
         self._loaded.add((table, exchange, day))
@@ -95,27 +112,35 @@ class CoverageIndex:
         d = partition_dir(root, table, exchange, day_to_date(day))
         if not d.is_dir():
             return
-        for f in d.iterdir():
-            if not f.name.endswith(".parquet"):
-                continue
-            first = f.name.split("-", 1)[0]
-            if first.isdigit() and int(first) < min_ts_ns - FILE_AGE_MARGIN_NS:
-                continue
-            try:
-                meta = pq.read_metadata(f).metadata or {}
-            except (OSError, ValueError) as e:
-                log.error("unreadable_committed_file", path=str(f), error=str(e))
-                continue
-            raw = meta.get(COVERAGE_KEY.encode())
-            if not raw:
-                continue
-            for feed, spans in orjson.loads(raw).items():
-                if feed.startswith(prefix):
-                    key = (feed, table, exchange, day)
-                    self._intervals.setdefault(key, []).extend(
-                        (int(lo), int(hi)) for lo, hi in spans)
+        oldest_ns = min_ts_ns - FILE_AGE_MARGIN_NS
+        with os.scandir(d) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".parquet"):
+                    continue
+                try:
+                    if entry.stat().st_mtime_ns < oldest_ns:
+                        continue
+                except FileNotFoundError:
+                    continue  # compacted away meanwhile
+                self._read(Path(entry.path), table, exchange, day, prefix)
         for spans in self._intervals.values():
             spans.sort()
+
+    def _read(self, f: Path, table: str, exchange: str, day: int, prefix: str) -> None:
+        self.files_read += 1
+        try:
+            meta = pq.read_metadata(f).metadata or {}
+        except (OSError, ValueError) as e:
+            log.error("unreadable_committed_file", path=str(f), error=str(e))
+            return
+        raw = meta.get(COVERAGE_KEY.encode())
+        if not raw:
+            return
+        for feed, spans in orjson.loads(raw).items():
+            if feed.startswith(prefix):
+                key = (feed, table, exchange, day)
+                self._intervals.setdefault(key, []).extend(
+                    (int(lo), int(hi)) for lo, hi in spans)
 
     def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
         spans = self._intervals.get((feed, table, exchange, day))
@@ -123,6 +148,34 @@ class CoverageIndex:
             return False
         i = bisect.bisect_right(spans, (seq, 2**63)) - 1
         return i >= 0 and spans[i][0] <= seq <= spans[i][1]
+
+
+class RowSink:
+    """Rows replayed from a journal, batched per (table, exchange, day) and committed as
+    Parquet files (blocking), with the same coverage metadata the writer records."""
+
+    def __init__(self, root: Path, staging: Path, compression: str,
+                 flush_max_rows: int) -> None:
+        self.root = root
+        self.staging = staging
+        self.compression = compression
+        self.batcher = Batcher(flush_interval_s=1e9, flush_max_rows=flush_max_rows)
+        self.files = 0
+        self.rows = 0
+
+    def add(self, block: Block, exchange: str, feed_key: str) -> None:
+        self.rows += len(block)
+        full = self.batcher.add(block.TABLE, exchange, block, 0.0, feed_key)
+        if full is not None:
+            self._commit(full.key)
+
+    def finish(self) -> None:
+        for key in self.batcher.partitions():
+            self._commit(key)
+
+    def _commit(self, key: PartitionKey) -> None:
+        commit(self.root, self.staging, self.batcher.take(key), self.compression)
+        self.files += 1
 
 
 def adoptable_journals(root: Path) -> list[tuple[Path, int]]:
@@ -140,15 +193,33 @@ def adoptable_journals(root: Path) -> list[tuple[Path, int]]:
     return out
 
 
+def _seeded_codec(cls: type[Codec], feed: FeedConfig, saved: Any) -> tuple[Codec, str | None]:
+    """`cls` for `feed` with a checkpoint's state, or a fresh one and the reason why not."""
+    codec = cls(feed)
+    try:
+        codec.restore(saved)
+    except StateError as e:
+        return cls(feed), str(e)
+    return codec, None
+
+
 def replay_journal(journal_dir: Path, *, truncate: bool,
                    emit: Callable[[str, str, str, Output], None],
-                   result: RecoveryResult) -> dict[str, FeedState]:
-    """Feed every record of a journal directory through its codecs, calling
-    `emit(feed key, exchange, table-less Output)` for what each produces."""
+                   result: RecoveryResult, segments: Sequence[Path] | None = None,
+                   codecs: Mapping[str, type[Codec]] | None = None,
+                   on_segment: Callable[[Path, list[Record]], None] | None = None,
+                   ) -> dict[str, FeedState]:
+    """Feed every record of a journal directory (or just `segments` of it, in order)
+    through its codecs, calling `emit(feed key, exchange, feed name, Output)` for what
+    each produces. Each feed's codec is an instance of `codecs[exchange]` (default: the
+    registry), seeded from the feed's first checkpoint: later checkpoints describe the
+    state replay has reached by itself. Frames of one FRAMES record are decoded as one
+    batch, exactly as they were live."""
     instance = journal_dir.name
+    registry = CODECS if codecs is None else codecs
     feeds: dict[int, FeedState] = {}
-    first_segment = True
-    for _path, records, torn in records_of(journal_dir, truncate):
+    seeded: set[int] = set()
+    for _path, records, torn in records_of(journal_dir, truncate, segments):
         if torn:
             result.torn_segments += 1
             log.warning("journal_tail_truncated" if truncate else "journal_tail_invalid",
@@ -161,7 +232,7 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                 if state is None:
                     try:
                         name, exchange, cfg = feed_config_from(rec.data)
-                        codec = CODECS[exchange](cfg)
+                        codec = registry[exchange](cfg)
                     except (ValueError, KeyError, TypeError, msgspec.ValidationError) as e:
                         log.error("journal_feed_unreadable", journal=instance,
                                   error=f"{type(e).__name__}: {e}"[:200])
@@ -172,9 +243,11 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                 continue  # records of a feed whose FEED record was lost: cannot decode
             key = f"{instance}/{state.name}"
             if kind == CHECKPOINT:
-                # Only the oldest segment's checkpoints matter: later ones describe the
-                # state replay has reached by itself.
-                if first_segment:
+                # Only a feed's first checkpoint matters (the oldest segment's, or the one
+                # a feed added or changed by a reload starts with): later ones describe
+                # the state replay has reached by itself.
+                if rec.feed not in seeded:
+                    seeded.add(rec.feed)
                     state.last_seq = max(state.last_seq, rec.seq)
                     problem: str | None = None
                     saved: Any = None
@@ -183,7 +256,8 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                     except orjson.JSONDecodeError as e:
                         problem = f"not JSON (an older format?): {e}"
                     if saved is not None:
-                        state.codec, problem = make_codec(state.codec.feed, saved)
+                        state.codec, problem = _seeded_codec(
+                            type(state.codec), state.codec.feed, saved)
                     if problem is not None:
                         # Replay what can be replayed with a fresh codec: trades and
                         # events decode as before; books resync at the next snapshot.
@@ -216,7 +290,8 @@ def replay_journal(journal_dir: Path, *, truncate: bool,
                 out.event(None, None, rec.ts, rec.seq, state.name, event, detail)
                 state.last_seq = max(state.last_seq, rec.seq)
                 emit(key, state.exchange, state.name, out)
-        first_segment = False
+        if on_segment is not None:
+            on_segment(_path, records)
     return {s.name: s for s in feeds.values()}
 
 
@@ -234,12 +309,14 @@ def _journal_bounds(journal_dir: Path) -> tuple[int, set[str]]:
 
 
 def recover(root: Path, compression: str, staging: Path,
-            flush_max_rows: int = 200_000) -> RecoveryResult:
-    """Replay every orphaned journal under `root` into Parquet, exactly once."""
+            flush_max_rows: int = 200_000, keep_raw: bool = False) -> RecoveryResult:
+    """Replay every orphaned journal under `root` into Parquet, exactly once. With
+    `keep_raw`, each recovered journal's segments are kept under `<root>/.raw/`."""
     result = RecoveryResult()
     for journal_dir, fd in adoptable_journals(root):
         try:
-            _recover_one(root, journal_dir, compression, staging, flush_max_rows, result)
+            _recover_one(root, journal_dir, compression, staging, flush_max_rows, result,
+                         keep_raw)
         except Exception as e:
             # Never crash-loop the daemon on a journal it cannot replay: keep it aside
             # for inspection (and a later version) and carry on.
@@ -258,12 +335,13 @@ def recover(root: Path, compression: str, staging: Path,
 
 
 def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
-                 flush_max_rows: int, result: RecoveryResult) -> None:
+                 flush_max_rows: int, result: RecoveryResult, keep_raw: bool) -> None:
     instance = journal_dir.name
     min_ts, _ = _journal_bounds(journal_dir)
     index = CoverageIndex()
-    batcher = Batcher(flush_interval_s=1e9, flush_max_rows=flush_max_rows)
+    sink = RowSink(root, staging, compression, flush_max_rows)
     counts = {"new": 0, "old": 0}
+    prefix = f"{instance}/"
 
     def emit(key: str, exchange: str, _feed: str, out: Output) -> None:
         for block in out.blocks():
@@ -272,7 +350,7 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
             for i, (ts, seq) in enumerate(zip(block.ts_recv, block.recv_seq,  # type: ignore[attr-defined]
                                               strict=True)):
                 day = ts // NS_PER_DAY
-                index.load(root, table, exchange, day, f"{instance}/", min_ts)
+                index.load(root, table, exchange, day, prefix, min_ts)
                 if index.covers(key, table, exchange, day, seq):
                     counts["old"] += 1
                 else:
@@ -280,19 +358,12 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
             if not keep:
                 continue
             counts["new"] += len(keep)
-            part = block if len(keep) == len(block) else block.take(keep)
-            full = batcher.add(table, exchange, part, 0.0, key)
-            if full is not None:
-                _commit(full.key)
-
-    def _commit(key: Any) -> None:
-        batch = batcher.take(key)
-        commit(root, staging, batch, compression)
-        result.files += 1
+            sink.add(block if len(keep) == len(block) else block.take(keep), exchange, key)
 
     states = replay_journal(journal_dir, truncate=True, emit=emit, result=result)
-    for key in batcher.partitions():
-        _commit(key)
+    sink.finish()
+    result.files += sink.files
+    result.coverage_files_read += index.files_read
     result.journals += 1
     result.rows_committed += counts["new"]
     result.rows_already_committed += counts["old"]
@@ -301,10 +372,16 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
         if prev is None or state.last_seq > prev.last_seq:
             result.feeds[name] = state
     log.info("journal_recovered", journal=instance, rows_committed=counts["new"],
-             rows_already_committed=counts["old"], records=result.records)
-    # Everything derived from this journal is committed (and fsync'd): it can go.
+             rows_already_committed=counts["old"], records=result.records,
+             coverage_files_read=index.files_read)
+    # Everything derived from this journal is committed (and fsync'd): it can go - as
+    # kept raw frames, if those are kept.
+    if keep_raw:
+        segments = iter_segments(journal_dir)
+        keep_raw_segments(root, instance, segments)
+        result.raw_segments_kept += len(segments)
     shutil.rmtree(journal_dir, ignore_errors=True)
 
 
-__all__ = ["CoverageIndex", "RecoveryResult", "adoptable_journals", "recover",
+__all__ = ["CoverageIndex", "RecoveryResult", "RowSink", "adoptable_journals", "recover",
            "replay_journal"]
