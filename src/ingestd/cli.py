@@ -6,6 +6,9 @@
                                      run against the built-in exchange simulator
     ingestd compact --config PATH [--before YYYY-MM-DD]
                                      merge closed days' part files into large sorted files
+    ingestd replay --config PATH --out DIR [--since ISO] [--until ISO]
+                                     re-derive every table from the kept raw frames
+                                     ([journal] keep_raw_days) into a new root
     ingestd status [--config PATH | --url URL]
                                      a running daemon's /health as a table (exit 1 unless ok)
     ingestd sim --exchange ID [--port P]
@@ -22,13 +25,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ingestd import __version__
 from ingestd.runner import EX_CONFIG, EX_FATAL, EX_OK, EX_USAGE, run_loop
 
+if TYPE_CHECKING:
+    from ingestd.config import Config
+
 __all__ = ["EX_CONFIG", "EX_FATAL", "EX_OK", "EX_USAGE", "main"]
 
-COMMANDS = ("run", "check", "demo", "sim", "compact", "status")
+COMMANDS = ("run", "check", "demo", "sim", "compact", "status", "replay")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--config", metavar="PATH", required=True)
     compact.add_argument("--before", metavar="YYYY-MM-DD", default=None,
                          help="compact dates before this one (default: today, UTC)")
+    replay = sub.add_parser(
+        "replay", help="re-derive every table from the kept raw frames into a new root",
+        description="Replay the raw frames kept under <root>/.raw ([journal] "
+                    "keep_raw_days) through today's codecs into a new root (for a codec "
+                    "fix). Nothing under the live root changes.")
+    replay.add_argument("--config", metavar="PATH", required=True)
+    replay.add_argument("--out", metavar="DIR", required=True,
+                        help="the new root (empty or absent; not inside the live root)")
+    replay.add_argument("--since", metavar="ISO", default=None,
+                        help="only rows received at or after this time (UTC unless given)")
+    replay.add_argument("--until", metavar="ISO", default=None,
+                        help="only rows received before this time")
     status = sub.add_parser("status", help="show a running daemon's /health as a table")
     status.add_argument("--config", metavar="PATH", help="read [health] listen from here")
     status.add_argument("--url", default=None, help="e.g. http://127.0.0.1:8080/health")
@@ -75,6 +94,34 @@ def _status(url: str) -> int:
         return EX_FATAL
     print(render(body))
     return EX_OK if code == 200 else EX_FATAL
+
+
+def _replay(cfg: Config, config_path: str, out: str, since: str | None,
+            until: str | None) -> int:
+    from ingestd.logs import configure
+    from ingestd.replay import ReplayError, parse_time, replay, terminal_progress
+
+    try:
+        since_ns = None if since is None else parse_time(since)
+        until_ns = None if until is None else parse_time(until)
+    except ValueError as e:
+        print(f"ingestd replay: {e}", file=sys.stderr)
+        return EX_USAGE
+    configure(cfg.log.level, cfg.log.format)
+    try:
+        r = replay(Path(cfg.storage.root), Path(out), since_ns=since_ns, until_ns=until_ns,
+                   compression=cfg.storage.compression,
+                   flush_max_rows=cfg.storage.flush_max_rows, progress=terminal_progress())
+    except ReplayError as e:
+        print(f"ingestd replay: {config_path}: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if not r.segments:
+        print(f"ingestd replay: no kept raw frames under {cfg.storage.root}/.raw for that "
+              "window (set [journal] keep_raw_days to keep them)", file=sys.stderr)
+        return EX_FATAL
+    print(f"replayed {r.segments} segment(s) of {r.journals} journal(s): {r.records} "
+          f"records -> {r.rows} rows in {r.files} file(s) under {out}")
+    return EX_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if host in ("0.0.0.0", "::", "[::]"):
             host = "127.0.0.1"
         return _status(f"http://{host}:{port}/health")
+    if command == "replay":
+        return _replay(cfg, args.config, args.out, args.since, args.until)
     if command == "compact":
         from ingestd.sink.compact import compact
 
