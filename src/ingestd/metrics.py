@@ -157,6 +157,12 @@ class SnapshotCollector(Collector):
             yield CounterMetricFamily("ingestd_journal_fsync_failures",
                                       "failed journal writes or fsyncs",
                                       value=js.fsync_failures)
+            yield GaugeMetricFamily("ingestd_raw_kept_bytes",
+                                    "raw frames kept for ingestd replay (bytes)",
+                                    value=js.raw_kept_bytes)
+            yield CounterMetricFamily("ingestd_raw_deleted",
+                                      "kept raw segments deleted by age or size cap",
+                                      value=js.raw_deleted)
 
 
 def _le(bound: float) -> str:

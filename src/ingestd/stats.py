@@ -98,6 +98,10 @@ class JournalStatsLike(Protocol):
     def segments_deleted(self) -> int: ...
     @property
     def bytes_appended(self) -> int: ...
+    @property
+    def raw_kept_bytes(self) -> int: ...
+    @property
+    def raw_deleted(self) -> int: ...
 
 
 # ---- frozen snapshots -----------------------------------------------------------------
@@ -159,6 +163,8 @@ class JournalSnapshot(msgspec.Struct, frozen=True):
     fsync_failures: int
     segments_deleted: int
     bytes_appended: int
+    raw_kept_bytes: int                 # raw frames kept under <root>/.raw for replay
+    raw_deleted: int                    # kept raw segments deleted by age or size cap
 
 
 class DaemonSnapshot(msgspec.Struct, frozen=True):
@@ -235,7 +241,8 @@ def journal_snapshot(st: JournalStatsLike, now_mono: float) -> JournalSnapshot:
     return JournalSnapshot(
         healthy=st.healthy, pending_bytes=st.pending_bytes,
         fsync_age_s=_age(now_mono, st.last_fsync_mono), fsync_failures=st.fsync_failures,
-        segments_deleted=st.segments_deleted, bytes_appended=st.bytes_appended)
+        segments_deleted=st.segments_deleted, bytes_appended=st.bytes_appended,
+        raw_kept_bytes=st.raw_kept_bytes, raw_deleted=st.raw_deleted)
 
 
 def daemon_snapshot(*, state: str, now_mono: float, loop_lag_s: float, loop_lag_max_s: float,
