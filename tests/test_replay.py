@@ -267,7 +267,16 @@ async def test_the_journal_counts_what_it_keeps_and_prunes(tmp_path: Path) -> No
     clock.wall_ns += 3 * 86_400 * 1_000_000_000
     await j.prune_raw(force=True)
     assert (j.stats.raw_deleted, j.stats.raw_kept_segments, j.stats.raw_kept_bytes) == (2, 0, 0)
-    await j.close(removable=True)
+    # What /metrics says of it.
+    from ingestd.metrics import exposition, registry_for
+    from ingestd.stats import QueueStats, WriterStats, daemon_snapshot
+
+    text = exposition(registry_for(lambda: daemon_snapshot(
+        state="ok", now_mono=0.0, loop_lag_s=0.0, loop_lag_max_s=0.0, feeds=[],
+        queue=QueueStats(1), writer=WriterStats(), journal=j.stats))).decode()
+    assert "ingestd_raw_kept_bytes 0.0" in text and "ingestd_raw_deleted_total 2.0" in text
+    await j.close(removable=True)  # the current segment joins the raw frames
+    assert j.stats.raw_kept_bytes > 0 and kept_journals(tmp_path)
 
 
 def test_progress_is_a_line_on_a_terminal_and_nothing_otherwise() -> None:
