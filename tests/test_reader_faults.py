@@ -25,6 +25,7 @@ from ingestd.config import Config, ConfigError
 from ingestd.daemon import Daemon
 from ingestd.feed.transport import Connection, TransportClosed, connect
 from tests.support import make_config, read_table, recorded_frames, run_daemon
+from tests.test_reload_shutdown import SlowCloseVenue
 
 FEED = {"name": "x", "exchange": "binance", "symbols": ["BTCUSDT"], "channels": ["trades"]}
 
@@ -324,3 +325,17 @@ async def test_a_server_that_closes_before_answering_the_upgrade_is_no_connectio
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_cancelled_close_still_closes_the_connection(transport: str) -> None:
+    """A close cancelled while it waits for the venue's answer (a session ending, a
+    shutdown) still ends the TCP connection instead of leaving it open."""
+    async with SlowCloseVenue([]) as venue:
+        conn = await connect(f"ws://127.0.0.1:{venue.port}", ping_interval_s=None,
+                             max_size=MIB, user_agent="test", transport=transport)
+        closing = asyncio.create_task(conn.close(1000, "bye"))
+        await asyncio.wait_for(venue.close_seen.wait(), 5)   # never answered
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+        await asyncio.wait_for(venue.client_gone.wait(), 1.0)

@@ -124,11 +124,13 @@ async def test_a_reload_resuming_during_shutdown_starts_nothing(tmp_path: Path) 
 class SlowCloseVenue:
     """A minimal WebSocket server (real sockets, RFC 6455 by hand) that sends some frames,
     then never answers the client's close: the client's close takes its full timeout.
-    `close_seen` is set when the client's close frame arrives."""
+    `close_seen` is set when the client's close frame arrives, `client_gone` when the
+    client closes the TCP connection."""
 
     def __init__(self, frames: list[bytes]) -> None:
         self.frames = frames
         self.close_seen = asyncio.Event()
+        self.client_gone = asyncio.Event()
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -161,7 +163,7 @@ class SlowCloseVenue:
                 if b0 & 0x0F == 8:
                     self.close_seen.set()          # ... and never answered
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            self.client_gone.set()                 # the client closed the TCP connection
 
     async def __aenter__(self) -> SlowCloseVenue:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)

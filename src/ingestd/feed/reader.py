@@ -603,12 +603,15 @@ class FeedReader:
     def _rotation_done(self, rotation: Rotation) -> None:
         if rotation is not self._rotation or rotation.task.cancelled():
             return
-        old = self._ws
         if rotation.ready() is None:
-            # Failed: forget it (later rotations and serverShutdown are honoured), and
-            # fall back to break-before-make.
+            # Failed (the rotation closed what it opened): it is over - later planned
+            # rotations and serverShutdown are honoured - and the current connection
+            # keeps streaming until the venue closes it (then an ordinary reconnect).
+            # Closing it now would only open the gap earlier.
             self._rotation = None
-            self.log.warning("rotation_failed", error=rotation.error)
+            self.log.warning("rotation_failed", reason=rotation.reason, error=rotation.error)
+            return
+        old = self._ws
         if old is not None:
             self._spawn(old.close(1000, "rotation"), "rotation-close")
 

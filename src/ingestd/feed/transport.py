@@ -20,7 +20,8 @@ connection if the pong does not come within `ping_timeout_s`, enforce `max_size`
 same way (a message over it, whole or fragmented, is never delivered - nor is anything
 after it - and this side closes with 1009: `TransportClosed(1009, ..., by_peer=False)`),
 report who closed first (a close this side's library sent on its own, e.g. on a protocol
-error, is `by_peer=False`), and never decompress (no extension is offered).
+error, is `by_peer=False`), never leave a TCP connection open behind a cancelled open or
+close, and never decompress (no extension is offered).
 
 Must not: interpret messages, or retry (the reader decides).
 """
@@ -105,6 +106,16 @@ def _text(reason: object) -> str:
     return "" if reason is None else str(reason)
 
 
+def _close_abandoned(opening: asyncio.Future[Any]) -> None:
+    """A cancelled picows open finished: close the connection it made, if any."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    transport = opening.result()[0]
+    if not transport.is_disconnected:
+        transport.send_close(1001, b"connection abandoned")
+        transport.disconnect()
+
+
 class _PicowsConnection:
     def __init__(self) -> None:
         # Groups of frames: [ts_recv_ns, frames] - the frames of one socket read.
@@ -142,14 +153,21 @@ class _PicowsConnection:
         if ping_interval_s:
             kwargs = {"enable_auto_ping": True, "auto_ping_idle_timeout": ping_interval_s,
                       "auto_ping_reply_timeout": ping_interval_s}
+        # picows enforces `max_frame_size` on each frame's header (closing with 1009
+        # before the payload is buffered); `_on_frame` enforces it on a fragmented
+        # message, and drops whatever picows still parses after a close it sent.
+        opening = asyncio.ensure_future(picows.ws_connect(
+            Listener, url, websocket_handshake_timeout=OPEN_TIMEOUT_S,
+            enable_auto_pong=True, max_frame_size=max_size,
+            extra_headers={"User-Agent": user_agent}, **kwargs))
         try:
-            # picows enforces `max_frame_size` on each frame's header (closing with 1009
-            # before the payload is buffered); `_on_frame` enforces it on a fragmented
-            # message, and drops whatever picows still parses after a close it sent.
-            transport, _ = await picows.ws_connect(
-                Listener, url, websocket_handshake_timeout=OPEN_TIMEOUT_S,
-                enable_auto_pong=True, max_frame_size=max_size,
-                extra_headers={"User-Agent": user_agent}, **kwargs)
+            transport, _ = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Cancelled while the handshake was under way, picows would leave that TCP
+            # connection open (and, answered later, a WebSocket nobody reads): let the
+            # attempt finish - its handshake timeout bounds it - and close what it opened.
+            opening.add_done_callback(_close_abandoned)
+            raise
         except picows.WSInvalidStatusError as e:
             headers = {k: v for k, v in e.response.headers.items()} if e.response else {}
             raise HandshakeRejected(int(e.response.status) if e.response else 0,
@@ -317,7 +335,11 @@ class _PicowsConnection:
             return
         if not self._transport.is_disconnected:
             self._transport.send_close(code, reason.encode())
-            done, _ = await asyncio.wait({self._disconnected}, timeout=CLOSE_TIMEOUT_S)
+            try:
+                done, _ = await asyncio.wait({self._disconnected}, timeout=CLOSE_TIMEOUT_S)
+            except asyncio.CancelledError:
+                self._transport.disconnect(graceful=False)  # no answer awaited: end it now
+                raise
             if not done:
                 self._transport.disconnect(graceful=False)
         if self._closed is None:
@@ -385,7 +407,11 @@ class _WebsocketsConnection:
             raise self._closed(e) from None
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        await self._ws.close(code, reason)
+        try:
+            await self._ws.close(code, reason)
+        except asyncio.CancelledError:
+            self.abort()  # no answer awaited: end the TCP connection now
+            raise
 
     def abort(self) -> None:
         self._ws.transport.abort()
