@@ -22,6 +22,7 @@ from ingestd.checks import parse_config
 from ingestd.config import ConfigError
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Output, StateError
+from ingestd.exchanges.book import SYNCED
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.schema import ROW_WIDTH
 from ingestd.sim import SimServer
@@ -304,8 +305,12 @@ def test_a_topic_is_parsed_strictly_other_spellings_are_unknown_not_books() -> N
         out = c.parse(f, i, i)
         assert out.unknown == 1 and out.error is None, f
         assert not out.has_rows and out.drops is None and out.replies is None, f
-    assert sorted(c.state()["parts"]["bbo"]) == ["BANDUSDT"]
-    assert sorted(c.state()["parts"]["book"]) == ["BTCUSDT"]
+    # Only the subscribed topics' books exist (waiting for the snapshots the subscription
+    # brings); only BANDUSDT's orderbook.1 and BTCUSDT's orderbook.200 got one.
+    parts = c.state()["parts"]
+    assert sorted(parts["bbo"]) == sorted(parts["book"]) == ["BANDUSDT", "BTCUSDT"]
+    assert [s for s, b in parts["bbo"].items() if b["status"] == SYNCED] == ["BANDUSDT"]
+    assert [s for s, b in parts["book"].items() if b["status"] == SYNCED] == ["BTCUSDT"]
     outs, rows = feed_all(c, [band[1], *btc[1:]], start=30)
     assert outs[0].rows("quotes") and not events(outs)
     assert all(o.drops is None and not o.unknown for o in outs)
@@ -564,7 +569,9 @@ def test_restore_refuses_garbage_and_other_versions() -> None:
                     **parts["book"]["BTCUSDT"], "status": 7}}}},
                 {**saved, "parts": {**parts, "book": [1, 2]}},
                 {**saved, "parts": {**parts, "bbo": {"BANDUSDT": {}}}},
-                {**saved, "parts": {**parts, "topics": {**parts["topics"], "expecting": "x"}}},
+                {**saved, "parts": {**parts, "book": {"BTCUSDT": {
+                    **parts["book"]["BTCUSDT"], "dropped": "x"}}}},
+                {**saved, "parts": {**parts, "topics": {**parts["topics"], "rotating": "x"}}},
                 {**saved, "parts": {**parts, "topics": {**parts["topics"],
                                                         "stale": {"t": "1"}}}},
                 {**saved, "parts": {**parts, "topics": []}},

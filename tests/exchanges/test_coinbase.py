@@ -31,7 +31,8 @@ from ingestd.exchanges.base import (
     Output,
     StateError,
 )
-from ingestd.exchanges.coinbase import RESYNC_TIMEOUT_S, Coinbase
+from ingestd.exchanges.book import SNAPSHOT_WAIT_S as RESYNC_TIMEOUT_S
+from ingestd.exchanges.coinbase import Coinbase
 from ingestd.schema import EV_OUT_OF_ORDER, ROW_WIDTH
 from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
@@ -612,7 +613,8 @@ def test_restore_refuses_garbage_and_other_versions() -> None:
                 with_part("connection", {**conn, "expected": -1}),
                 with_part("connection", {**conn, "expected": "3"}),
                 with_part("connection", {**conn, "expected": True}),
-                with_part("connection", {**conn, "asked": {"ETH-USD": "soon"}}),
+                with_part("books", {"ETH-USD": {**parts["books"]["ETH-USD"],
+                                                "asked_ns": "soon"}}),
                 with_part("connection", {**conn, "acked": [["level2"]]}),
                 with_part("connection", {k: v for k, v in conn.items() if k != "expected"})):
         with pytest.raises(StateError):

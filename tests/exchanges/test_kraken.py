@@ -28,6 +28,7 @@ from ingestd.exchanges.base import (
     Output,
     StateError,
 )
+from ingestd.exchanges.book import SNAPSHOT_WAIT_DROPS, SNAPSHOT_WAIT_S
 from ingestd.exchanges.kraken import (
     MAX_RESYNC_ATTEMPTS,
     Kraken,
@@ -480,15 +481,26 @@ def test_unsolicited_snapshot_on_a_synced_book_is_a_resync() -> None:
     assert events(c.parse(BOOK[1], TS, 5)) == []
 
 
-def test_updates_without_snapshot_eventually_recycle_the_connection() -> None:
+def test_updates_without_snapshot_eventually_resubscribe() -> None:
+    """The shared rule (exchanges/book.py): a book still waiting for the snapshot its
+    subscription brings is resubscribed after SNAPSHOT_WAIT_DROPS dropped updates (or
+    SNAPSHOT_WAIT_S of receive time), then again with backoff - it was a reconnect after
+    1000 updates before BookSync had one rule for every venue."""
     c = codec()
-    reconnect = None
-    for i in range(2000):
+    asked = []
+    for i in range(SNAPSHOT_WAIT_DROPS):
         out = c.parse(BOOK[1], TS, i + 1)
-        if out.reconnect:
-            reconnect = out.reconnect
-            break
-    assert reconnect is not None and SYM in reconnect
+        assert out.drops == {DROP_UNSYNCED_BOOK: 1} and out.reconnect is None
+        if out.replies:
+            asked.append(i + 1)
+            assert [json.loads(r)["method"] for r in out.replies] == ["unsubscribe",
+                                                                      "subscribe"]
+    assert asked == [SNAPSHOT_WAIT_DROPS]
+    # Receive time counts too; each further attempt waits twice as long.
+    wait = int(SNAPSHOT_WAIT_S * 1e9)
+    assert c.parse(BOOK[1], TS + wait, 1000).replies
+    assert not c.parse(BOOK[1], TS + 2 * wait, 1001).replies
+    assert c.parse(BOOK[1], TS + 3 * wait, 1002).replies
 
 
 # ---- explicit state, batches ------------------------------------------------------------------
@@ -569,12 +581,13 @@ def test_restore_refuses_garbage_and_other_versions() -> None:
                 with_book(bids=[[*first_bid[:2], "1.0", first_bid[3]], *book["bids"][1:]]),
                 with_book(bids=[[first_bid[0], -1.0, first_bid[2], "-1.0"]]),
                 with_book(asks=[["abc", 1.0, "abc", "1.0"]]),
+                with_book(asked_ns="soon"), with_book(dropped=-1),
+                with_book(after_gap=1),
                 {**saved, "parts": {**parts, "checks": []}},
-                {**saved, "parts": {**parts, "checks": {**parts["checks"], "expecting": "x"}}},
                 {**saved, "parts": {**parts, "checks": {**parts["checks"],
-                                                        "failed": {SYM: -1}}}},
+                                                        "unverified": "x"}}},
                 {**saved, "parts": {**parts, "checks": {**parts["checks"],
-                                                        "unsynced": {SYM: "1"}}}}):
+                                                        "failed": {SYM: -1}}}}):
         with pytest.raises(StateError):
             codec().restore(bad)
     codec().restore(saved)  # the untouched state is fine

@@ -13,12 +13,32 @@ import pytest
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
+    DROP_BUFFER_OVERFLOW,
     DROP_DUPLICATE_TRADE,
+    DROP_STALE_BOOK,
+    DROP_UNSYNCED_BOOK,
     BadFrame,
     Codec,
     Output,
+    RestRequest,
+    StateError,
 )
-from ingestd.exchanges.book import BookSide, BookSync, Diff, Levels, TextLevels
+from ingestd.exchanges.book import (
+    AWAITING,
+    REASK_MIN_S,
+    SNAPSHOT_RETRY_MAX_S,
+    SNAPSHOT_RETRY_MIN_S,
+    SNAPSHOT_WAIT_DROPS,
+    SNAPSHOT_WAIT_MAX_FACTOR,
+    SNAPSHOT_WAIT_S,
+    SYNCED,
+    UNSYNCED,
+    BookSide,
+    BookSync,
+    Diff,
+    Levels,
+    TextLevels,
+)
 from ingestd.exchanges.trades import (
     BACKWARDS,
     DUPLICATE,
@@ -29,7 +49,7 @@ from ingestd.exchanges.trades import (
     admit_trade_id,
     trade_id,
 )
-from ingestd.schema import EV_GAP, EV_OUT_OF_ORDER
+from ingestd.schema import EV_GAP, EV_OUT_OF_ORDER, EV_RESYNC, EV_SNAPSHOT_FAILED
 
 TS = 1_800_000_000_000_000_000
 S = 1_000_000_000
@@ -323,11 +343,11 @@ class Channel:
     """A channel-snapshot venue's side of BookSync: what was resubscribed."""
 
     def __init__(self) -> None:
-        self.asked: list[str] = []
+        self.asked: list[list[str]] = []
 
-    def resubscribe(self, symbol: str, out: Output) -> None:
-        self.asked.append(symbol)
-        out.reply(f"resubscribe {symbol}")
+    def resubscribe(self, symbols: list[str], out: Output) -> None:
+        self.asked.append(symbols)
+        out.reply(f"resubscribe {' '.join(symbols)}")
 
 
 def channel_sync(**keys: Any) -> tuple[BookSync, Channel]:
@@ -403,3 +423,295 @@ def test_resync_event_default_forced_and_suppressed() -> None:
     other.break_sync("A", out, "lost", TS, 1)
     snap(other, out, 2, [(1.0, 1.0)], [], detail="after gap")
     assert [(e[5], e[6]) for e in events(out)] == [("gap", "lost"), ("resync", "after gap")]
+
+
+# ---- BookSync: REST snapshots ---------------------------------------------------------------
+def rest_sync(**keys: Any) -> BookSync:
+    return BookSync(stub(), SeqRules(), snapshot_request=lambda s: f"http://stub/depth?s={s}",
+                    **keys)
+
+
+def rest_snap(sync: BookSync, out: Output, seq: int, snapshot_id: int,
+              bids: Levels | None = None) -> int:
+    bids = bids or [(1.0, 1.0)]
+    return sync.snapshot("A", out, ts_event_ns=None, ts_recv_ns=TS + seq, recv_seq=seq,
+                         bids=bids, asks=[(2.0, 1.0)], snapshot_id=snapshot_id,
+                         update_id=snapshot_id,
+                         texts=([(str(p), str(q)) for p, q in bids], [("2.0", "1.0")])
+                         if sync.keep_text else None)
+
+
+def test_rest_diffs_buffered_then_released_with_their_own_recv_seq() -> None:
+    sync = rest_sync()
+    out = Output()
+    for seq, (first, last) in enumerate([(10, 12), (13, 15), (16, 16), (17, 20)], 1):
+        assert not sync.diff("A", diff(first, last, bids=[(1.0, float(seq))],
+                                       ts=TS + seq), out, seq)
+    # One request, at the first diff; the diffs wait, nothing is written.
+    assert [r.key for r in out.requests or []] == ["A"] and out.book is None
+    assert out.requests is not None and out.requests[0].url == "http://stub/depth?s=A"
+    assert sync.awaiting("A") and sync.buffer_bytes == 400
+    answer = Output()
+    # The snapshot (id 14) makes (10, 12) stale and is bridged by (13, 15).
+    last = rest_snap(sync, answer, 100, 14)
+    assert last == 103 and sync.synced("A") and sync.buffer_bytes == 0
+    assert answer.drops == {DROP_STALE_BOOK: 1}
+    assert [(r[0], r[1], r[2], r[4], r[5]) for r in book_rows(answer)] == [
+        (100, True, "bid", 1.0, 14), (100, True, "ask", 1.0, 14),
+        (101, False, "bid", 2.0, 15), (102, False, "bid", 3.0, 16),
+        (103, False, "bid", 4.0, 20)]
+    # Each released diff keeps its own receive time.
+    assert [r[2] for r in answer.rows("book")][2:] == [TS + 2, TS + 3, TS + 4]
+    assert events(answer) == []
+    # Streaming on: continuity, then a gap (event, a new request, the diff buffered).
+    out = Output()
+    assert sync.diff("A", diff(21), out, 104)
+    assert not sync.diff("A", diff(25), out, 105)
+    assert [(e[3], e[5], e[6]) for e in events(out)] == [(105, EV_GAP, "A: expected 22, got 25")]
+    assert [r.key for r in out.requests or []] == ["A"] and len(sync.book("A").buffer) == 1
+    again = Output()
+    assert rest_snap(sync, again, 200, 24) == 201
+    assert [(e[5], e[6]) for e in events(again)] == [(EV_RESYNC, "snapshot id 24")]
+
+
+def test_rest_snapshot_older_than_the_buffer_is_fetched_again() -> None:
+    sync = rest_sync()
+    out = Output()
+    sync.diff("A", diff(50, 52), out, 1)
+    answer = Output()
+    assert rest_snap(sync, answer, 2, 40) == 2       # 40 + 1 < 50: cannot be bridged
+    assert answer.book is None and not sync.synced("A")
+    assert answer.requests is not None and answer.requests[0].delay_s == SNAPSHOT_RETRY_MIN_S
+    assert len(sync.book("A").buffer) == 1           # still waiting for a usable one
+    assert rest_snap(sync, Output(), 3, 50) == 4 and sync.synced("A")
+
+
+def test_rest_buffer_byte_cap_is_a_gap_and_bounds_memory() -> None:
+    sync = rest_sync(max_buffer_bytes=250)
+    out = Output()
+    sync.diff("A", diff(1), out, 1)
+    sync.diff("A", diff(2), out, 2)
+    assert sync.buffer_bytes == 200
+    sync.diff("A", diff(3), out, 3)                  # 300 > 250: the buffer is forgotten
+    assert sync.buffer_bytes == 0 and sync.book("A").buffer == []
+    assert [(e[0], e[3], e[5]) for e in events(out)] == [("A", 3, EV_GAP)]
+    assert "buffer cap of 250 bytes" in events(out)[0][6]
+    assert out.drops == {DROP_BUFFER_OVERFLOW: 3}
+    assert len(out.requests or []) == 1              # the request already out still counts
+    sync.diff("A", diff(4), out, 4)
+    assert sync.buffer_bytes == 100
+    # The snapshot that comes is bridged to the diffs after the cap; it is a resync.
+    answer = Output()
+    assert rest_snap(sync, answer, 10, 3) == 11
+    assert [e[5] for e in events(answer)] == [EV_RESYNC]
+
+
+def test_rest_snapshot_failure_is_an_event_and_a_capped_backoff_retry() -> None:
+    sync = rest_sync()
+    out = Output()
+    sync.diff("A", diff(1), out, 1)
+    delays = []
+    for i in range(12):
+        failed = Output()
+        sync.snapshot_failed("A", failed, f"HTTP 503 #{i}", TS + i, 10 + i)
+        [(sym, _, ts, seq, feed, event, detail)] = failed.rows("events")
+        assert (sym, ts, seq, feed, event) == ("A", TS + i, 10 + i, "stub-feed",
+                                               EV_SNAPSHOT_FAILED)
+        assert detail == f"HTTP 503 #{i}; attempt {i + 1}, retrying"
+        [req] = failed.requests or []
+        assert req == RestRequest("A", "http://stub/depth?s=A", req.delay_s)
+        delays.append(req.delay_s)
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(delays) == delays[-1] == SNAPSHOT_RETRY_MAX_S
+    # The book syncs when an answer finally comes, with the buffered diff released.
+    answer = Output()
+    assert rest_snap(sync, answer, 50, 0) == 51 and sync.synced("A")
+    assert sync.book("A").attempts == 0
+    # A late failure for a book that is no longer waiting changes nothing.
+    late = Output()
+    sync.snapshot_failed("A", late, "late", TS, 60)
+    assert late.events is None and late.requests is None
+
+
+def test_rest_reset_forgets_books_and_buffers() -> None:
+    sync = rest_sync()
+    out = Output()
+    sync.diff("A", diff(1), out, 1)
+    rest_snap(sync, out, 2, 0)
+    sync.diff("B", diff(7), out, 3)
+    sync.reset()
+    assert sync.buffer_bytes == 0
+    assert {s: b.status for s, b in sync.books.items()} == {"A": UNSYNCED, "B": UNSYNCED}
+    again = Output()
+    assert not sync.diff("A", diff(2), again, 4) and again.requests
+
+
+# ---- BookSync: channel snapshots, expectation and escalation ------------------------------------
+def test_channel_diffs_before_a_snapshot_are_dropped_and_asked_for_once() -> None:
+    sync, ch = channel_sync(rules=SeqRules())
+    out = Output()
+    for seq in range(1, 4):
+        assert not sync.diff("A", diff(seq), out, seq)
+    assert out.drops == {DROP_UNSYNCED_BOOK: 3} and ch.asked == [["A"]]
+    assert sync.requested("A")
+    snap(sync, out, 4, [(1.0, 1.0)], [], snapshot_id=3)
+    assert sync.synced("A") and sync.diff("A", diff(4), out, 5)
+    assert not sync.requested("A")
+
+
+def test_expected_snapshot_is_awaited_without_asking_then_asked_when_late() -> None:
+    sync, ch = channel_sync(rules=SeqRules())
+    sync.reset(expect=["A", "B"])
+    assert sync.book("A").status == AWAITING and not sync.requested("A")
+    out = Output()
+    wait = int(SNAPSHOT_WAIT_S * S)
+    # The wait counts from the first diff dropped; nothing is asked before it is over.
+    assert not sync.diff("A", diff(1, ts=TS), out, 1)
+    assert not sync.diff("A", diff(2, ts=TS + wait - 1), out, 2)
+    assert ch.asked == [] and out.replies is None
+    assert not sync.diff("A", diff(3, ts=TS + wait), out, 3)
+    assert ch.asked == [["A"]] and sync.requested("A")
+    # Unanswered: asked again after the same wait, then twice, four times ... as long,
+    # up to the cap - never left waiting.
+    t, asks = TS + wait, []
+    for step in range(1, 40):
+        t += wait // 2
+        before = len(ch.asked)
+        sync.diff("A", diff(10 + step, ts=t), out, 10 + step)
+        if len(ch.asked) > before:
+            asks.append(t)
+    gaps = [(b - a) // wait for a, b in zip([TS + wait, *asks], asks, strict=False)]
+    assert gaps[:4] == [1, 2, 4, 8] and set(gaps[4:]) <= {SNAPSHOT_WAIT_MAX_FACTOR}
+    assert all(r == "resubscribe A" for r in out.replies or [])
+    # B never had a diff: still waiting, never asked.
+    assert sync.book("B").status == AWAITING and sync.book("B").asked_ns is None
+
+
+def test_escalation_counts_dropped_diffs_too() -> None:
+    sync, ch = channel_sync()
+    sync.expect_snapshot("A")
+    out = Output()
+    for seq in range(SNAPSHOT_WAIT_DROPS):
+        sync.diff("A", level_diff([(1.0, 1.0)], []), out, seq)   # all at one receive time
+    assert ch.asked == [["A"]]
+    assert out.drops == {DROP_UNSYNCED_BOOK: SNAPSHOT_WAIT_DROPS}
+    snap(sync, out, 1000, [(1.0, 1.0)], [])
+    assert sync.synced("A") and sync.book("A").dropped == 0 and sync.book("A").attempts == 0
+
+
+def test_break_many_asks_once_for_all_and_not_again_too_soon() -> None:
+    sync, ch = channel_sync(rules=SeqRules())
+    out = Output()
+    for sym in ("A", "B", "C"):
+        sync.snapshot(sym, out, ts_event_ns=None, ts_recv_ns=TS, recv_seq=1, bids=[],
+                      asks=[], snapshot_id=0, update_id=0)
+    out = Output()
+    sync.break_many(["A", "B"], out, "lost a frame", TS, 2)
+    assert ch.asked == [["A", "B"]] and out.replies == ["resubscribe A B"]
+    assert [(e[0], e[5], e[6]) for e in events(out)] == [("A", EV_GAP, "lost a frame"),
+                                                         ("B", EV_GAP, "lost a frame")]
+    # Another break within REASK_MIN_S: the answer is on its way (C is synced: asked).
+    soon = TS + int(REASK_MIN_S * S) - 1
+    out = Output()
+    sync.break_many(["A", "B", "C"], out, "", soon, 3, event=False)
+    assert ch.asked[-1] == ["C"] and out.events is None
+    later = Output()
+    sync.break_many(["A"], later, "", TS + int(REASK_MIN_S * S), 4, event=False)
+    assert ch.asked[-1] == ["A"]
+    # The snapshot after a gap is a resync even for a book never synced before.
+    fresh, _ = channel_sync()
+    out = Output()
+    fresh.break_many(["A"], out, "x", TS, 1)
+    snap(fresh, out, 2, [], [])
+    assert [e[5] for e in events(out)] == [EV_GAP, EV_RESYNC]
+
+
+# ---- BookSync: state ---------------------------------------------------------------------------
+def test_book_sync_state_round_trips_mid_resync() -> None:
+    sync = rest_sync(keep_text=True)
+    out = Output()
+    texts = ([("1.0", "2.5")], [])
+    sync.diff("A", Diff(1, 1, -1, 1, 7, TS, [(1.0, 2.5)], [], 120, texts), out, 1)
+    sync.diff("B", diff(1, bids=[(1.0, 1.0)], texts=([("1.0", "1.0")], [])), out, 2)
+    rest_snap(sync, out, 3, 0)
+    saved = json_round_trip(sync.state())
+    assert saved["B"]["status"] == AWAITING and saved["A"]["status"] == SYNCED
+    fresh = rest_sync(keep_text=True)
+    fresh.restore(saved)
+    assert json_round_trip(fresh.state()) == saved and fresh.buffer_bytes == 100
+    # Both continue identically: A applies its next diff, B's buffer is bridged.
+    for s in (sync, fresh):
+        o = Output()
+        assert s.diff("A", diff(2, bids=[(1.0, 0.0)]), o, 10)
+        s.snapshot("B", o, ts_event_ns=None, ts_recv_ns=TS, recv_seq=11, bids=[], asks=[],
+                   snapshot_id=0, update_id=0, texts=([], []))
+        assert book_rows(o) == [(10, False, "bid", 1.0, 0.0, 2),
+                                (12, False, "bid", 1.0, 1.0, 1)]
+    channel, _ = channel_sync(keep_text=True, depth=5)
+    channel.reset(expect=["A"])
+    channel.diff("A", level_diff([], [(3.0, 1.0)], ts=TS), Output(), 1)
+    saved = json_round_trip(channel.state())
+    assert saved["A"]["asked_ns"] == TS and saved["A"]["dropped"] == 1
+    again, _ = channel_sync(keep_text=True, depth=5)
+    again.restore(saved)
+    assert json_round_trip(again.state()) == saved
+
+
+def _book_state() -> dict[str, Any]:
+    sync = rest_sync(keep_text=True)
+    out = Output()
+    sync.diff("A", Diff(1, 1, -1, 1, 7, TS, [(1.0, 2.5)], [], 120,
+                        ([("1.0", "2.5")], [])), out, 1)
+    sync.snapshot("B", out, ts_event_ns=None, ts_recv_ns=TS, recv_seq=2,
+                  bids=[(5.0, 1.0)], asks=[(6.0, 1.0)], snapshot_id=3, update_id=3,
+                  texts=([("5", "1")], [("6", "1")]))
+    state: dict[str, Any] = json_round_trip(sync.state())
+    return state
+
+
+def _in_place(change: Any) -> Any:
+    """A spoiler that changes the state in place and returns it."""
+    def spoil(state: dict[str, Any]) -> dict[str, Any]:
+        change(state)
+        return state
+    return spoil
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda s: None, lambda s: [], lambda s: {"A": []},
+    _in_place(lambda s: s["A"].update(status=7)),
+    _in_place(lambda s: s["A"].update(status="1")),
+    _in_place(lambda s: s["A"].update(last_id=1.5)),
+    _in_place(lambda s: s["A"].update(just_synced=0)),
+    _in_place(lambda s: s["A"].update(attempts=-1)),
+    _in_place(lambda s: s["A"].update(asked_ns="soon")),
+    _in_place(lambda s: s["A"].update(dropped=None)),
+    _in_place(lambda s: s["A"].update(after_gap="yes")),
+    _in_place(lambda s: s["A"].pop("buffer")),
+    _in_place(lambda s: s["A"].update(buffer={})),
+    _in_place(lambda s: s["A"]["buffer"][0].pop()),
+    _in_place(lambda s: s["A"]["buffer"][0].__setitem__(0, "1")),
+    _in_place(lambda s: s["A"]["buffer"][0].__setitem__(6, [[1.0, -1.0]])),
+    _in_place(lambda s: s["A"]["buffer"][0].__setitem__(9, [[["1.0", "9"]], []])),
+    _in_place(lambda s: s["B"].pop("bids")),
+    _in_place(lambda s: s["B"]["bids"][0].pop()),
+    _in_place(lambda s: s["B"].update(asks=[[6.0, 1.0, "6", "1"], [6.0, 2.0, "6", "2"]])),
+    _in_place(lambda s: s["B"].update(asks=[[6.0, 1.0, "6.5", "1"]])),
+])
+def test_book_sync_restore_refuses_garbage(spoil: Any) -> None:
+    rest_sync(keep_text=True).restore(_book_state())   # unspoiled: fine
+    sync = rest_sync(keep_text=True)
+    with pytest.raises((BadFrame, KeyError, TypeError, ValueError, IndexError)):
+        sync.restore(spoil(_book_state()))
+    assert sync.books == {}
+
+
+def test_codec_restore_turns_bad_book_state_into_state_error() -> None:
+    c = stub()
+    c.books = c.stateful("books", BookSync(c, None, resubscribe=lambda s, o: None))
+    saved = json_round_trip(c.state())
+    c.restore(saved)
+    with pytest.raises(StateError):
+        c.restore({**saved, "parts": {"books": {"A": {"status": 9}}}})
+    with pytest.raises(StateError):
+        c.restore({**saved, "parts": {"books": "x"}})

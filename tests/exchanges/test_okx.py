@@ -649,8 +649,8 @@ def _in_place(change: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, An
     _in_place(lambda s: _books_part(s)["bids"][0].__delitem__(slice(2, None))),  # no text
     _in_place(lambda s: s["parts"]["trades"]["ints"].update({"BTC-USDT": [[9, 1], [10, 2]]})),
     _in_place(lambda s: s["parts"].update(trades=[1, 2])),
-    _in_place(lambda s: s["parts"].update(expecting="BTC-USDT")),
-    _in_place(lambda s: s["parts"].update(expecting=[1])),
+    _in_place(lambda s: _books_part(s).update(asked_ns="soon")),
+    _in_place(lambda s: _books_part(s).update(dropped=-1)),
 ])
 def test_restore_rejects_garbage_and_other_versions(spoil: Any) -> None:
     codec().restore(_state_of_a_busy_codec())  # unspoiled: fine

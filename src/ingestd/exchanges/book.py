@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -44,8 +44,20 @@ from ingestd.schema import EV_SNAPSHOT_FAILED
 Levels = list[tuple[float, float]]
 TextLevels = list[tuple[str, str]]
 
+# REST snapshots: a failed request is retried after 0.5 s, doubling up to 30 s.
 SNAPSHOT_RETRY_MIN_S: Final = 0.5
 SNAPSHOT_RETRY_MAX_S: Final = 30.0
+# Channel snapshots: a book still waiting SNAPSHOT_WAIT_S of receive time after asking
+# (or after the first diff dropped while waiting for the snapshot its subscription
+# brings), or after SNAPSHOT_WAIT_DROPS dropped diffs, asks again; each further attempt
+# doubles both, up to SNAPSHOT_WAIT_MAX_FACTOR times. A book is never left waiting.
+SNAPSHOT_WAIT_S: Final = 5.0
+SNAPSHOT_WAIT_DROPS: Final = 500
+SNAPSHOT_WAIT_MAX_FACTOR: Final = 8
+# A book whose snapshot was asked for less than this long ago is not asked again when
+# its continuity breaks once more (the answer is on its way).
+REASK_MIN_S: Final = 1.0
+_NS: Final = 1_000_000_000
 # Diffs buffered while snapshots are pending, per feed (all symbols), in frame bytes.
 MAX_BUFFER_BYTES: Final = 32 * 1024 * 1024
 
@@ -301,6 +313,8 @@ class SymbolBook:
     attempts: int = 0           # snapshot requests since the last success
     buffer: list[Diff] = field(default_factory=list)
     after_gap: bool = False     # a gap since the last snapshot: the next one is a resync
+    asked_ns: int | None = None  # ts_recv when the current wait for a snapshot started
+    dropped: int = 0            # diffs dropped during the current wait (channel)
     bids: BookSide | None = None
     asks: BookSide | None = None
 
@@ -309,7 +323,8 @@ class SymbolBook:
                              "just_synced": self.just_synced,
                              "ever_synced": self.ever_synced, "attempts": self.attempts,
                              "buffer": [d.to_state() for d in self.buffer],
-                             "after_gap": self.after_gap}
+                             "after_gap": self.after_gap, "asked_ns": self.asked_ns,
+                             "dropped": self.dropped}
         if self.bids is not None and self.asks is not None:
             s["bids"] = self.bids.state()
             s["asks"] = self.asks.state()
@@ -329,7 +344,9 @@ class SymbolBook:
             raise BadFrame("book buffer is not a list")
         b = cls(status, _int(s["last_id"], "last id"), _bool(s["just_synced"], "just_synced"),
                 _bool(s["ever_synced"], "ever_synced"), _int(s["attempts"], "attempts", 0),
-                [Diff.from_state(d) for d in buffer], _bool(s["after_gap"], "after_gap"))
+                [Diff.from_state(d) for d in buffer], _bool(s["after_gap"], "after_gap"),
+                None if s["asked_ns"] is None else _int(s["asked_ns"], "asked_ns", 0),
+                _int(s["dropped"], "dropped", 0))
         if sides:
             b.bids, b.asks = BookSide(True), BookSide(False)
             b.bids.restore(s["bids"], texts=texts)
@@ -343,9 +360,13 @@ class BookSync:
     """Every symbol's book of one feed.
 
     How a snapshot is asked for: `snapshot_request(symbol)` builds the URL of a REST
-    snapshot (REST venues), or `resubscribe(symbol, out)` asks the venue for a fresh one
-    on the channel (channel venues). `rules`: the venue's continuity rules (None: the
-    venue has no ids; only a snapshot starts a book).
+    snapshot (REST venues; retried with backoff when it fails), or
+    `resubscribe(symbols, out)` asks the venue for fresh ones on the channel, once for
+    every book broken together (channel venues; asked again while none comes, see
+    SNAPSHOT_WAIT_S). After a (re)connect the subscription itself brings a channel
+    venue's snapshots: `reset(expect=...)` / `expect_snapshot` make those books wait for
+    them without asking. `rules`: the venue's continuity rules (None: the venue has no
+    ids; only a snapshot starts a book).
 
     What is kept: `keep_levels` keeps sorted sides; `keep_text` with every level's text
     as sent (checksums; implies `keep_levels`); `depth` (with kept levels) truncates each
@@ -357,10 +378,12 @@ class BookSync:
 
     def __init__(self, codec: Codec, rules: Rules | None, *,
                  snapshot_request: Callable[[str], str] | None = None,
-                 resubscribe: Callable[[str, Output], None] | None = None,
+                 resubscribe: Callable[[list[str], Output], None] | None = None,
                  keep_levels: bool = False, keep_text: bool = False,
                  depth: int | None = None, rows: bool = True,
-                 max_buffer_bytes: int = MAX_BUFFER_BYTES) -> None:
+                 max_buffer_bytes: int = MAX_BUFFER_BYTES,
+                 wait_s: float = SNAPSHOT_WAIT_S,
+                 wait_drops: int = SNAPSHOT_WAIT_DROPS) -> None:
         if (snapshot_request is None) == (resubscribe is None):
             raise ValueError("a book is synced either from REST or from its channel")
         if (depth is not None and not (keep_levels or keep_text)) or depth == 0:
@@ -374,6 +397,8 @@ class BookSync:
         self.depth = depth
         self.rows = rows
         self.max_buffer_bytes = max_buffer_bytes
+        self.wait_ns = int(wait_s * _NS)
+        self.wait_drops = wait_drops
         self.books: dict[str, SymbolBook] = {}
         self.buffer_bytes = 0
 
@@ -390,45 +415,84 @@ class BookSync:
         return b is not None and b.status == SYNCED
 
     # ---- connection lifecycle ---------------------------------------------------------
-    def reset(self) -> None:
-        """A new connection: every book must be rebuilt from a fresh snapshot."""
+    def reset(self, expect: Iterable[str] = ()) -> None:
+        """A new connection: every book must be rebuilt from a fresh snapshot; those of
+        `expect` come with the new subscriptions (see `expect_snapshot`)."""
         for b in self.books.values():
             b.status = UNSYNCED
             b.attempts = 0
             b.after_gap = False
+            b.asked_ns = None
+            b.dropped = 0
             b.buffer.clear()
             if b.bids is not None and b.asks is not None:
                 b.bids.clear()
                 b.asks.clear()
         self.buffer_bytes = 0
+        for symbol in expect:
+            self.expect_snapshot(symbol)
 
-    # ---- resync -----------------------------------------------------------------------
-    def request_snapshot(self, symbol: str, out: Output) -> None:
-        """Ask for a snapshot (REST with backoff after failures, or a resubscribe)."""
+    def expect_snapshot(self, symbol: str) -> None:
+        """The venue is about to send this book's snapshot unasked (a channel venue's
+        (re)subscription brings it): wait for it - its diffs are dropped meanwhile - and
+        ask only if it does not come (SNAPSHOT_WAIT_S)."""
         b = self.book(symbol)
         b.status = AWAITING
-        if self.snapshot_url is not None:
-            delay = 0.0
-            if b.attempts:
-                delay = min(SNAPSHOT_RETRY_MAX_S, SNAPSHOT_RETRY_MIN_S * 2 ** (b.attempts - 1))
+        b.attempts = 0
+        b.asked_ns = None
+        b.dropped = 0
+
+    # ---- resync -----------------------------------------------------------------------
+    def request_snapshot(self, symbol: str, out: Output, ts_recv_ns: int) -> None:
+        """Ask for a snapshot (REST with backoff after failures, or a resubscribe)."""
+        self._request((symbol,), out, ts_recv_ns)
+
+    def _request(self, symbols: Sequence[str], out: Output, ts_recv_ns: int) -> None:
+        if not symbols:
+            return
+        url = self.snapshot_url
+        for symbol in symbols:
+            b = self.book(symbol)
+            b.status = AWAITING
+            b.asked_ns = ts_recv_ns
+            b.dropped = 0
+            if url is not None:
+                delay = 0.0
+                if b.attempts:
+                    delay = min(SNAPSHOT_RETRY_MAX_S,
+                                SNAPSHOT_RETRY_MIN_S * 2 ** min(b.attempts - 1, 16))
+                out.request(RestRequest(symbol, url(symbol), delay))
             b.attempts += 1
-            out.request(RestRequest(symbol, self.snapshot_url(symbol), delay))
-        elif self.resubscribe is not None:
-            b.attempts += 1
-            self.resubscribe(symbol, out)
+        if self.resubscribe is not None:
+            self.resubscribe(list(symbols), out)
 
     def break_sync(self, symbol: str, out: Output, detail: str, ts_recv_ns: int,
                    recv_seq: int, *, event: bool = True) -> None:
         """Continuity is lost: a `gap` event, the book is unsynced and a snapshot asked."""
-        b = self.book(symbol)
-        if event:
-            self.codec.gap(out, symbol, ts_recv_ns, recv_seq, detail)
-        b.after_gap = True
-        self._drop_buffer(b)
-        if b.bids is not None and b.asks is not None:
-            b.bids.clear()
-            b.asks.clear()
-        self.request_snapshot(symbol, out)
+        self.break_many((symbol,), out, detail, ts_recv_ns, recv_seq, event=event)
+
+    def break_many(self, symbols: Iterable[str], out: Output, detail: str, ts_recv_ns: int,
+                   recv_seq: int, *, event: bool = True) -> None:
+        """`break_sync` for several books at once (a lost message that may have been any
+        of theirs), with one resubscribe for all of them. A book whose snapshot was asked
+        for less than REASK_MIN_S ago is not asked again. `event=False`: the codec wrote
+        the gap event itself (e.g. one for the whole feed)."""
+        ask = []
+        for symbol in symbols:
+            b = self.book(symbol)
+            if event:
+                self.codec.gap(out, symbol, ts_recv_ns, recv_seq, detail)
+            b.after_gap = True
+            self._drop_buffer(b)
+            if b.bids is not None and b.asks is not None:
+                b.bids.clear()
+                b.asks.clear()
+            if (b.status == AWAITING and b.asked_ns is not None
+                    and ts_recv_ns - b.asked_ns < REASK_MIN_S * _NS):
+                continue
+            b.status = UNSYNCED
+            ask.append(symbol)
+        self._request(ask, out, ts_recv_ns)
 
     def snapshot_failed(self, symbol: str, out: Output, reason: str, ts_recv_ns: int,
                         recv_seq: int) -> None:
@@ -438,7 +502,12 @@ class BookSync:
             return
         self.codec.ev(out, EV_SNAPSHOT_FAILED, ts_recv_ns, recv_seq, symbol,
                       f"{reason}; attempt {b.attempts}, retrying")
-        self.request_snapshot(symbol, out)
+        self._request((symbol,), out, ts_recv_ns)
+
+    def requested(self, symbol: str) -> bool:
+        """Waiting for a snapshot this codec asked for (not one a subscription brings)."""
+        b = self.books.get(symbol)
+        return b is not None and b.status == AWAITING and b.attempts > 0
 
     def awaiting(self, symbol: str) -> bool:
         b = self.books.get(symbol)
@@ -474,7 +543,9 @@ class BookSync:
         if self.snapshot_url is None:
             out.drop(DROP_UNSYNCED_BOOK)
             if b.status == UNSYNCED:
-                self.request_snapshot(symbol, out)
+                self._request((symbol,), out, diff.ts_recv_ns)
+            else:
+                self._wait(symbol, b, out, diff.ts_recv_ns)
             return
         if self.buffer_bytes + diff.nbytes > self.max_buffer_bytes:
             # Bounded memory: forget this symbol's buffer; the snapshot that comes will be
@@ -486,12 +557,25 @@ class BookSync:
             out.drop(DROP_BUFFER_OVERFLOW, len(b.buffer) + 1)
             self._drop_buffer(b)
             if b.status == UNSYNCED:
-                self.request_snapshot(symbol, out)
+                self._request((symbol,), out, diff.ts_recv_ns)
             return
         b.buffer.append(diff)
         self.buffer_bytes += diff.nbytes
         if b.status == UNSYNCED:
-            self.request_snapshot(symbol, out)
+            self._request((symbol,), out, diff.ts_recv_ns)
+
+    def _wait(self, symbol: str, b: SymbolBook, out: Output, ts_recv_ns: int) -> None:
+        """A diff dropped while the channel snapshot is awaited: ask again if it is late
+        (SNAPSHOT_WAIT_S or SNAPSHOT_WAIT_DROPS, doubling with every attempt)."""
+        b.dropped += 1
+        since = b.asked_ns
+        if since is None:  # the snapshot a subscription brings: wait from the first drop
+            b.asked_ns = ts_recv_ns
+            return
+        factor = min(1 << min(max(b.attempts - 1, 0), 16), SNAPSHOT_WAIT_MAX_FACTOR)
+        if (ts_recv_ns - since >= self.wait_ns * factor
+                or b.dropped >= self.wait_drops * factor):
+            self._request((symbol,), out, ts_recv_ns)
 
     def _drop_buffer(self, b: SymbolBook) -> None:
         self.buffer_bytes -= sum(d.nbytes for d in b.buffer)
@@ -550,12 +634,14 @@ class BookSync:
         if (rules is not None and snapshot_id is not None and b.buffer
                 and rules.too_old(snapshot_id, b.buffer[0])):
             # Older than the first buffered diff: it cannot be bridged. Fetch again.
-            self.request_snapshot(symbol, out)
+            self._request((symbol,), out, ts_recv_ns)
             return recv_seq
         buffered = b.buffer
         b.buffer = []
         self.buffer_bytes -= sum(d.nbytes for d in buffered)
         b.attempts = 0
+        b.asked_ns = None
+        b.dropped = 0
         if b.bids is not None and b.asks is not None:
             b.bids.load(bids, None if texts is None else texts[0])
             b.asks.load(asks, None if texts is None else texts[1])

@@ -40,10 +40,10 @@ means the venue reset the book (`resync`). On a break: a `gap` event (expected/r
 are dropped (counted, `book_not_synced`) until the new snapshot, which is followed by a
 `resync` event (as is the first snapshot after a reconnect, for a topic that was synced).
 `update_id` = `u`; `ts_event` = `cts` (matching engine time) if present, else `ts`.
-Safety nets: `RESUBSCRIBE_AFTER_DROPS` deltas without a snapshot resubscribe again, and as
-many consecutive already-applied `u` (ids that went back without `u = 1`) count as a gap.
 A delta before the first snapshot of a connection's subscription does not resubscribe (the
-subscription brings the snapshot).
+subscription brings the snapshot; if none comes, the shared rule of `BookSync` asks again:
+exchanges/book.py, SNAPSHOT_WAIT_S). Safety net: `STALE_RUN_GAP` consecutive
+already-applied `u` (ids that went back without `u = 1`) count as a gap.
 
 Connections: `on_connect` forgets every book (a new connection's subscriptions start with
 snapshots); `on_rotate` (make-before-break) keeps them, since `u` is the venue's per-topic
@@ -84,10 +84,8 @@ from ingestd.exchanges.book import BookSync, Diff, Levels
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN
 
-# Deltas dropped while waiting for a snapshot before the topic is resubscribed again
-# (the first resubscription was lost or not honoured); as many consecutive already-applied
-# deltas are a gap.
-RESUBSCRIBE_AFTER_DROPS: Final = 500
+# Consecutive already-applied deltas (u went back without u = 1) that are a gap.
+STALE_RUN_GAP: Final = 500
 # Bybit: the `args` of one connection may hold at most 21,000 characters.
 MAX_ARGS_CHARS: Final = 21_000
 # Requests remembered until acknowledged (to name the topics of an ack or a refusal).
@@ -219,29 +217,21 @@ class _Topics:
     """What Bybit's rules need beside the shared sync, per orderbook topic."""
 
     def __init__(self) -> None:
-        # Subscribed on this connection, its snapshot not received yet: a delta does not
-        # resubscribe (the subscription brings the snapshot).
-        self.expecting: set[str] = set()
         self.rotating: set[str] = set()       # a make-before-break overlap may arrive
         self.reasons: dict[str, str] = {}     # why the next snapshot is a resync
-        self.unsynced: dict[str, int] = {}    # deltas dropped waiting for a snapshot
         self.stale: dict[str, int] = {}       # consecutive already-applied deltas
 
     def state(self) -> dict[str, Any]:
-        return {"expecting": sorted(self.expecting), "rotating": sorted(self.rotating),
-                "reasons": dict(self.reasons), "unsynced": dict(self.unsynced),
+        return {"rotating": sorted(self.rotating), "reasons": dict(self.reasons),
                 "stale": dict(self.stale)}
 
     def restore(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise BadFrame("topics state is not an object")
-        expecting = set(_strs(state["expecting"], "expecting"))
         rotating = set(_strs(state["rotating"], "rotating"))
         reasons = _str_map(state["reasons"], "reasons", str)
-        unsynced = _str_map(state["unsynced"], "unsynced", int)
         stale = _str_map(state["stale"], "stale", int)
-        self.expecting, self.rotating, self.reasons = expecting, rotating, reasons
-        self.unsynced, self.stale = unsynced, stale
+        self.rotating, self.reasons, self.stale = rotating, reasons, stale
 
 
 class _Requests:
@@ -316,14 +306,14 @@ class BybitSpot(Codec):
             for sync, channel in ((self.bbo_sync, "quotes"), (self.book_sync, "book")):
                 if channel in self.channels:
                     self._books[self._topic(sync, sym)] = (sync, sym)
-        self.topics.expecting = set(self._books)
+        self._expect_snapshots()
 
     def _sync(self, depth: int, *, keep_levels: bool = False, rows: bool = True) -> BookSync:
         """The shared sync of one orderbook depth: channel snapshots, `u` continuity
         (kept levels are truncated to the depth)."""
-        return BookSync(self, BybitRules(depth), resubscribe=lambda sym, out: (
-            self._resubscribe(book_topic(depth, sym), out)), keep_levels=keep_levels,
-            depth=depth if keep_levels else None, rows=rows)
+        return BookSync(self, BybitRules(depth), resubscribe=lambda syms, out: (
+            self._resubscribe([book_topic(depth, s) for s in syms], out)),
+            keep_levels=keep_levels, depth=depth if keep_levels else None, rows=rows)
 
     @staticmethod
     def _topic(sync: BookSync, symbol: str) -> str:
@@ -368,16 +358,18 @@ class BybitSpot(Codec):
     # ---- connection ------------------------------------------------------------------------
     def on_connect(self) -> None:
         # Subscriptions do not survive a connection: every topic starts from a snapshot.
-        self.book_sync.reset()
-        self.bbo_sync.reset()
+        self._expect_snapshots()
         t = self.topics
-        t.expecting = set(self._books)
         t.rotating.clear()
-        t.unsynced.clear()
         t.stale.clear()
         # Written only for a topic that was synced before (BookSync's rule).
         t.reasons = dict.fromkeys(self._books, "new connection")
         self.requests.pending.clear()
+
+    def _expect_snapshots(self) -> None:
+        """Every subscribed topic's snapshot comes with the (new) subscription."""
+        for sync in (self.book_sync, self.bbo_sync):
+            sync.reset(expect=[sym for s, sym in self._books.values() if s is sync])
 
     def on_rotate(self) -> None:
         # The new connection subscribed the same topics and `u` is the venue's per-topic
@@ -396,12 +388,10 @@ class BybitSpot(Codec):
     def keepalive_message(self) -> str | None:
         return PING
 
-    def _resubscribe(self, topic: str, out: Output) -> None:
-        """Ask for a fresh snapshot of `topic` (BookSync's `resubscribe`)."""
-        if topic in self.topics.expecting:
-            return  # this connection's subscription brings the snapshot
-        out.reply(self.requests.new("unsubscribe", (topic,)))
-        out.reply(self.requests.new("subscribe", (topic,)))
+    def _resubscribe(self, topics: list[str], out: Output) -> None:
+        """Ask for fresh snapshots of these topics (BookSync's `resubscribe`)."""
+        out.reply(self.requests.new("unsubscribe", topics))
+        out.reply(self.requests.new("subscribe", topics))
 
     # ---- frames ----------------------------------------------------------------------------
     def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
@@ -537,8 +527,6 @@ class BybitSpot(Codec):
                 else:
                     quiet = True  # orderbook.1 resends its snapshot: a new best bid/ask
             reason = topics.reasons.pop(topic, "resubscribed")
-            topics.expecting.discard(topic)
-            topics.unsynced.pop(topic, None)
             topics.stale.pop(topic, None)
             sync.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
                           recv_seq=recv_seq, bids=bids, asks=asks, snapshot_id=u, update_id=u,
@@ -548,12 +536,11 @@ class BybitSpot(Codec):
             diff = Diff(u, u, -1, u, ts_event, ts_recv_ns, bids, asks)
             if not sync.diff(sym, diff, out, recv_seq):
                 if not synced:
-                    self._unsynced(topic, out)
-                elif sync.synced(sym):
+                    return  # dropped until the snapshot (BookSync asks again if late)
+                if sync.synced(sym):
                     self._stale(sync, topic, sym, u, last, ts_recv_ns, recv_seq, out)
                 else:  # a gap: BookSync wrote it and resubscribed
                     topics.reasons[topic] = f"after gap at u={u}"
-                    topics.unsynced.pop(topic, None)
                     topics.stale.pop(topic, None)
                 return
             topics.stale.pop(topic, None)
@@ -571,30 +558,17 @@ class BybitSpot(Codec):
                                bid[0] if bid else None, bid[1] if bid else None,
                                ask[0] if ask else None, ask[1] if ask else None)
 
-    def _unsynced(self, topic: str, out: Output) -> None:
-        """A delta dropped waiting for a snapshot; too many: resubscribe again."""
-        topics = self.topics
-        n = topics.unsynced.get(topic, 0) + 1
-        if n < RESUBSCRIBE_AFTER_DROPS:
-            topics.unsynced[topic] = n
-            return
-        topics.unsynced.pop(topic, None)
-        topics.expecting.discard(topic)
-        self._resubscribe(topic, out)
-
     def _stale(self, sync: BookSync, topic: str, sym: str, u: int, last: int,
                ts_recv_ns: int, recv_seq: int, out: Output) -> None:
         """Already applied (a repeat, or a rotation's overlap: dropped, counted); endless
         repeats mean the venue's ids went back without `u = 1`: resynchronise."""
         topics = self.topics
         n = topics.stale.get(topic, 0) + 1
-        if n < RESUBSCRIBE_AFTER_DROPS:
+        if n < STALE_RUN_GAP:
             topics.stale[topic] = n
             return
         topics.stale.pop(topic, None)
-        topics.unsynced.pop(topic, None)
         topics.rotating.discard(topic)
-        topics.expecting.discard(topic)
         topics.reasons[topic] = "after u went back"
         sync.break_sync(sym, out, f"{topic}: u went back (received u={u} after u={last})",
                         ts_recv_ns, recv_seq)

@@ -25,13 +25,12 @@ What the recorded data (shared fixtures, 2026-08-09, BTC-USD and ETH-USD) shows:
   an `l2_data` update of any product, so every book of the feed is resynced (except one
   the frame with the jump itself snapshots): Coinbase has no REST book snapshot for this
   feed, so the codec sends one `unsubscribe` + `subscribe` pair for `level2` with those
-  products (`BookSync`'s `resubscribe`; a book already waiting for a snapshot is asked
-  again at most once per `RESUBSCRIBE_MIN_INTERVAL_S` of receive time) and `BookSync`
-  drops that book's updates (counted as `book_not_synced`) until the new `l2_data`
-  snapshot, which is written as a snapshot block followed by a `resync` event. Updates
-  before the first snapshot of a connection wait for the connect-time subscription's
-  snapshot; if none came `RESYNC_TIMEOUT_S` after the first dropped update (or after our
-  last re-subscription), `level2` is re-subscribed again. A frame whose `sequence_num`
+  products (`BookSync.break_many`; a book whose snapshot was asked for less than
+  `REASK_MIN_S` ago is not asked again) and `BookSync` drops that book's updates (counted
+  as `book_not_synced`) until the new `l2_data` snapshot, which is written as a snapshot
+  block followed by a `resync` event. Updates before the first snapshot of a connection
+  wait for the connect-time subscription's snapshot; if none comes, the shared rule of
+  `BookSync` re-subscribes (exchanges/book.py, SNAPSHOT_WAIT_S). A frame whose `sequence_num`
   goes back is a `gap` event too; its book and quote content is dropped as stale
   (`stale_book_update`, `out_of_order_frame`), its trades go through de-duplication.
 - **Trade ids are per-product integers, consecutive and increasing** (147 BTC-USD ids and
@@ -58,9 +57,9 @@ snapshots. Trade ids are kept, so the replayed trade snapshots are de-duplicated
 
 State (`state()` / `restore()`): trade ids (`trades`), every book's sync position
 (`books`; no levels are kept: Coinbase has no checksum and no depth truncation, and
-quotes come from `ticker`), and the per-connection bookkeeping (`connection`: the next
-expected `sequence_num`, when each book was last asked for a snapshot, the subscriptions
-acknowledged so far), so a journal replay continues a connection exactly.
+quotes come from `ticker`; what each waits for), and the per-connection bookkeeping
+(`connection`: the next expected `sequence_num`, the subscriptions acknowledged so far),
+so a journal replay continues a connection exactly.
 
 Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
 (the base rejects the frame); change any state, count a drop or queue a reply before a
@@ -87,7 +86,7 @@ from ingestd.exchanges.base import (
     iso_to_ns,
     price,
 )
-from ingestd.exchanges.book import AWAITING, BookSync, Diff, Levels
+from ingestd.exchanges.book import BookSync, Diff, Levels
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import ASK, BID, BUY, SELL, UNKNOWN
 
@@ -97,12 +96,9 @@ HEARTBEATS: Final = "heartbeats"
 # Drop reason for quotes of a frame whose sequence_num went back.
 DROP_OUT_OF_ORDER: Final = "out_of_order_frame"
 
-RESUBSCRIBE_MIN_INTERVAL_S: Final = 1.0  # a waiting book is asked again at most once a second
-RESYNC_TIMEOUT_S: Final = 5.0            # no snapshot this long after asking: ask again
 # BTC-USD's full level2 snapshot is ~5 MB (the recorded ETH-USD one 2.5 MB).
 MIN_BOOK_FRAME_BYTES: Final = 8 * 1024 * 1024
 
-_NS: Final = 1_000_000_000
 _PRODUCT_ID: Final = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
 _TAKER_SIDE: Final = {"SELL": BUY, "BUY": SELL}   # the venue's side is the maker's
 _BOOK_SIDE: Final = {"bid": BID, "offer": ASK, "ask": ASK}
@@ -247,39 +243,31 @@ def _runs(updates: list[_Level]) -> list[_Run]:
 
 # ---- per-connection bookkeeping ---------------------------------------------------------------
 class _Connection:
-    """What one connection has established: the next `sequence_num`, when each book was
-    last asked for a snapshot (absent: only the connect-time subscription, or none since
-    its last snapshot), and the (channel, product) subscriptions acknowledged."""
+    """What one connection has established: the next `sequence_num` and the (channel,
+    product) subscriptions acknowledged."""
 
     def __init__(self) -> None:
         self.expected = 0
-        self.asked: dict[str, int] = {}
         self.acked: frozenset[tuple[str, str]] = frozenset()
 
     def reset(self) -> None:
         self.expected = 0
-        self.asked = {}
         self.acked = frozenset()
 
     def state(self) -> dict[str, Any]:
-        return {"expected": self.expected, "asked": dict(self.asked),
-                "acked": sorted([ch, p] for ch, p in self.acked)}
+        return {"expected": self.expected, "acked": sorted([ch, p] for ch, p in self.acked)}
 
     def restore(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise BadFrame("connection state is not an object")
-        expected, asked, acked = state["expected"], state["asked"], state["acked"]
+        expected, acked = state["expected"], state["acked"]
         if type(expected) is not int or expected < 0:
             raise BadFrame(f"expected sequence_num {expected!r}")
-        if not isinstance(asked, dict) or not all(
-                isinstance(k, str) and type(v) is int and v >= 0 for k, v in asked.items()):
-            raise BadFrame("asked is not an object of receive times")
         if not isinstance(acked, list) or not all(
                 isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
                 for p in acked):
             raise BadFrame("acked is not a list of [channel, product]")
         self.expected = expected
-        self.asked = dict(asked)
         self.acked = frozenset((ch, p) for ch, p in acked)
 
 
@@ -310,10 +298,8 @@ class Coinbase(Codec):
         self.books = self.stateful("books", BookSync(self, None,
                                                      resubscribe=self._resubscribe))
         self.conn = self.stateful("connection", _Connection())
-        # Per frame: its receive time (for `_resubscribe`) and the books to re-subscribe.
-        self._now = 0
-        self._resub: list[str] = []
-        self._expect_snapshots()
+        # Every book waits for the snapshot its connect-time subscription brings.
+        self.books.reset(expect=self._book_symbols)
 
     # ---- config --------------------------------------------------------------------------
     @classmethod
@@ -333,14 +319,7 @@ class Coinbase(Codec):
         # sequence_num restarts at 0 on every connection; every book needs a new snapshot,
         # which the connect-time `level2` subscription brings.
         self.conn.reset()
-        self.books.reset()
-        self._expect_snapshots()
-
-    def _expect_snapshots(self) -> None:
-        """Every book waits for the snapshot its connect-time subscription brings: updates
-        before it are dropped without asking again (until `RESYNC_TIMEOUT_S`)."""
-        for sym in self._book_symbols:
-            self.books.book(sym).status = AWAITING
+        self.books.reset(expect=self._book_symbols)
 
     def subscribe_messages(self) -> Sequence[str]:
         products = list(self.feed.symbols)
@@ -354,18 +333,14 @@ class Coinbase(Codec):
         return orjson.dumps({"type": kind, "product_ids": products,
                              "channel": channel}).decode()
 
-    def _resubscribe(self, sym: str, out: Output) -> None:
-        """BookSync's `resubscribe`: ask for a fresh snapshot of `sym`'s book. The symbols
-        of one frame go out as one unsubscribe + subscribe pair (see `parse_frame`)."""
-        self.conn.asked[sym] = self._now
-        if sym not in self._resub:
-            self._resub.append(sym)
+    def _resubscribe(self, syms: list[str], out: Output) -> None:
+        """BookSync's `resubscribe`: one unsubscribe + subscribe pair for these books."""
+        out.reply(self._request("unsubscribe", CHANNEL_OF["book"], syms))
+        out.reply(self._request("subscribe", CHANNEL_OF["book"], syms))
 
     # ---- frames ----------------------------------------------------------------------------
     def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
                     out: Output) -> None:
-        self._now = ts_recv_ns
-        self._resub = []
         try:
             msg: Any = _FRAME.decode(frame)
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -381,10 +356,6 @@ class Coinbase(Codec):
             self._sequence(msg.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
         elif cls is _SubscriptionsMsg:
             self._subscriptions(msg, ts_recv_ns, recv_seq, out)
-        if self._resub:
-            out.reply(self._request("unsubscribe", CHANNEL_OF["book"], self._resub))
-            out.reply(self._request("subscribe", CHANNEL_OF["book"], self._resub))
-            self._resub = []
 
     def _generic(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
                  out: Output) -> msgspec.Struct | None:
@@ -430,15 +401,8 @@ class Coinbase(Codec):
                  f"({seq - expected} messages missing)")
         conn.expected = seq + 1
         # Any book may have lost an update: resync all but those this frame snapshots.
-        books = self.books
-        for sym in self._book_symbols:
-            if sym in snapshots:
-                continue
-            asked = conn.asked.get(sym)
-            if (books.awaiting(sym) and asked is not None
-                    and ts_recv_ns - asked < RESUBSCRIBE_MIN_INTERVAL_S * _NS):
-                continue  # asked for a snapshot less than a second ago: it is on its way
-            books.break_sync(sym, out, "", ts_recv_ns, recv_seq, event=False)
+        self.books.break_many([s for s in self._book_symbols if s not in snapshots], out, "",
+                              ts_recv_ns, recv_seq, event=False)
         return False
 
     # ---- trades ----------------------------------------------------------------------------
@@ -516,26 +480,10 @@ class Coinbase(Codec):
                                asks=[lv for r in runs for lv in r[2]], snapshot_id=None,
                                update_id=None,
                                detail=f"l2_data snapshot, {n} levels")
-                self.conn.asked.pop(sym, None)
-            elif books.synced(sym):
+            else:  # dropped (counted) while the book waits for its snapshot
                 for ts, bids, asks in runs:
                     books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns, bids, asks), out,
                                recv_seq)
-            else:
-                self._unsynced_update(sym, runs, ts_recv_ns, recv_seq, out)
-
-    def _unsynced_update(self, sym: str, runs: list[_Run], ts_recv_ns: int, recv_seq: int,
-                         out: Output) -> None:
-        """An update for a book waiting for its snapshot: dropped (counted) by BookSync; if
-        no snapshot came `RESYNC_TIMEOUT_S` after we started waiting, ask again."""
-        self.books.diff(sym, Diff(0, 0, -1, None, runs[0][0] if runs else None, ts_recv_ns,
-                                  [lv for r in runs for lv in r[1]],
-                                  [lv for r in runs for lv in r[2]]), out, recv_seq)
-        asked = self.conn.asked.get(sym)
-        if asked is None:
-            self.conn.asked[sym] = ts_recv_ns  # start waiting from the first dropped update
-        elif ts_recv_ns - asked >= RESYNC_TIMEOUT_S * _NS:
-            self.books.request_snapshot(sym, out)
 
     # ---- acks and errors -------------------------------------------------------------------
     def _subscriptions(self, msg: _SubscriptionsMsg, ts_recv_ns: int, recv_seq: int,

@@ -31,8 +31,8 @@ local order-book procedure, run on the shared `BookSync` (channel snapshots, no 
    `MAX_RESYNC_ATTEMPTS` times; then the book is kept unverified for the rest of the
    connection (an `error` event says so), rather than resubscribing forever. Updates
    before the first snapshot of a connection's subscription are dropped without a
-   resubscription (the subscription brings the snapshot); `MAX_UNSYNCED_UPDATES` of them
-   in a row recycle the connection.
+   resubscription (the subscription brings the snapshot); if it does not come, the
+   shared rule of `BookSync` resubscribes (exchanges/book.py, SNAPSHOT_WAIT_S).
 
 Rows of one update frame are netted: one row per (side, price) touched by the frame,
 carrying that level's size after the frame (0 when deleted or truncated), so applying the
@@ -58,9 +58,8 @@ kept: the trade snapshot of the new subscription is de-duplicated).
 
 State (`state()` / `restore()`): trade ids (`trades`), every book's sync position and its
 levels with their text as sent (`books`, so a restored book keeps verifying checksums),
-and the per-connection checksum bookkeeping (`checks`: which snapshots the subscription
-still brings, pending resubscriptions, books kept unverified, failed snapshots and
-updates dropped in a row).
+with what each is waiting for, and the per-connection checksum bookkeeping (`checks`:
+books kept unverified, failed snapshots in a row).
 
 Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
 (the base rejects the frame); change any state before a frame is known to be well-formed.
@@ -96,9 +95,6 @@ DEFAULT_BOOK_DEPTH: Final = 25
 CHECKSUM_LEVELS: Final = 10
 # Snapshots that fail their checksum in a row before the book is kept unverified.
 MAX_RESYNC_ATTEMPTS: Final = 3
-# Book updates dropped while waiting for a snapshot before the connection is recycled
-# (a resubscription that never produced a snapshot).
-MAX_UNSYNCED_UPDATES: Final = 1000
 
 # req_id values of our requests, echoed by Kraken in acks and refusals.
 REQ_TRADE: Final = 1
@@ -272,27 +268,18 @@ class _Checks:
     """Per-connection checksum bookkeeping, per symbol, beside the shared sync."""
 
     def __init__(self) -> None:
-        self.expecting: set[str] = set()    # this connection's subscription brings a snapshot
-        self.resyncing: set[str] = set()    # our resubscription after a checksum gap is out
         self.unverified: set[str] = set()   # checksums not verified until reconnect
         self.failed: dict[str, int] = {}    # snapshots in a row that failed their checksum
-        self.unsynced: dict[str, int] = {}  # updates dropped in a row waiting for a snapshot
 
     def state(self) -> dict[str, Any]:
-        return {"expecting": sorted(self.expecting), "resyncing": sorted(self.resyncing),
-                "unverified": sorted(self.unverified), "failed": dict(self.failed),
-                "unsynced": dict(self.unsynced)}
+        return {"unverified": sorted(self.unverified), "failed": dict(self.failed)}
 
     def restore(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise BadFrame("checks state is not an object")
-        expecting = _names(state["expecting"], "expecting")
-        resyncing = _names(state["resyncing"], "resyncing")
         unverified = _names(state["unverified"], "unverified")
         failed = _counts(state["failed"], "failed")
-        unsynced = _counts(state["unsynced"], "unsynced")
-        self.expecting, self.resyncing, self.unverified = expecting, resyncing, unverified
-        self.failed, self.unsynced = failed, unsynced
+        self.unverified, self.failed = unverified, failed
 
 
 class Kraken(Codec):
@@ -317,8 +304,8 @@ class Kraken(Codec):
         self.books = self.stateful("books", BookSync(self, None, resubscribe=self._resubscribe,
                                                      keep_text=True))
         self.checks = self.stateful("checks", _Checks())
-        self._book_symbols = frozenset(self.symbols if self._want_book else ())
-        self.checks.expecting = set(self._book_symbols)
+        self._book_symbols = tuple(feed.symbols) if self._want_book else ()
+        self.books.reset(expect=self._book_symbols)
         self._ping_id = REQ_PING_FIRST
 
     # ---- config --------------------------------------------------------------------------
@@ -345,13 +332,9 @@ class Kraken(Codec):
     def on_connect(self) -> None:
         # Kraken has no resume: every book is rebuilt from the snapshot of the new session,
         # which its subscription brings. Trade ids are kept (replays are de-duplicated).
-        self.books.reset()
-        c = self.checks
-        c.expecting = set(self._book_symbols)
-        c.resyncing.clear()
-        c.unverified.clear()
-        c.failed.clear()
-        c.unsynced.clear()
+        self.books.reset(expect=self._book_symbols)
+        self.checks.unverified.clear()
+        self.checks.failed.clear()
 
     def subscribe_messages(self) -> Sequence[str]:
         syms = list(self.feed.symbols)
@@ -387,15 +370,10 @@ class Kraken(Codec):
         return self._request("unsubscribe", {"channel": "book", "symbol": syms,
                                              "depth": self.depth}, REQ_UNSUBSCRIBE_BOOK)
 
-    def _resubscribe(self, sym: str, out: Output) -> None:
-        """Ask for a fresh snapshot of `sym`'s book (BookSync's `resubscribe`)."""
-        c = self.checks
-        c.unsynced.pop(sym, None)
-        if sym in c.expecting:
-            return  # this connection's subscription brings the snapshot
-        c.resyncing.add(sym)
-        out.reply(self._book_unsubscribe([sym]))
-        out.reply(self._book_subscribe([sym]))
+    def _resubscribe(self, syms: list[str], out: Output) -> None:
+        """Ask for fresh snapshots of these books (BookSync's `resubscribe`)."""
+        out.reply(self._book_unsubscribe(syms))
+        out.reply(self._book_subscribe(syms))
 
     # ---- frames ----------------------------------------------------------------------------
     def parse_frame(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
@@ -464,7 +442,7 @@ class Kraken(Codec):
         if method == "subscribe":
             self.refused(out, symbol, ts_recv_ns, recv_seq,
                          f"{channel}: {error}" if channel else error)
-            if channel == "book" and symbol in self.checks.resyncing:
+            if channel == "book" and symbol is not None and self.books.requested(symbol):
                 # Our own resubscription was refused: only a new connection can recover.
                 out.reconnect = f"book resubscription for {symbol} refused: {error}"
         elif method == "unsubscribe":
@@ -568,7 +546,6 @@ class Kraken(Codec):
                   ask_texts: TextLevels, checksum: int | None, ts: int | None,
                   ts_recv_ns: int, recv_seq: int, out: Output) -> None:
         c, books = self.checks, self.books
-        c.expecting.discard(sym)
         bids, bid_texts = _top(bids, bid_texts, True, self.depth)
         asks, ask_texts = _top(asks, ask_texts, False, self.depth)
         if checksum is not None and sym not in c.unverified:
@@ -578,6 +555,7 @@ class Kraken(Codec):
                 detail = f"snapshot checksum mismatch: expected {checksum}, computed {computed}"
                 if failed <= MAX_RESYNC_ATTEMPTS:
                     c.failed[sym] = failed
+                    books.book(sym).asked_ns = None  # the snapshot came: ask again now
                     books.break_sync(sym, out, detail, ts_recv_ns, recv_seq)
                     return
                 c.failed.pop(sym, None)
@@ -588,14 +566,14 @@ class Kraken(Codec):
             else:
                 c.failed.pop(sym, None)
         book = books.book(sym)
-        if sym in c.resyncing:
+        if book.after_gap:
             why = "after checksum gap"  # a resync even if no snapshot verified before
         elif book.status == SYNCED:  # the venue replaced a book we were keeping
             why = "replacing a synced book"
+        elif books.requested(sym):
+            why = "after resubscription"
         else:
             why = "after reconnect"
-        c.resyncing.discard(sym)
-        c.unsynced.pop(sym, None)
         books.snapshot(sym, out, ts_event_ns=ts, ts_recv_ns=ts_recv_ns, recv_seq=recv_seq,
                        bids=bids, asks=asks, snapshot_id=None, update_id=None,
                        texts=(bid_texts, ask_texts),
@@ -606,11 +584,8 @@ class Kraken(Codec):
                 ts_recv_ns: int, recv_seq: int, out: Output) -> None:
         books, c = self.books, self.checks
         if not books.synced(sym):
-            # Dropped (counted) until the snapshot; BookSync asks for one if nobody has.
+            # Dropped (counted) until the snapshot; BookSync asks again if none comes.
             books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns, bids, asks), out, recv_seq)
-            dropped = c.unsynced[sym] = c.unsynced.get(sym, 0) + 1
-            if dropped >= MAX_UNSYNCED_UPDATES and out.reconnect is None:
-                out.reconnect = f"book {sym}: no snapshot after {dropped} updates"
             return
         book = books.book(sym)
         bid_side, ask_side = book.bids, book.asks

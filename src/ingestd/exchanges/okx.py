@@ -46,7 +46,8 @@ update's rows are not written) writes a `gap` event (expected vs received), send
 `unsubscribe` + `subscribe` for that instId (`Output.replies`), drops (and counts) updates
 until the new snapshot, and writes a `resync` event with that snapshot. An update before
 the first snapshot of a connection's subscription is dropped (counted) without a
-resubscribe: the subscription brings the snapshot.
+resubscribe: the subscription brings the snapshot (if it does not come, the shared rule of
+`BookSync` resubscribes: exchanges/book.py, SNAPSHOT_WAIT_S).
 
 Connections: `on_connect` (and a make-before-break rotation, which OKX does not need)
 forgets every book: a new connection's subscriptions start with snapshots (followed by a
@@ -59,8 +60,7 @@ event and a reconnect; `pong` -> nothing. Data for instIds or channels the feed 
 subscribe to is dropped and counted; other channels and shapes are unknown messages.
 
 State (`state()` / `restore()`): trade ids (`trades`), every book's sync position (last
-`seqId`) and levels with their text (`books`), and the instIds whose subscription's
-snapshot is still to come (`expecting`).
+`seqId`, what it waits for) and levels with their text (`books`).
 
 Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
 (the base rejects the frame); change any state before a frame is known to be well-formed.
@@ -293,22 +293,6 @@ class OkxRules:
                 f"seqId={diff.last_id}")
 
 
-class _Expecting:
-    """instIds whose `books` subscription on this connection has not brought its snapshot
-    yet: an update for them is dropped without a resubscribe."""
-
-    def __init__(self) -> None:
-        self.symbols: set[str] = set()
-
-    def state(self) -> list[str]:
-        return sorted(self.symbols)
-
-    def restore(self, state: Any) -> None:
-        if not isinstance(state, list) or not all(isinstance(s, str) for s in state):
-            raise BadFrame("expecting is not a list of instIds")
-        self.symbols = set(state)
-
-
 class Okx(Codec):
     exchange: ClassVar[str] = "okx"
     default_ws_url: ClassVar[str] = "wss://ws.okx.com:8443/ws/v5/public"
@@ -332,8 +316,7 @@ class Okx(Codec):
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
         self.books = self.stateful("books", BookSync(
             self, OkxRules(), resubscribe=self._resubscribe, keep_text=True))
-        self.expecting = self.stateful("expecting", _Expecting())
-        self.expecting.symbols = self._book_symbols()
+        self.books.reset(expect=self._book_symbols())
         # Checksum statistics (for tests and diagnostics): verified / absent (0 or missing).
         self.checksums_verified = 0
         self.checksums_absent = 0
@@ -364,13 +347,12 @@ class Okx(Codec):
                     out.append(_arg(ch, sym))
         return out
 
-    def _book_symbols(self) -> set[str]:
-        return set(self.feed.symbols) if CH_BOOKS in self._channels else set()
+    def _book_symbols(self) -> tuple[str, ...]:
+        return tuple(self.feed.symbols) if CH_BOOKS in self._channels else ()
 
     def on_connect(self) -> None:
         # A new connection: every book starts again from the snapshot OKX sends on subscribe.
-        self.books.reset()
-        self.expecting.symbols = self._book_symbols()
+        self.books.reset(expect=self._book_symbols())
 
     def subscribe_messages(self) -> Sequence[str]:
         args = self.args()
@@ -380,11 +362,9 @@ class Okx(Codec):
     def keepalive_message(self) -> str | None:
         return "ping"
 
-    def _resubscribe(self, symbol: str, out: Output) -> None:
-        """Ask OKX for a fresh `books` snapshot of `symbol` (BookSync's `resubscribe`)."""
-        if symbol in self.expecting.symbols:
-            return  # this connection's subscription brings the snapshot
-        args = [_arg(self.book_channel, symbol)]
+    def _resubscribe(self, symbols: list[str], out: Output) -> None:
+        """Ask OKX for fresh `books` snapshots (BookSync's `resubscribe`)."""
+        args = [_arg(self.book_channel, symbol) for symbol in symbols]
         out.reply(_request("unsubscribe", args))
         out.reply(_request("subscribe", args))
 
@@ -545,10 +525,10 @@ class Okx(Codec):
                   texts: tuple[TextLevels, TextLevels], ts_event: int | None,
                   seq: int | None, prev: int | None, crc: int, ts_recv_ns: int,
                   recv_seq: int, out: Output) -> None:
-        self.expecting.symbols.discard(sym)
         if crc != 0:
             mine = _snapshot_checksum(bids, asks, texts)
             if mine != crc:
+                self.books.book(sym).asked_ns = None  # the snapshot came: ask again now
                 self._mismatch(sym, crc, mine, f"snapshot seqId={seq}", ts_recv_ns, recv_seq,
                                out)
                 return
