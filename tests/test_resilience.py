@@ -224,3 +224,59 @@ async def test_server_shutdown_triggers_rotation(root: Path) -> None:
     assert_seamless(root, sim, daemon)
     events = read_table(root, "events")
     assert "server_shutdown" in events["event"].to_list()
+
+
+async def test_a_healthy_trial_session_closes_the_breaker_while_it_streams(root: Path) -> None:
+    """The venue fails (accept-then-close) until the breaker opens, then recovers: the
+    trial connection streams, and once it has streamed `healthy_session_s` the breaker
+    closes - while that session goes on (/health no longer says half_open). A later
+    disconnect is then an ordinary reconnect, not a failed trial."""
+    faults = Faults(accept_then_close=True)
+    async with SimServer("binance", rate_msgs_s=40, faults=faults) as sim:
+        feed = feed_for(sim, name="trial", symbols=TRADE_SYMBOLS, channels=["trades"],
+                        trade_stream="aggTrade", breaker_failures=3, breaker_cooldown_s=0.3,
+                        healthy_session_s=0.4, stale_after_s=2.0,
+                        reconnect_min_delay_s=0.01, reconnect_max_delay_s=0.05)
+        daemon = Daemon(make_config(root, [feed]))
+        task = asyncio.create_task(daemon.run(install_signals=False))
+        try:
+            st = await wait_for_value(lambda: daemon.feed_stats.get("trial"))
+            await wait_until(lambda: st.breaker == "open")
+            faults.accept_then_close = False                        # the venue recovers
+            await wait_until(lambda: st.breaker == "half_open" and st.state == "streaming"
+                             and st.messages > 0)
+            trial_connects = st.connects
+            await wait_until(lambda: st.breaker == "closed")
+            # Closed by the trial session itself, still streaming on that connection.
+            assert st.connects == trial_connects and st.state == "streaming"
+            # Later the venue drops that connection once: an ordinary reconnect.
+            faults.only_first_n = sim.connections
+            faults.close_every_n_frames = 1
+            await wait_until(lambda: st.connects == trial_connects + 1
+                             and st.state == "streaming")
+            assert st.breaker == "closed"
+        finally:
+            daemon.request_stop("test done")
+            assert await asyncio.wait_for(task, 30) == 0
+    events = read_table(root, "events").filter(pl.col("feed") == "trial")
+    kinds = [k for k in events["event"].to_list()
+             if k.startswith("breaker_") or k in ("connected", "disconnected")]
+    closed_at = kinds.index("breaker_closed")
+    # breaker_closed came between the trial's `connected` and its `disconnected` ...
+    assert kinds[closed_at - 1] == "connected" and kinds[closed_at - 2] == "breaker_half_open"
+    # ... and nothing opened the breaker again.
+    assert kinds[closed_at + 1:] == ["disconnected", "connected", "disconnected"]
+    assert kinds.count("breaker_open") == 1
+
+
+async def wait_until(cond: Any, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def wait_for_value(get: Any, timeout_s: float = 10.0) -> Any:
+    await wait_until(lambda: get() is not None, timeout_s)
+    return get()

@@ -23,10 +23,11 @@ task ends; the task is only interrupted while it waits on the network or a sleep
 
 Sessions: a session that ends before `healthy_session_s` of streaming is a failure; the
 backoff (full jitter) grows with consecutive failures and resets only after a healthy
-session; `breaker_failures` consecutive failures open the breaker for
-`breaker_cooldown_s`. Handshake answers are classified: network errors and 5xx retry;
-429/418 wait at least Retry-After; other 4xx open the breaker at once (a clear error for
-that feed, retried only after the cooldown).
+session - as soon as a session has streamed `healthy_session_s`, which also closes a
+half-open breaker while that trial session goes on; `breaker_failures` consecutive
+failures open the breaker for `breaker_cooldown_s`. Handshake answers are classified:
+network errors and 5xx retry; 429/418 wait at least Retry-After; other 4xx open the
+breaker at once (a clear error for that feed, retried only after the cooldown).
 """
 
 from __future__ import annotations
@@ -237,6 +238,17 @@ class FeedReader:
                          streamed_s=round(end.streamed_s, 3), retry_in_s=round(delay_s, 3),
                          failures=self.breaker.consecutive_failures, breaker=st.breaker)
         return delay_s
+
+    def _session_proved(self) -> None:
+        """The session has streamed `healthy_session_s`: it is healthy now, not only when
+        it ends - the backoff resets and a half-open breaker (this was its trial) closes
+        while the session goes on."""
+        self.backoff.reset()
+        if self.breaker.success() is not None:
+            self.log.info("breaker_closed", streamed_s=self.healthy_session_s)
+            self._feed_event(EV_BREAKER_CLOSED, f"trial session streamed "
+                             f"{self.healthy_session_s:g} s")
+        self.stats.breaker = self.breaker.state
 
     async def _interruptible_sleep(self, delay_s: float) -> None:
         self._interruptible = True
@@ -565,13 +577,18 @@ class FeedReader:
                     await ws.send(msg)
 
     async def _watchdog(self) -> None:
-        """Stale streams and planned rotation: checks a few times per bound."""
+        """Stale streams, a session proving healthy, and planned rotation: checks a few
+        times per bound."""
         st = self.stats
         period_s = min(1.0, self.stale_after_s / 4)
-        started = self.clock.monotonic()
+        started = connected_at = self.clock.monotonic()
+        proved = False
         while True:
             await asyncio.sleep(period_s)
             now = self.clock.monotonic()
+            if not proved and now - connected_at >= self.healthy_session_s:
+                proved = True
+                self._session_proved()
             last = st.last_message_mono or started
             if now - last > self.stale_after_s:
                 st.stale += 1
