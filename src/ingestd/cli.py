@@ -4,8 +4,10 @@
     ingestd check --config PATH      validate a config (every problem listed)
     ingestd demo [--seconds S] [--root DIR]
                                      run against the built-in exchange simulator
-    ingestd compact --config PATH [--before YYYY-MM-DD]
+    ingestd compact --config PATH [--before YYYY-MM-DD] [--wait]
                                      merge closed days' part files into large sorted files
+                                     (one run per root: a second run exits 75, or with
+                                     --wait waits for the first to finish)
     ingestd replay --config PATH --out DIR [--since ISO] [--until ISO]
                                      re-derive every table from the kept raw frames
                                      ([journal] keep_raw_days) into a new root
@@ -16,7 +18,8 @@
     ingestd --version
 
 Exit codes: 0 clean shutdown; 78 (EX_CONFIG) invalid config or unusable output root,
-with one clear message and no traceback; 1 any other fatal error.
+with one clear message and no traceback; 75 (EX_TEMPFAIL) `compact` found another
+compaction running on the root (retry later, or pass --wait); 1 any other fatal error.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from ingestd.runner import EX_CONFIG, EX_FATAL, EX_OK, EX_USAGE, run_loop
 if TYPE_CHECKING:
     from ingestd.config import Config
 
-__all__ = ["EX_CONFIG", "EX_FATAL", "EX_OK", "EX_USAGE", "main"]
+__all__ = ["EX_CONFIG", "EX_FATAL", "EX_OK", "EX_TEMPFAIL", "EX_USAGE", "main"]
+
+EX_TEMPFAIL = 75  # `compact`: another compaction holds the root's lock
 
 COMMANDS = ("run", "check", "demo", "sim", "compact", "status", "replay")
 
@@ -57,10 +62,18 @@ def _parser() -> argparse.ArgumentParser:
                       help="output root (default: ./demo-data)")
     demo.add_argument("--exchange", action="append", default=None,
                       help="exchange id to include (repeatable; default: all simulated)")
-    compact = sub.add_parser("compact", help="merge closed days' part files (idempotent)")
+    compact = sub.add_parser(
+        "compact", help="merge closed days' part files (idempotent; one run per root)",
+        description="Merge closed days' part files into large files sorted by symbol and "
+                    "ts_recv. One run per root at a time: if another compaction holds "
+                    "<root>/.compaction/.lock this exits with code 75 (EX_TEMPFAIL) "
+                    "unless --wait is given.")
     compact.add_argument("--config", metavar="PATH", required=True)
     compact.add_argument("--before", metavar="YYYY-MM-DD", default=None,
                          help="compact dates before this one (default: today, UTC)")
+    compact.add_argument("--wait", action="store_true",
+                         help="if another compaction is running on the root, wait for it "
+                              "to finish instead of exiting with code 75")
     replay = sub.add_parser(
         "replay", help="re-derive every table from the kept raw frames into a new root",
         description="Replay the raw frames kept under <root>/.raw ([journal] "
@@ -162,9 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "replay":
         return _replay(cfg, args.config, args.out, args.since, args.until)
     if command == "compact":
-        from ingestd.sink.compact import compact
+        from ingestd.sink.compact import CompactionBusy, compact
 
-        r = compact(Path(cfg.storage.root), args.before)
+        try:
+            r = compact(Path(cfg.storage.root), args.before, wait=args.wait)
+        except CompactionBusy as e:
+            print(f"ingestd compact: {e}; nothing done (exit {EX_TEMPFAIL}): retry later, "
+                  "or pass --wait to wait for it", file=sys.stderr)
+            return EX_TEMPFAIL
         print(f"compacted {r.partitions} partition(s): {r.files_in} files -> {r.files_out}, "
               f"{r.rows} rows; {r.resumed} interrupted compaction(s) finished")
         return EX_OK
