@@ -28,12 +28,9 @@ from ingestd.exchanges.base import (
     Output,
     StateError,
 )
+from ingestd.exchanges.book import MAX_VERIFY_FAILURES as MAX_RESYNC_ATTEMPTS
 from ingestd.exchanges.book import SNAPSHOT_WAIT_DROPS, SNAPSHOT_WAIT_S
-from ingestd.exchanges.kraken import (
-    MAX_RESYNC_ATTEMPTS,
-    Kraken,
-    book_checksum,
-)
+from ingestd.exchanges.kraken import Kraken, book_checksum
 from ingestd.schema import (
     EV_ERROR,
     EV_GAP,
@@ -520,7 +517,7 @@ def test_state_round_trips_as_json_and_the_book_continues_without_a_resync() -> 
     assert kept.rejects is None and len(kept.rows("trades")) == 2
     saved = orjson.loads(orjson.dumps(c.state()))
     assert saved["v"] == Kraken.STATE_VERSION and saved["exchange"] == "kraken"
-    assert set(saved["parts"]) == {"trades", "books", "checks"}
+    assert set(saved["parts"]) == {"trades", "books"}
     # The level text as sent, not a float's repr (0.000051 would be "5.1e-05").
     assert [62800.6, 0.000051, "62800.6", "0.00005100"] in saved["parts"]["books"][SYM]["bids"]
     fresh = codec()
@@ -582,12 +579,8 @@ def test_restore_refuses_garbage_and_other_versions() -> None:
                 with_book(bids=[[first_bid[0], -1.0, first_bid[2], "-1.0"]]),
                 with_book(asks=[["abc", 1.0, "abc", "1.0"]]),
                 with_book(asked_ns="soon"), with_book(dropped=-1),
-                with_book(after_gap=1),
-                {**saved, "parts": {**parts, "checks": []}},
-                {**saved, "parts": {**parts, "checks": {**parts["checks"],
-                                                        "unverified": "x"}}},
-                {**saved, "parts": {**parts, "checks": {**parts["checks"],
-                                                        "failed": {SYM: -1}}}}):
+                with_book(after_gap=1), with_book(unverified="x"),
+                with_book(verify_failures=-1)):
         with pytest.raises(StateError):
             codec().restore(bad)
     codec().restore(saved)  # the untouched state is fine

@@ -13,6 +13,7 @@ import pytest
 
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import (
+    DROP_BOOK_MISMATCH,
     DROP_BUFFER_OVERFLOW,
     DROP_DUPLICATE_TRADE,
     DROP_STALE_BOOK,
@@ -25,6 +26,7 @@ from ingestd.exchanges.base import (
 )
 from ingestd.exchanges.book import (
     AWAITING,
+    MAX_VERIFY_FAILURES,
     REASK_MIN_S,
     SNAPSHOT_RETRY_MAX_S,
     SNAPSHOT_RETRY_MIN_S,
@@ -37,6 +39,7 @@ from ingestd.exchanges.book import (
     BookSync,
     Diff,
     Levels,
+    SymbolBook,
     TextLevels,
 )
 from ingestd.exchanges.trades import (
@@ -49,7 +52,7 @@ from ingestd.exchanges.trades import (
     admit_trade_id,
     trade_id,
 )
-from ingestd.schema import EV_GAP, EV_OUT_OF_ORDER, EV_RESYNC, EV_SNAPSHOT_FAILED
+from ingestd.schema import EV_ERROR, EV_GAP, EV_OUT_OF_ORDER, EV_RESYNC, EV_SNAPSHOT_FAILED
 
 TS = 1_800_000_000_000_000_000
 S = 1_000_000_000
@@ -715,3 +718,97 @@ def test_codec_restore_turns_bad_book_state_into_state_error() -> None:
         c.restore({**saved, "parts": {"books": {"A": {"status": 9}}}})
     with pytest.raises(StateError):
         c.restore({**saved, "parts": {"books": "x"}})
+
+
+# ---- BookSync: checked apply (checksum venues) --------------------------------------------------
+def text_sum(book: SymbolBook) -> int:
+    """A toy checksum over the kept text: sum of the digits of the top 2 levels."""
+    assert book.bids is not None and book.asks is not None
+    return sum(int(ch) for side in (book.bids.top_text(2), book.asks.top_text(2))
+               for px, qty in side for ch in px + qty if ch.isdigit())
+
+
+def checked_sync(**keys: Any) -> tuple[BookSync, Channel, list[tuple[int, bool]]]:
+    calls: list[tuple[int, bool]] = []
+
+    def verify(book: SymbolBook, check: int, snapshot: bool) -> str | None:
+        calls.append((check, snapshot))
+        mine = text_sum(book)
+        return None if mine == check else f"expected {check}, computed {mine}"
+
+    sync, ch = channel_sync(keep_text=True, verify=verify, **keys)
+    return sync, ch, calls
+
+
+def test_checked_apply_verifies_after_apply_and_truncation() -> None:
+    sync, _, calls = checked_sync(depth=2)
+    out = Output()
+    # 1+1 2+1 | 3+1: the third bid is beyond depth 2, so it is not in the checksum.
+    snap(sync, out, 1, [(1.0, 1.0), (2.0, 1.0), (0.5, 9.0)], [(3.0, 1.0)], check=9)
+    assert calls == [(9, True)] and sync.synced("A") and len(out.rows("book")) == 3
+    out = Output()
+    ok = level_diff([(2.5, 1.0)], [])   # pushes bid 1.0 out: 2.5 1.0 | 2.0 1.0 | 3.0 1.0
+    ok.check = 15
+    assert sync.diff("A", ok, out, 2)
+    assert book_rows(out) == [(2, False, "bid", 2.5, 1.0, None),
+                              (2, False, "bid", 1.0, 0.0, None)]
+    # A diff without a checksum is applied unchecked.
+    assert sync.diff("A", level_diff([], [(3.0, 2.0)]), Output(), 3)
+    assert calls == [(9, True), (15, False)]
+
+
+def test_checked_apply_mismatch_breaks_and_writes_nothing() -> None:
+    sync, ch, _ = checked_sync(depth=2)
+    snap(sync, Output(), 1, [(1.0, 1.0)], [(3.0, 1.0)], check=6)
+    bad = level_diff([(2.0, 1.0)], [])
+    bad.check = 1
+    out = Output()
+    assert not sync.diff("A", bad, out, 2)
+    assert out.book is None and out.drops == {DROP_BOOK_MISMATCH: 1}
+    assert [(e[5], e[6]) for e in events(out)] == [(EV_GAP, "expected 1, computed 9")]
+    assert ch.asked == [["A"]] and not sync.synced("A")
+    assert sync.book("A").bids is not None and len(sync.book("A").bids or ()) == 0
+    again = Output()
+    snap(sync, again, 3, [(1.0, 1.0)], [(3.0, 1.0)], check=6)
+    assert [e[5] for e in events(again)] == [EV_RESYNC]
+
+
+def test_snapshot_failing_verification_is_retried_then_kept_unverified() -> None:
+    sync, ch, calls = checked_sync()
+    sync.reset(expect=["A"])
+    for attempt in range(1, MAX_VERIFY_FAILURES + 1):
+        out = Output()
+        snap(sync, out, attempt, [(1.0, 1.0)], [(3.0, 1.0)], check=0, ts=TS)
+        assert out.book is None and out.drops == {DROP_BOOK_MISMATCH: 1}
+        assert [e[5] for e in events(out)] == [EV_GAP]
+        assert len(ch.asked) == attempt          # asked again at once: the snapshot came
+    out = Output()
+    snap(sync, out, 9, [(1.0, 1.0)], [(3.0, 1.0)], check=0, detail="kept")
+    assert len(out.rows("book")) == 2 and sync.synced("A")
+    assert [(e[5], e[6]) for e in events(out)] == [
+        (EV_ERROR, f"expected 0, computed 6 after {MAX_VERIFY_FAILURES} resubscriptions; "
+                   "book kept without checksum verification until reconnect"),
+        (EV_RESYNC, "kept")]
+    # Unverified: wrong checksums are not checked until the next connection.
+    n = len(calls)
+    wrong = level_diff([(1.0, 2.0)], [])
+    wrong.check = 12345
+    assert sync.diff("A", wrong, Output(), 10) and len(calls) == n
+    sync.reset(expect=["A"])
+    out = Output()
+    snap(sync, out, 11, [(1.0, 1.0)], [(3.0, 1.0)], check=0)
+    assert out.book is None and [e[5] for e in events(out)] == [EV_GAP]
+
+
+def test_checked_apply_state_round_trips() -> None:
+    sync, _, _ = checked_sync(depth=3)
+    snap(sync, Output(), 1, [(1.0, 1.0), (0.000051, 2.0)], [(3.0, 1.0)], check=None)
+    saved = json_round_trip(sync.state())
+    fresh, _, calls = checked_sync(depth=3)
+    fresh.restore(saved)
+    # The restored book verifies exactly as the original: the same text was kept.
+    assert sync.diff("A", level_diff([(2.0, 1.0)], []), Output(), 2)
+    d = level_diff([(2.0, 1.0)], [])
+    d.check = text_sum(sync.book("A"))
+    assert fresh.diff("A", d, Output(), 2) and calls == [(d.check, False)]
+    assert fresh.state() == sync.state()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from ingestd.config import FeedConfig, parse_config
 from ingestd.exchanges import CODECS
+from ingestd.exchanges.base import DROP_BOOK_MISMATCH as DROP_CHECKSUM_MISMATCH
 from ingestd.exchanges.base import (
     DROP_DUPLICATE_TRADE,
     DROP_UNSUBSCRIBED,
@@ -28,7 +29,7 @@ from ingestd.exchanges.base import (
     Output,
     StateError,
 )
-from ingestd.exchanges.okx import DROP_CHECKSUM_MISMATCH, Okx, checksum
+from ingestd.exchanges.okx import Okx, checksum
 from ingestd.schema import (
     EV_GAP,
     EV_OUT_OF_ORDER,

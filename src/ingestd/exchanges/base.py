@@ -80,6 +80,7 @@ DROP_DUPLICATE_TRADE = "duplicate_trade"
 DROP_STALE_BOOK = "stale_book_update"
 DROP_UNSYNCED_BOOK = "book_not_synced"
 DROP_BUFFER_OVERFLOW = "book_buffer_overflow"
+DROP_BOOK_MISMATCH = "book_checksum_mismatch"  # a message whose book fails the checksum
 
 
 class BadFrame(ValueError):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from ingestd.exchanges.base import (
+    DROP_BOOK_MISMATCH,
     DROP_BUFFER_OVERFLOW,
     DROP_STALE_BOOK,
     DROP_UNSYNCED_BOOK,
@@ -39,7 +40,7 @@ from ingestd.exchanges.base import (
     RestRequest,
     parse_levels,
 )
-from ingestd.schema import EV_SNAPSHOT_FAILED
+from ingestd.schema import EV_ERROR, EV_SNAPSHOT_FAILED
 
 Levels = list[tuple[float, float]]
 TextLevels = list[tuple[str, str]]
@@ -57,6 +58,9 @@ SNAPSHOT_WAIT_MAX_FACTOR: Final = 8
 # A book whose snapshot was asked for less than this long ago is not asked again when
 # its continuity breaks once more (the answer is on its way).
 REASK_MIN_S: Final = 1.0
+# Snapshots in a row that fail the venue's checksum before a book is kept unverified until
+# the next connection (an `error` event says so) rather than resubscribed forever.
+MAX_VERIFY_FAILURES: Final = 3
 _NS: Final = 1_000_000_000
 # Diffs buffered while snapshots are pending, per feed (all symbols), in frame bytes.
 MAX_BUFFER_BYTES: Final = 32 * 1024 * 1024
@@ -228,27 +232,28 @@ class Diff:
     asks: Levels
     nbytes: int = 0                # what buffering it costs (frame bytes)
     texts: tuple[TextLevels, TextLevels] | None = None  # levels as sent (checksum venues)
+    check: int | None = None       # the venue's checksum of the book after it (None: none)
 
     def to_state(self) -> list[Any]:
         return [self.first_id, self.last_id, self.prev_id, self.update_id, self.ts_event_ns,
                 self.ts_recv_ns, self.bids, self.asks, self.nbytes,
-                None if self.texts is None else [self.texts[0], self.texts[1]]]
+                None if self.texts is None else [self.texts[0], self.texts[1]], self.check]
 
     @classmethod
     def from_state(cls, s: Any) -> Diff:
-        if not isinstance(s, list) or len(s) != 10:
-            raise BadFrame("buffered diff is not a list of 10 fields")
-        first, last, prev, uid, ts_event, ts_recv, bids, asks, nbytes, texts = s
+        if not isinstance(s, list) or len(s) != 11:
+            raise BadFrame("buffered diff is not a list of 11 fields")
+        first, last, prev, uid, ts_event, ts_recv, bids, asks, nbytes, texts, check = s
         for v in (first, last, prev, ts_recv, nbytes):
             _int(v, "diff id, time or size")
-        for v in (uid, ts_event):
+        for v in (uid, ts_event, check):
             if v is not None:
-                _int(v, "diff update id or event time")
+                _int(v, "diff update id, event time or checksum")
         sides = (parse_levels(bids), parse_levels(asks))
         kept = None
         if texts is not None:
             kept = (_text_levels(texts[0], sides[0]), _text_levels(texts[1], sides[1]))
-        return cls(first, last, prev, uid, ts_event, ts_recv, *sides, nbytes, kept)
+        return cls(first, last, prev, uid, ts_event, ts_recv, *sides, nbytes, kept, check)
 
 
 def _int(v: Any, what: str, lo: int = -(2**63)) -> int:
@@ -315,6 +320,8 @@ class SymbolBook:
     after_gap: bool = False     # a gap since the last snapshot: the next one is a resync
     asked_ns: int | None = None  # ts_recv when the current wait for a snapshot started
     dropped: int = 0            # diffs dropped during the current wait (channel)
+    verify_failures: int = 0    # snapshots in a row that failed the venue's checksum
+    unverified: bool = False    # checksums given up until the next connection
     bids: BookSide | None = None
     asks: BookSide | None = None
 
@@ -324,7 +331,8 @@ class SymbolBook:
                              "ever_synced": self.ever_synced, "attempts": self.attempts,
                              "buffer": [d.to_state() for d in self.buffer],
                              "after_gap": self.after_gap, "asked_ns": self.asked_ns,
-                             "dropped": self.dropped}
+                             "dropped": self.dropped, "verify_failures": self.verify_failures,
+                             "unverified": self.unverified}
         if self.bids is not None and self.asks is not None:
             s["bids"] = self.bids.state()
             s["asks"] = self.asks.state()
@@ -346,7 +354,9 @@ class SymbolBook:
                 _bool(s["ever_synced"], "ever_synced"), _int(s["attempts"], "attempts", 0),
                 [Diff.from_state(d) for d in buffer], _bool(s["after_gap"], "after_gap"),
                 None if s["asked_ns"] is None else _int(s["asked_ns"], "asked_ns", 0),
-                _int(s["dropped"], "dropped", 0))
+                _int(s["dropped"], "dropped", 0),
+                _int(s["verify_failures"], "verify_failures", 0),
+                _bool(s["unverified"], "unverified"))
         if sides:
             b.bids, b.asks = BookSide(True), BookSide(False)
             b.bids.restore(s["bids"], texts=texts)
@@ -374,13 +384,22 @@ class BookSync:
     writes the levels it removes as `amount = 0` rows (the rows of one message are then
     netted: one per price touched, with its amount after the message, so they rebuild
     the book in any order). `rows=False`: the book is kept but no book rows are written
-    (a venue's best-bid/ask stream read for quotes)."""
+    (a venue's best-bid/ask stream read for quotes).
+
+    Checked apply (checksum venues): `verify(book, check, snapshot)` is called with the
+    book after a message - applied and truncated - and the checksum the message carried
+    (`Diff.check`, `snapshot(check=)`; None: nothing to verify); it returns None when they
+    agree, else the `gap` detail. On a mismatch the message's rows are not written (a
+    `book_checksum_mismatch` drop), the book breaks and a snapshot is asked for. A snapshot
+    that fails MAX_VERIFY_FAILURES times in a row is kept unverified until `reset`."""
 
     def __init__(self, codec: Codec, rules: Rules | None, *,
                  snapshot_request: Callable[[str], str] | None = None,
                  resubscribe: Callable[[list[str], Output], None] | None = None,
                  keep_levels: bool = False, keep_text: bool = False,
                  depth: int | None = None, rows: bool = True,
+                 verify: Callable[[SymbolBook, int, bool], str | None] | None = None,
+                 max_verify_failures: int = MAX_VERIFY_FAILURES,
                  max_buffer_bytes: int = MAX_BUFFER_BYTES,
                  wait_s: float = SNAPSHOT_WAIT_S,
                  wait_drops: int = SNAPSHOT_WAIT_DROPS) -> None:
@@ -388,6 +407,8 @@ class BookSync:
             raise ValueError("a book is synced either from REST or from its channel")
         if (depth is not None and not (keep_levels or keep_text)) or depth == 0:
             raise ValueError("truncation to a depth needs kept levels, and a depth")
+        if verify is not None and not keep_text:
+            raise ValueError("checksums are verified on the level text: keep_text")
         self.codec = codec
         self.rules = rules
         self.snapshot_url = snapshot_request
@@ -396,6 +417,8 @@ class BookSync:
         self.keep_text = keep_text
         self.depth = depth
         self.rows = rows
+        self.verify = verify
+        self.max_verify_failures = max_verify_failures
         self.max_buffer_bytes = max_buffer_bytes
         self.wait_ns = int(wait_s * _NS)
         self.wait_drops = wait_drops
@@ -424,6 +447,8 @@ class BookSync:
             b.after_gap = False
             b.asked_ns = None
             b.dropped = 0
+            b.verify_failures = 0
+            b.unverified = False
             b.buffer.clear()
             if b.bids is not None and b.asks is not None:
                 b.bids.clear()
@@ -534,8 +559,7 @@ class BookSync:
                 b.after_gap = True
                 self._hold(symbol, b, diff, out, recv_seq)
                 return False
-        self._apply(symbol, b, diff, out, recv_seq)
-        return True
+        return self._apply(symbol, b, diff, out, recv_seq)
 
     def _hold(self, symbol: str, b: SymbolBook, diff: Diff, out: Output,
               recv_seq: int) -> None:
@@ -582,15 +606,23 @@ class BookSync:
         b.buffer.clear()
 
     def _apply(self, symbol: str, b: SymbolBook, diff: Diff, out: Output,
-               recv_seq: int) -> None:
+               recv_seq: int) -> bool:
         b.just_synced = False
         b.last_id = diff.last_id
         bids, asks = diff.bids, diff.asks
         if b.bids is not None and b.asks is not None:
             bids, asks = self._apply_levels(b.bids, b.asks, diff)
+            verify = self.verify
+            if verify is not None and diff.check is not None and not b.unverified:
+                why = verify(b, diff.check, False)
+                if why is not None:  # not the venue's book: nothing of it is written
+                    out.drop(DROP_BOOK_MISMATCH)
+                    self.break_sync(symbol, out, why, diff.ts_recv_ns, recv_seq)
+                    return False
         if self.rows:
             out.book_block().add_levels(symbol, diff.ts_event_ns, diff.ts_recv_ns, recv_seq,
                                         False, bids, asks, diff.update_id)
+        return True
 
     def _apply_levels(self, bid_side: BookSide, ask_side: BookSide,
                       diff: Diff) -> tuple[Levels, Levels]:
@@ -620,7 +652,8 @@ class BookSync:
                  ts_recv_ns: int, recv_seq: int, bids: Levels, asks: Levels,
                  snapshot_id: int | None, update_id: int | None,
                  texts: tuple[TextLevels, TextLevels] | None = None,
-                 detail: str | None = None, resync: bool | None = None) -> int:
+                 check: int | None = None, detail: str | None = None,
+                 resync: bool | None = None) -> int:
         """A full book: written as a snapshot block (`update_id` its column; with kept
         levels, the book as kept: no zero sizes, best first, `depth` deep); buffered
         diffs that follow it (by the rules, from `snapshot_id`) are released with
@@ -628,7 +661,8 @@ class BookSync:
 
         `resync`: whether a `resync` event (`detail`) follows the block. None: if the
         book was synced before, or a gap was reported since its last snapshot; True
-        forces it, False suppresses it (a snapshot that only repeats the book)."""
+        forces it, False suppresses it (a snapshot that only repeats the book). `check`:
+        the venue's checksum of it (see `verify`)."""
         b = self.book(symbol)
         rules = self.rules
         if (rules is not None and snapshot_id is not None and b.buffer
@@ -648,6 +682,10 @@ class BookSync:
             if self.depth is not None:
                 b.bids.truncate(self.depth)
                 b.asks.truncate(self.depth)
+            if self.verify is not None and check is not None and not b.unverified:
+                b.last_id = snapshot_id if snapshot_id is not None else 0
+                if not self._verified(symbol, b, check, out, ts_recv_ns, recv_seq):
+                    return recv_seq
             bids, asks = b.bids.top(), b.asks.top()
         if self.rows:
             out.book_block().add_levels(symbol, ts_event_ns, ts_recv_ns, recv_seq, True,
@@ -675,6 +713,26 @@ class BookSync:
             seq += 1
             self.diff(symbol, diff, out, seq)
         return seq
+
+    def _verified(self, symbol: str, b: SymbolBook, check: int, out: Output,
+                  ts_recv_ns: int, recv_seq: int) -> bool:
+        """A snapshot's checksum: True to keep it (verified, or given up on)."""
+        assert self.verify is not None
+        why = self.verify(b, check, True)
+        if why is None:
+            b.verify_failures = 0
+            return True
+        if b.verify_failures < self.max_verify_failures:
+            b.verify_failures += 1
+            out.drop(DROP_BOOK_MISMATCH)
+            self.break_sync(symbol, out, why, ts_recv_ns, recv_seq)
+            return False
+        b.verify_failures = 0
+        b.unverified = True
+        self.codec.ev(out, EV_ERROR, ts_recv_ns, recv_seq, symbol,
+                      f"{why} after {self.max_verify_failures} resubscriptions; book kept "
+                      "without checksum verification until reconnect")
+        return True
 
     # ---- state ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ decoding (typed msgspec structs, one tagged union on `channel`) of `trade`, `tic
 (subscribed with `event_trigger = "bbo"`, so every best bid/offer change is a row) and
 `book` frames, the `status` / `heartbeat` / `pong` / ack frames, and Kraken's documented
 local order-book procedure, run on the shared `BookSync` (channel snapshots, no ids:
-`rules=None`) with sorted `BookSide`s that keep each level's text:
+`rules=None`; levels kept with their text, truncated to `depth`, verified by `_verify`):
 
 1. the book is subscribed with `depth` = `book_depth` (10, 25, 100, 500 or 1000; default
    25, the depth of the recorded fixtures and the smallest that still gives a ladder well
@@ -24,12 +24,13 @@ local order-book procedure, run on the shared `BookSync` (channel snapshots, no 
    trades and tickers are decoded straight to floats. The checksum is the only continuity
    check (v2 books carry no sequence number; `update_id` is null): an update is applied
    and truncated, then compared;
-5. on a mismatch a `gap` event (expected vs computed checksum) is written, the symbol's
-   book is unsubscribed and subscribed again (`Output.replies`), updates are dropped
-   (counted, `book_not_synced`) until the fresh snapshot, whose block is followed by a
-   `resync` event. A snapshot that itself fails the checksum is retried
-   `MAX_RESYNC_ATTEMPTS` times; then the book is kept unverified for the rest of the
-   connection (an `error` event says so), rather than resubscribing forever. Updates
+5. on a mismatch a `gap` event (expected vs computed checksum) is written (the frame's
+   rows are not: `book_checksum_mismatch`), the symbol's book is unsubscribed and
+   subscribed again (`Output.replies`), updates are dropped (counted, `book_not_synced`)
+   until the fresh snapshot, whose block is followed by a `resync` event. A snapshot that
+   itself fails the checksum is retried `MAX_VERIFY_FAILURES` times; then the book is
+   kept unverified for the rest of the connection (an `error` event says so), rather
+   than resubscribing forever (BookSync's rule). Updates
    before the first snapshot of a connection's subscription are dropped without a
    resubscription (the subscription brings the snapshot); if it does not come, the
    shared rule of `BookSync` resubscribes (exchanges/book.py, SNAPSHOT_WAIT_S).
@@ -56,10 +57,9 @@ become `status` events (system state, connection id).
 Connections: Kraken has no resume, so `on_connect` forgets every book (trade ids are
 kept: the trade snapshot of the new subscription is de-duplicated).
 
-State (`state()` / `restore()`): trade ids (`trades`), every book's sync position and its
-levels with their text as sent (`books`, so a restored book keeps verifying checksums),
-with what each is waiting for, and the per-connection checksum bookkeeping (`checks`:
-books kept unverified, failed snapshots in a row).
+State (`state()` / `restore()`): trade ids (`trades`), and every book's sync position,
+what it waits for, its checksum standing and its levels with their text as sent
+(`books`, so a restored book keeps verifying checksums).
 
 Must not: do I/O, read a clock or log (see exchanges/base.py); catch decode errors itself
 (the base rejects the frame); change any state before a frame is known to be well-formed.
@@ -86,15 +86,13 @@ from ingestd.exchanges.base import (
     parse_levels,
     price,
 )
-from ingestd.exchanges.book import SYNCED, BookSide, BookSync, Diff, Levels, TextLevels
+from ingestd.exchanges.book import SYNCED, BookSync, Diff, Levels, SymbolBook, TextLevels
 from ingestd.exchanges.trades import TradeIds, admit_trade
-from ingestd.schema import BUY, EV_ERROR, SELL, UNKNOWN
+from ingestd.schema import BUY, SELL, UNKNOWN
 
 BOOK_DEPTHS: Final = (10, 25, 100, 500, 1000)
 DEFAULT_BOOK_DEPTH: Final = 25
 CHECKSUM_LEVELS: Final = 10
-# Snapshots that fail their checksum in a row before the book is kept unverified.
-MAX_RESYNC_ATTEMPTS: Final = 3
 
 # req_id values of our requests, echoed by Kraken in acks and refusals.
 REQ_TRADE: Final = 1
@@ -239,49 +237,6 @@ def book_checksum(asks: Sequence[tuple[str, str]], bids: Sequence[tuple[str, str
     return _crc(list(asks), list(bids))
 
 
-def _top(levels: Levels, texts: TextLevels, descending: bool,
-         depth: int) -> tuple[Levels, TextLevels]:
-    """A snapshot side as the book keeps it: non-zero levels, best first, `depth` deep."""
-    side = BookSide(descending)
-    for (px, sz), text in zip(levels, texts, strict=True):
-        if sz:
-            side.set(px, sz, text)
-    side.truncate(depth)
-    return side.top(), side.top_text()
-
-
-# ---- Kraken's bookkeeping beside the shared sync ----------------------------------------------
-def _names(v: Any, what: str) -> set[str]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise BadFrame(f"{what} is not a list of strings")
-    return set(v)
-
-
-def _counts(v: Any, what: str) -> dict[str, int]:
-    if not isinstance(v, dict) or not all(
-            isinstance(k, str) and type(n) is int and n >= 0 for k, n in v.items()):
-        raise BadFrame(f"{what} is not an object of counts")
-    return dict(v)
-
-
-class _Checks:
-    """Per-connection checksum bookkeeping, per symbol, beside the shared sync."""
-
-    def __init__(self) -> None:
-        self.unverified: set[str] = set()   # checksums not verified until reconnect
-        self.failed: dict[str, int] = {}    # snapshots in a row that failed their checksum
-
-    def state(self) -> dict[str, Any]:
-        return {"unverified": sorted(self.unverified), "failed": dict(self.failed)}
-
-    def restore(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise BadFrame("checks state is not an object")
-        unverified = _names(state["unverified"], "unverified")
-        failed = _counts(state["failed"], "failed")
-        self.unverified, self.failed = unverified, failed
-
-
 class Kraken(Codec):
     exchange: ClassVar[str] = "kraken"
     default_ws_url: ClassVar[str] = "wss://ws.kraken.com/v2"
@@ -301,9 +256,9 @@ class Kraken(Codec):
         self._want_quotes = "quotes" in self.channels
         self._want_book = "book" in self.channels
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
-        self.books = self.stateful("books", BookSync(self, None, resubscribe=self._resubscribe,
-                                                     keep_text=True))
-        self.checks = self.stateful("checks", _Checks())
+        self.books = self.stateful("books", BookSync(
+            self, None, resubscribe=self._resubscribe, keep_text=True, depth=self.depth,
+            verify=self._verify))
         self._book_symbols = tuple(feed.symbols) if self._want_book else ()
         self.books.reset(expect=self._book_symbols)
         self._ping_id = REQ_PING_FIRST
@@ -333,8 +288,6 @@ class Kraken(Codec):
         # Kraken has no resume: every book is rebuilt from the snapshot of the new session,
         # which its subscription brings. Trade ids are kept (replays are de-duplicated).
         self.books.reset(expect=self._book_symbols)
-        self.checks.unverified.clear()
-        self.checks.failed.clear()
 
     def subscribe_messages(self) -> Sequence[str]:
         syms = list(self.feed.symbols)
@@ -545,26 +498,7 @@ class Kraken(Codec):
     def _snapshot(self, sym: str, bids: Levels, bid_texts: TextLevels, asks: Levels,
                   ask_texts: TextLevels, checksum: int | None, ts: int | None,
                   ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        c, books = self.checks, self.books
-        bids, bid_texts = _top(bids, bid_texts, True, self.depth)
-        asks, ask_texts = _top(asks, ask_texts, False, self.depth)
-        if checksum is not None and sym not in c.unverified:
-            computed = _crc(ask_texts, bid_texts)
-            if computed != checksum:
-                failed = c.failed.get(sym, 0) + 1
-                detail = f"snapshot checksum mismatch: expected {checksum}, computed {computed}"
-                if failed <= MAX_RESYNC_ATTEMPTS:
-                    c.failed[sym] = failed
-                    books.book(sym).asked_ns = None  # the snapshot came: ask again now
-                    books.break_sync(sym, out, detail, ts_recv_ns, recv_seq)
-                    return
-                c.failed.pop(sym, None)
-                c.unverified.add(sym)
-                self.ev(out, EV_ERROR, ts_recv_ns, recv_seq, sym,
-                        f"{detail} after {MAX_RESYNC_ATTEMPTS} resubscriptions; "
-                        "book kept without checksum verification until reconnect")
-            else:
-                c.failed.pop(sym, None)
+        books = self.books
         book = books.book(sym)
         if book.after_gap:
             why = "after checksum gap"  # a resync even if no snapshot verified before
@@ -576,43 +510,25 @@ class Kraken(Codec):
             why = "after reconnect"
         books.snapshot(sym, out, ts_event_ns=ts, ts_recv_ns=ts_recv_ns, recv_seq=recv_seq,
                        bids=bids, asks=asks, snapshot_id=None, update_id=None,
-                       texts=(bid_texts, ask_texts),
+                       texts=(bid_texts, ask_texts), check=checksum,
                        detail=f"book snapshot {why}")
 
     def _update(self, sym: str, bids: Levels, bid_texts: TextLevels, asks: Levels,
                 ask_texts: TextLevels, checksum: int | None, ts: int | None,
                 ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        books, c = self.books, self.checks
-        if not books.synced(sym):
-            # Dropped (counted) until the snapshot; BookSync asks again if none comes.
-            books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns, bids, asks), out, recv_seq)
-            return
-        book = books.book(sym)
-        bid_side, ask_side = book.bids, book.asks
-        assert bid_side is not None and ask_side is not None  # keep_levels
-        # Apply, truncate to depth, then verify: the checksum is the continuity check.
-        for (px, sz), text in zip(bids, bid_texts, strict=True):
-            bid_side.set(px, sz, text)
-        for (px, sz), text in zip(asks, ask_texts, strict=True):
-            ask_side.set(px, sz, text)
-        bid_cut, ask_cut = bid_side.truncate(self.depth), ask_side.truncate(self.depth)
-        if checksum is not None and sym not in c.unverified:
-            computed = _crc(ask_side.top_text(CHECKSUM_LEVELS),
-                            bid_side.top_text(CHECKSUM_LEVELS))
-            if computed != checksum:
-                books.break_sync(sym, out, f"checksum mismatch: expected {checksum}, "
-                                 f"computed {computed}", ts_recv_ns, recv_seq)
-                return
-        # Netted rows: one per (side, price) touched, its size after the frame (0: gone).
-        # BookSync re-applies them (a no-op on levels already set) and writes them.
-        touched_bids = dict.fromkeys([px for px, _ in bids])
-        touched_bids.update(dict.fromkeys(bid_cut))
-        touched_asks = dict.fromkeys([px for px, _ in asks])
-        touched_asks.update(dict.fromkeys(ask_cut))
-        books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns,
-                             [(px, bid_side.amount(px)) for px in touched_bids],
-                             [(px, ask_side.amount(px)) for px in touched_asks]),
-                   out, recv_seq)
+        # Applied, truncated to depth, then verified: the checksum is the continuity check.
+        self.books.diff(sym, Diff(0, 0, -1, None, ts, ts_recv_ns, bids, asks, 0,
+                                  (bid_texts, ask_texts), checksum), out, recv_seq)
+
+    @staticmethod
+    def _verify(book: SymbolBook, checksum: int, snapshot: bool) -> str | None:
+        """BookSync's `verify`: Kraken's CRC32 of the book as kept against the one sent."""
+        assert book.bids is not None and book.asks is not None
+        computed = _crc(book.asks.top_text(CHECKSUM_LEVELS), book.bids.top_text(CHECKSUM_LEVELS))
+        if computed == checksum:
+            return None
+        return (f"{'snapshot ' if snapshot else ''}checksum mismatch: expected {checksum}, "
+                f"computed {computed}")
 
     # ---- introspection (tests, tools) ------------------------------------------------------
     def book_levels(self, symbol: str) -> tuple[Levels, Levels] | None:

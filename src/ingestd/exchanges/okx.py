@@ -37,10 +37,12 @@ Continuity of `books` (per instId, `OkxRules`):
   chain by `prevSeqId` still holds). Frames recorded in 2022 predate `seqId`: for them the
   checksum is the only continuity check, and `update_id` is null (else it is `seqId`);
 - `checksum`: signed CRC32 of the top 25 levels interleaved `bidPx:bidSz:askPx:askSz`
-  (the text as sent), verified on every snapshot (before it is applied) and update (after)
-  whose checksum is non-zero. A checksum of 0 is treated as "not provided": OKX has been
-  reported to send 0 on every `books` frame since 2025, and a genuine CRC of 0 (odds
-  2**-32) merely skips one check.
+  (the text as sent), verified (BookSync's `verify`: `_verify`) on the book after every
+  snapshot and update whose checksum is non-zero. A checksum of 0 is treated as "not
+  provided": OKX has been reported to send 0 on every `books` frame since 2025, and a
+  genuine CRC of 0 (odds 2**-32) merely skips one check. A snapshot that fails it
+  `MAX_VERIFY_FAILURES` times in a row is kept unverified until the next connection (an
+  `error` event says so; BookSync's rule).
 A break (or a checksum mismatch, also counted as `book_checksum_mismatch`; the mismatching
 update's rows are not written) writes a `gap` event (expected vs received), sends
 `unsubscribe` + `subscribe` for that instId (`Output.replies`), drops (and counts) updates
@@ -86,7 +88,14 @@ from ingestd.exchanges.base import (
     ms_to_ns,
     price,
 )
-from ingestd.exchanges.book import BookSide, BookSync, Diff, Levels, TextLevels, levels_with_text
+from ingestd.exchanges.book import (
+    BookSync,
+    Diff,
+    Levels,
+    SymbolBook,
+    TextLevels,
+    levels_with_text,
+)
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN
 
@@ -104,7 +113,6 @@ CHECKSUM_DEPTH: Final = 25
 # Subscribe args per request: OKX caps a request at 64 KB (an arg is ~45 bytes).
 ARGS_PER_REQUEST: Final = 200
 
-DROP_CHECKSUM_MISMATCH: Final = "book_checksum_mismatch"
 
 _MAX_I64: Final = 2**63 - 1
 # The sync position of a book message without `seqId` (2022 frames): never a real seqId.
@@ -217,20 +225,6 @@ def checksum(bids: Sequence[tuple[str, str]], asks: Sequence[tuple[str, str]]) -
     return signed_crc32(":".join(parts))
 
 
-def _sides_checksum(bids: BookSide, asks: BookSide) -> int:
-    return checksum(bids.top_text(CHECKSUM_DEPTH), asks.top_text(CHECKSUM_DEPTH))
-
-
-def _snapshot_checksum(bids: Levels, asks: Levels,
-                       texts: tuple[TextLevels, TextLevels]) -> int:
-    """The checksum of the book a snapshot makes (computed before it replaces ours)."""
-    b, a = BookSide(True), BookSide(False)
-    for side, levels, text in ((b, bids, texts[0]), (a, asks, texts[1])):
-        for (px, amt), t in zip(levels, text, strict=True):
-            side.set(px, amt, t)
-    return _sides_checksum(b, a)
-
-
 # ---- field helpers ---------------------------------------------------------------------------
 def _ms(v: str | int) -> int:
     """OKX `ts`: milliseconds since the epoch as a digit string (or a JSON integer)."""
@@ -315,7 +309,8 @@ class Okx(Codec):
                                 (self.book_channel, "book" in self.channels)) if want)
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
         self.books = self.stateful("books", BookSync(
-            self, OkxRules(), resubscribe=self._resubscribe, keep_text=True))
+            self, OkxRules(), resubscribe=self._resubscribe, keep_text=True,
+            verify=self._verify))
         self.books.reset(expect=self._book_symbols())
         # Checksum statistics (for tests and diagnostics): verified / absent (0 or missing).
         self.checksums_verified = 0
@@ -513,7 +508,7 @@ class Okx(Codec):
             bids, bid_texts = levels_with_text(d.bids)
             asks, ask_texts = levels_with_text(d.asks)
             msgs.append((bids, asks, (bid_texts, ask_texts), _ms_opt(d.ts), d.seqId,
-                         d.prevSeqId, d.checksum or 0))
+                         d.prevSeqId, d.checksum or None))  # 0: not provided
         if action == "snapshot":
             if msgs:  # one element in practice; if several, the last is the book
                 self._snapshot(sym, *msgs[-1], ts_recv_ns, recv_seq, out)
@@ -523,53 +518,36 @@ class Okx(Codec):
 
     def _snapshot(self, sym: str, bids: Levels, asks: Levels,
                   texts: tuple[TextLevels, TextLevels], ts_event: int | None,
-                  seq: int | None, prev: int | None, crc: int, ts_recv_ns: int,
+                  seq: int | None, prev: int | None, crc: int | None, ts_recv_ns: int,
                   recv_seq: int, out: Output) -> None:
-        if crc != 0:
-            mine = _snapshot_checksum(bids, asks, texts)
-            if mine != crc:
-                self.books.book(sym).asked_ns = None  # the snapshot came: ask again now
-                self._mismatch(sym, crc, mine, f"snapshot seqId={seq}", ts_recv_ns, recv_seq,
-                               out)
-                return
-            self.checksums_verified += 1
-        else:
+        if crc is None:
             self.checksums_absent += 1
         self.books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
                             recv_seq=recv_seq, bids=bids, asks=asks,
                             snapshot_id=NO_SEQ if seq is None else seq, update_id=seq,
-                            texts=texts,
+                            texts=texts, check=crc,
                             detail="snapshot" if seq is None else f"snapshot seqId={seq}")
 
     def _update(self, sym: str, bids: Levels, asks: Levels,
                 texts: tuple[TextLevels, TextLevels], ts_event: int | None, seq: int | None,
-                prev: int | None, crc: int, ts_recv_ns: int, recv_seq: int,
+                prev: int | None, crc: int | None, ts_recv_ns: int, recv_seq: int,
                 out: Output) -> None:
         sid = NO_SEQ if seq is None else seq
         diff = Diff(sid, sid, NO_SEQ if prev is None else prev, seq, ts_event, ts_recv_ns,
-                    bids, asks, 0, texts)
-        start = len(out.book) if out.book is not None else 0
-        if not self.books.diff(sym, diff, out, recv_seq):
-            return  # dropped (not synced), or a break (gap event, resubscribed)
-        if crc == 0:
+                    bids, asks, 0, texts, crc)
+        if self.books.diff(sym, diff, out, recv_seq) and crc is None:
             self.checksums_absent += 1
-            return
-        book = self.books.books[sym]
-        assert book.bids is not None and book.asks is not None
-        mine = _sides_checksum(book.bids, book.asks)
-        if mine != crc:
-            if out.book is not None:
-                out.book.truncate(start)  # not the venue's book: its rows are not written
-            self._mismatch(sym, crc, mine, f"update seqId={seq}", ts_recv_ns, recv_seq, out)
-            return
-        self.checksums_verified += 1
 
-    def _mismatch(self, sym: str, crc: int, mine: int, what: str, ts_recv_ns: int,
-                  recv_seq: int, out: Output) -> None:
-        """Our book is not the venue's: a gap, and a resubscribe for a new snapshot."""
-        self.books.break_sync(sym, out, f"checksum expected={crc} computed={mine} ({what})",
-                              ts_recv_ns, recv_seq)
-        out.drop(DROP_CHECKSUM_MISMATCH)
+    def _verify(self, book: SymbolBook, crc: int, snapshot: bool) -> str | None:
+        """BookSync's `verify`: OKX's checksum of the book as kept against the one sent."""
+        assert book.bids is not None and book.asks is not None
+        mine = checksum(book.bids.top_text(CHECKSUM_DEPTH), book.asks.top_text(CHECKSUM_DEPTH))
+        if mine == crc:
+            self.checksums_verified += 1
+            return None
+        seq = None if book.last_id == NO_SEQ else book.last_id
+        return (f"checksum expected={crc} computed={mine} "
+                f"({'snapshot' if snapshot else 'update'} seqId={seq})")
 
 
 __all__ = ["NO_SEQ", "Okx", "OkxRules", "checksum", "signed_crc32"]
