@@ -178,6 +178,10 @@ class FeedReader:
                     self.log.exception("reader_crashed")
                     self._feed_event(EV_ERROR, reason)
                     await self._interruptible_sleep(CRASH_RESTART_S)
+            # What was handed on but still waits in the outbox (a full queue in `block`
+            # mode: a snapshot and the diffs it released, the last `disconnected` event)
+            # reaches the queue before the task ends - the daemon's STOP goes behind it.
+            await self.outbox.drained()
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
@@ -325,7 +329,8 @@ class FeedReader:
             while True:
                 try:
                     await self._stream(self._ws)
-                    break  # stopping
+                    end.reason = "shutdown"  # stopping (seen between two reads)
+                    break
                 except TransportClosed:
                     if not await self._switch_to_rotated():
                         raise
