@@ -5,6 +5,7 @@ every venue's rules rest on behaviour tested here once."""
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from ingestd.exchanges.base import (
     Output,
     RestRequest,
     StateError,
+    quote_side,
 )
 from ingestd.exchanges.book import (
     AWAITING,
@@ -812,3 +814,35 @@ def test_checked_apply_state_round_trips() -> None:
     d.check = text_sum(sync.book("A"))
     assert fresh.diff("A", d, Output(), 2) and calls == [(d.check, False)]
     assert fresh.state() == sync.state()
+
+
+# ---- Codec: shared config checks and field rules ----------------------------------------------
+def test_check_feed_from_the_venue_declarations() -> None:
+    class Venue(Stub):
+        trade_streams = ("fills",)
+        book_depths = (5, 50)
+        book_depth_note = "the venue's depths"
+        symbol_pattern = re.compile(r"[A-Z]+-[A-Z]+")
+        symbol_spelling = "a venue pair (e.g. 'BTC-USD')"
+
+    def feed(**keys: Any) -> FeedConfig:
+        return FeedConfig(name="f", exchange="stub", symbols=keys.pop("symbols", ("BTC-USD",)),
+                          channels=("book",), **keys)
+
+    assert Venue.check_feed(feed(trade_stream="fills", book_depth=50)) == []
+    assert Venue.check_feed(feed(trade_stream="x", book_depth=7, symbols=("btc",))) == [
+        "trade_stream: 'x' is not one of 'fills'",
+        "book_depth: 7 is not one of 5, 50 (the venue's depths)",
+        "symbols: 'btc' is not a venue pair (e.g. 'BTC-USD')"]
+    assert Stub.check_feed(feed(trade_stream="x", book_depth=7, symbols=("any thing",))) == [
+        "trade_stream: not used by stub", "book_depth: not used by stub"]
+
+
+def test_quote_side_empty_sides_are_null() -> None:
+    assert quote_side("1.5", "2") == (1.5, 2.0)
+    assert quote_side(1.5, 0.0) == (1.5, 0.0)
+    for empty in ((None, None), (None, 1.0), ("0", "0"), ("", ""), (0.0, 0.0), ("0.0", "")):
+        assert quote_side(*empty) == (None, None), empty
+    for bad in (("0", "1"), ("-1", "1"), ("1", "-1"), ("inf", "1"), ("x", "1")):
+        with pytest.raises((BadFrame, ValueError)):
+            quote_side(*bad)

@@ -70,6 +70,7 @@ __all__ = [
     "override_url",
     "parse_levels",
     "price",
+    "quote_side",
     "s_decimal_to_ns",
     "us_to_ns",
 ]
@@ -294,6 +295,14 @@ class Codec(ABC):
     connect_limit: ClassVar[tuple[int, float]] = (5, 1.0)
     # The contract's channels this venue offers (`ingestd check` rejects the others).
     CHANNELS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book")
+    # What `check_feed` accepts: `trade_stream` values (none: the key is not used), the
+    # `book_depth` values (none: not used; `book_depth_note` says what they are), and the
+    # spelling of a symbol (`symbol_pattern`, described by `symbol_spelling`).
+    trade_streams: ClassVar[tuple[str, ...]] = ()
+    book_depths: ClassVar[tuple[int, ...]] = ()
+    book_depth_note: ClassVar[str] = ""
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = None
+    symbol_spelling: ClassVar[str] = ""
     # Version of what `state()` returns; bump when its shape changes.
     STATE_VERSION: ClassVar[int] = 2
 
@@ -311,13 +320,34 @@ class Codec(ABC):
 
     @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
-        """Venue-specific config problems as `key: what is wrong` strings."""
+        """Venue-specific config problems as `key: what is wrong` strings (venues with
+        more rules extend it)."""
         problems = []
-        if feed.trade_stream is not None:
-            problems.append(f"trade_stream: not used by {cls.exchange}")
+        stream, streams = feed.trade_stream, cls.trade_streams
+        if stream is not None and stream not in streams:
+            problems.append(f"trade_stream: {stream!r} is not one of "
+                            f"{', '.join(map(repr, streams))}" if streams
+                            else f"trade_stream: not used by {cls.exchange}")
         if feed.book_depth is not None:
-            problems.append(f"book_depth: not used by {cls.exchange}")
+            problem = cls.book_depth_problem(feed.book_depth)
+            if problem is not None:
+                problems.append(f"book_depth: {problem}")
+        pattern = cls.symbol_pattern
+        if pattern is not None:
+            problems.extend(f"symbols: {sym!r} is not {cls.symbol_spelling}"
+                            for sym in feed.symbols if pattern.fullmatch(sym) is None)
         return problems
+
+    @classmethod
+    def book_depth_problem(cls, depth: int) -> str | None:
+        """What is wrong with a `book_depth` (None: nothing)."""
+        depths = cls.book_depths
+        if depth in depths:
+            return None
+        if not depths:
+            return f"not used by {cls.exchange}"
+        note = f" ({cls.book_depth_note})" if cls.book_depth_note else ""
+        return f"{depth} is not one of {', '.join(map(str, depths))}{note}"
 
     def ws_url(self) -> str:
         """The URL to connect to (with the feed's `url` override applied)."""
@@ -466,6 +496,20 @@ def amount(text: str | bytes | float | int) -> float:
     if not 0.0 <= v < _INF:
         raise BadFrame(f"amount out of range: {text!r}")
     return v
+
+
+def quote_side(px: str | float | None, sz: str | float | None
+               ) -> tuple[float | None, float | None]:
+    """One side of a best bid/ask: (None, None) when the venue reports it empty - absent,
+    or price and size both 0 (or "") - else a checked price and size (a size without a
+    price is BadFrame)."""
+    if px is None or sz is None:
+        return None, None
+    p = float(px) if px != "" else 0.0
+    s = float(sz) if sz != "" else 0.0
+    if p == 0.0 and s == 0.0:
+        return None, None
+    return price(p), amount(s)
 
 
 _MAX_NS = 2**63 - 1

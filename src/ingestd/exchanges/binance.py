@@ -29,6 +29,7 @@ Must not: do I/O, read a clock or log (see exchanges/base.py).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Final
 
@@ -45,6 +46,7 @@ from ingestd.exchanges.base import (
     amount,
     parse_levels,
     price,
+    quote_side,
 )
 from ingestd.exchanges.book import BookSync, Diff
 from ingestd.exchanges.trades import NEW, TradeIds, report_trade
@@ -89,17 +91,6 @@ class _Depth(msgspec.Struct, tag_field="e", tag="depthUpdate", gc=False):
     pu: int = -1
 
 
-class _BookTickerUsdm(msgspec.Struct, tag_field="e", tag="bookTicker", gc=False):
-    s: str
-    b: str
-    B: str
-    a: str
-    A: str
-    u: Id | None = None
-    T: Ms | None = None
-    E: Ms | None = None
-
-
 class _BookTicker(msgspec.Struct, gc=False):
     """Spot `@bookTicker`: no event type, no time."""
 
@@ -111,6 +102,10 @@ class _BookTicker(msgspec.Struct, gc=False):
     u: Id | None = None
     T: Ms | None = None
     E: Ms | None = None
+
+
+class _BookTickerUsdm(_BookTicker, tag_field="e", tag="bookTicker"):
+    """USD-M `@bookTicker`: the same fields, tagged by `e`, with times."""
 
 
 class _ServerShutdown(msgspec.Struct, tag_field="e", tag="serverShutdown", gc=False):
@@ -217,6 +212,9 @@ class BinanceSpot(Codec):
     default_rotate_after_s: ClassVar[float | None] = 82_800.0
     # "300 connections per attempt every 5 minutes per IP".
     connect_limit: ClassVar[tuple[int, float]] = (300, 300.0)
+    trade_streams: ClassVar[tuple[str, ...]] = ("trade", "aggTrade")
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9]+")
+    symbol_spelling: ClassVar[str] = "Binance-native (e.g. 'BTCUSDT')"
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
@@ -231,16 +229,14 @@ class BinanceSpot(Codec):
 
     # ---- config --------------------------------------------------------------------------
     @classmethod
+    def book_depth_problem(cls, depth: int) -> str | None:
+        if 5 <= depth <= cls.max_depth_limit:
+            return None
+        return f"REST snapshot limit must be 5..{cls.max_depth_limit}"
+
+    @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
-        problems = []
-        if feed.trade_stream not in (None, "trade", "aggTrade"):
-            problems.append(f"trade_stream: {feed.trade_stream!r} is not one of "
-                            "'trade', 'aggTrade'")
-        if feed.book_depth is not None and not 5 <= feed.book_depth <= cls.max_depth_limit:
-            problems.append(f"book_depth: REST snapshot limit must be 5..{cls.max_depth_limit}")
-        for sym in feed.symbols:
-            if not (sym.isascii() and sym.isalnum() and sym.upper() == sym):
-                problems.append(f"symbols: {sym!r} is not Binance-native (e.g. 'BTCUSDT')")
+        problems = super().check_feed(feed)
         if len(feed.symbols) * len(feed.channels) > MAX_STREAMS_PER_CONNECTION:
             problems.append(f"symbols: {len(feed.symbols) * len(feed.channels)} streams exceed "
                             f"Binance's {MAX_STREAMS_PER_CONNECTION} per connection")
@@ -348,7 +344,7 @@ class BinanceSpot(Codec):
         out.trades_block().add(sym, t_ms * 1_000_000, ts_recv_ns, recv_seq, str(tid),
                                SELL if buyer_is_maker else BUY, px, qty)
 
-    def _quote(self, d: _BookTicker | _BookTickerUsdm, ts_recv_ns: int, recv_seq: int,
+    def _quote(self, d: _BookTicker, ts_recv_ns: int, recv_seq: int,
                out: Output) -> None:
         sym = d.s
         if sym not in self.symbols:
@@ -362,11 +358,8 @@ class BinanceSpot(Codec):
                 out.drop("duplicate_quote")
                 return
         ts = d.T or d.E
-        bid_px, bid_sz = float(d.b), amount(d.B)
-        ask_px, ask_sz = float(d.a), amount(d.A)
-        # Binance sends zeros for an empty side.
-        bid = (price(bid_px), bid_sz) if bid_px or bid_sz else (None, None)
-        ask = (price(ask_px), ask_sz) if ask_px or ask_sz else (None, None)
+        bid = quote_side(d.b, d.B)  # Binance sends zeros for an empty side
+        ask = quote_side(d.a, d.A)
         out.quotes_block().add(sym, ts * 1_000_000 if ts is not None else None, ts_recv_ns,
                                recv_seq, bid[0], bid[1], ask[0], ask[1])
         if uid is not None:

@@ -284,9 +284,11 @@ class BybitSpot(Codec):
     connect_limit: ClassVar[tuple[int, float]] = (500, 300.0)
     max_args_per_request: ClassVar[int | None] = 10
     book_depths: ClassVar[tuple[int, ...]] = (50, 200, 1000)
+    book_depth_note: ClassVar[str] = ("Bybit orderbook depths; the best bid/ask comes with "
+                                      "channel 'quotes'")
     default_book_depth: ClassVar[int] = 200
-    symbol_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[A-Z0-9]{2,32}")
-    symbol_example: ClassVar[str] = "'BTCUSDT'"
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9]{2,32}")
+    symbol_spelling: ClassVar[str] = "Bybit-native (e.g. 'BTCUSDT')"
     # Spot trade ids are digit strings (integer ids); anything else is kept opaque.
     numeric_trade_ids: ClassVar[bool] = True
 
@@ -336,17 +338,7 @@ class BybitSpot(Codec):
 
     @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
-        problems = []
-        if feed.trade_stream is not None:
-            problems.append(f"trade_stream: not used by {cls.exchange}")
-        if feed.book_depth is not None and feed.book_depth not in cls.book_depths:
-            problems.append(f"book_depth: {feed.book_depth} is not one of "
-                            f"{', '.join(map(str, cls.book_depths))} (Bybit orderbook depths; "
-                            "the best bid/ask comes with channel 'quotes')")
-        for sym in feed.symbols:
-            if cls.symbol_pattern.fullmatch(sym) is None:
-                problems.append(f"symbols: {sym!r} is not Bybit-native "
-                                f"(e.g. {cls.symbol_example})")
+        problems = super().check_feed(feed)
         topics = cls.topics_for(feed.symbols, feed.channels,
                                 feed.book_depth or cls.default_book_depth)
         chars = sum(len(t) for t in topics)
@@ -582,6 +574,6 @@ class BybitLinear(BybitSpot):
     default_ws_url: ClassVar[str] = "wss://stream.bybit.com/v5/public/linear"
     max_args_per_request: ClassVar[int | None] = None
     # USDC contracts are spelled like "BTCPERP" or "BTC-26DEC25".
-    symbol_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[A-Z0-9][A-Z0-9-]{1,31}")
-    symbol_example: ClassVar[str] = "'BTCUSDT', 'BTC-26DEC25'"
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9][A-Z0-9-]{1,31}")
+    symbol_spelling: ClassVar[str] = "Bybit-native (e.g. 'BTCUSDT', 'BTC-26DEC25')"
     numeric_trade_ids: ClassVar[bool] = False

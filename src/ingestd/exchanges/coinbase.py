@@ -85,6 +85,7 @@ from ingestd.exchanges.base import (
     amount,
     iso_to_ns,
     price,
+    quote_side,
 )
 from ingestd.exchanges.book import BookSync, Diff, Levels
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
@@ -99,7 +100,6 @@ DROP_OUT_OF_ORDER: Final = "out_of_order_frame"
 # BTC-USD's full level2 snapshot is ~5 MB (the recorded ETH-USD one 2.5 MB).
 MIN_BOOK_FRAME_BYTES: Final = 8 * 1024 * 1024
 
-_PRODUCT_ID: Final = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
 _TAKER_SIDE: Final = {"SELL": BUY, "BUY": SELL}   # the venue's side is the maker's
 _BOOK_SIDE: Final = {"bid": BID, "offer": ASK, "ask": ASK}
 
@@ -213,15 +213,6 @@ _Run = tuple[int, Levels, Levels]
 _NO_SNAPSHOTS: Final[frozenset[str]] = frozenset()
 
 
-def _quote_side(px: Number, qty: Number) -> tuple[float | None, float | None]:
-    """One side of a ticker's BBO; (None, None) when the venue reports that side empty."""
-    if px == "" or float(px) == 0.0:
-        if qty == "" or float(qty) == 0.0:
-            return None, None
-        raise BadFrame(f"best price empty with quantity {qty!r}")
-    return price(px), amount(qty)
-
-
 def _runs(updates: list[_Level]) -> list[_Run]:
     """An event's levels, validated, as runs of consecutive levels sharing an event_time."""
     runs: list[_Run] = []
@@ -287,6 +278,8 @@ class Coinbase(Codec):
     # Documented: 8 connections/s and 8 unauthenticated messages/s per IP. A connection
     # sends up to 4 subscribe messages, so the message limit allows 2 connections/s.
     connect_limit: ClassVar[tuple[int, float]] = (2, 1.0)
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9]+(?:-[A-Z0-9]+)+")
+    symbol_spelling: ClassVar[str] = "a Coinbase product id (e.g. 'BTC-USD')"
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
@@ -305,10 +298,6 @@ class Coinbase(Codec):
     @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
         problems = super().check_feed(feed)
-        for sym in feed.symbols:
-            if not _PRODUCT_ID.match(sym):
-                problems.append(f"symbols: {sym!r} is not a Coinbase product id "
-                                "(e.g. 'BTC-USD')")
         if "book" in feed.channels and feed.max_frame_bytes < MIN_BOOK_FRAME_BYTES:
             problems.append(f"max_frame_bytes: Coinbase level2 snapshots reach ~5 MB "
                             f"(BTC-USD); use at least {MIN_BOOK_FRAME_BYTES} with 'book'")
@@ -439,8 +428,8 @@ class Coinbase(Codec):
     # ---- quotes ----------------------------------------------------------------------------
     def _quotes(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
         ts = iso_to_ns(msg.timestamp)
-        rows = [(t.product_id, *_quote_side(t.best_bid, t.best_bid_quantity),
-                 *_quote_side(t.best_ask, t.best_ask_quantity))
+        rows = [(t.product_id, *quote_side(t.best_bid, t.best_bid_quantity),
+                 *quote_side(t.best_ask, t.best_ask_quantity))
                 for ev in msg.events for t in ev.tickers]
         stale = self._sequence(msg.sequence_num, _NO_SNAPSHOTS, ts_recv_ns, recv_seq, out)
         want, symbols = self._want_quotes, self.symbols

@@ -71,7 +71,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from itertools import chain
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 import msgspec
 
@@ -85,6 +85,7 @@ from ingestd.exchanges.base import (
     iso_to_ns,
     parse_levels,
     price,
+    quote_side,
 )
 from ingestd.exchanges.book import SYNCED, BookSync, Diff, Levels, SymbolBook, TextLevels
 from ingestd.exchanges.trades import TradeIds, admit_trade
@@ -104,8 +105,6 @@ _REQ_CHANNEL: Final = {REQ_TRADE: "trade", REQ_TICKER: "ticker", REQ_BOOK: "book
                        REQ_UNSUBSCRIBE_BOOK: "book"}
 
 _SIDES: Final = {"buy": BUY, "sell": SELL}
-_ALLOWED_SYMBOL_CHARS: Final = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 _MAX_I64: Final = 2**63 - 1
 TradeId = Annotated[int, msgspec.Meta(ge=0, le=_MAX_I64)]
@@ -176,6 +175,7 @@ class _Heartbeat(msgspec.Struct, tag_field="channel", tag="heartbeat"):
 
 
 _Channel = _BookMsg | _TradeMsg | _TickerMsg | _StatusMsg | _Heartbeat
+_E = TypeVar("_E", _BookData, _Trade, _Ticker)  # the entries of a data message
 
 
 class _Envelope(msgspec.Struct):
@@ -248,6 +248,11 @@ class Kraken(Codec):
     # Kraken's edge (Cloudflare) is reported to allow about 150 connection attempts per
     # rolling 10 minutes per IP; 5 per 20 s can never exceed that.
     connect_limit: ClassVar[tuple[int, float]] = (5, 20.0)
+    book_depths: ClassVar[tuple[int, ...]] = BOOK_DEPTHS
+    book_depth_note: ClassVar[str] = "Kraken's book depths"
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(
+        r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
+    symbol_spelling: ClassVar[str] = "Kraken v2 spelling (BASE/QUOTE, e.g. 'BTC/USD')"
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
@@ -266,19 +271,10 @@ class Kraken(Codec):
     # ---- config --------------------------------------------------------------------------
     @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
-        problems = []
-        if feed.trade_stream is not None:
-            problems.append(f"trade_stream: not used by {cls.exchange}")
-        if feed.book_depth is not None and feed.book_depth not in BOOK_DEPTHS:
-            problems.append(f"book_depth: {feed.book_depth} is not one of Kraken's depths "
-                            f"{', '.join(map(str, BOOK_DEPTHS))}")
+        problems = super().check_feed(feed)
         for sym in feed.symbols:
-            base, sep, quote = sym.partition("/")
-            if (not sep or not base or not quote or "/" in quote
-                    or not set(sym) - {"/"} <= _ALLOWED_SYMBOL_CHARS):
-                problems.append(f"symbols: {sym!r} is not Kraken v2 spelling "
-                                "(BASE/QUOTE, e.g. 'BTC/USD')")
-            elif base == "XBT":
+            base, _, quote = sym.partition("/")
+            if base == "XBT" and cls.symbol_pattern and cls.symbol_pattern.fullmatch(sym):
                 problems.append(f"symbols: {sym!r}: Kraken v2 names bitcoin BTC "
                                 f"(e.g. 'BTC/{quote}'), it refuses XBT pairs")
         return problems
@@ -417,23 +413,12 @@ class Kraken(Codec):
 
     # ---- trades ----------------------------------------------------------------------------
     def _trades(self, msg: _TradeMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        trades = msg.data
-        if not self._want_trades:
-            out.drop(DROP_UNSUBSCRIBED, len(trades))
-            return
+        trades, unsubscribed = self._subscribed(msg.data, self._want_trades)
         if len(trades) > 1:
             trades = sorted(trades, key=lambda t: t.trade_id)  # a snapshot is newest first
-        symbols = self.symbols
-        unsubscribed = 0
-        checked = []
-        for t in trades:
-            if t.symbol not in symbols:
-                unsubscribed += 1
-                continue
-            checked.append((t.symbol,
-                            iso_to_ns(t.timestamp) if t.timestamp is not None else None,
-                            t.trade_id, _SIDES.get(t.side, UNKNOWN), price(t.price),
-                            amount(t.qty) or 0.0))
+        checked = [(t.symbol, iso_to_ns(t.timestamp) if t.timestamp is not None else None,
+                    t.trade_id, _SIDES.get(t.side, UNKNOWN), price(t.price),
+                    amount(t.qty) or 0.0) for t in trades]
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
         # Everything validated: record the ids.
@@ -445,22 +430,21 @@ class Kraken(Codec):
                     block = out.trades_block()
                 block.add(sym, ts, ts_recv_ns, recv_seq, str(tid), side, px, qty)
 
+    def _subscribed(self, entries: list[_E], want: bool) -> tuple[list[_E], int]:
+        """The entries of a frame for the feed's symbols (none if the channel is not
+        wanted), and how many others there are (dropped once the frame is validated)."""
+        if not want:
+            return [], len(entries)
+        symbols = self.symbols
+        kept = [e for e in entries if e.symbol in symbols]
+        return kept, len(entries) - len(kept)
+
     # ---- quotes ----------------------------------------------------------------------------
     def _quotes(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        tickers = msg.data
-        if not self._want_quotes:
-            out.drop(DROP_UNSUBSCRIBED, len(tickers))
-            return
-        symbols = self.symbols
-        unsubscribed = 0
-        rows = []
-        for t in tickers:
-            if t.symbol not in symbols:
-                unsubscribed += 1
-                continue
-            ts = iso_to_ns(t.timestamp) if t.timestamp is not None else None
-            rows.append((t.symbol, ts, *_quote_side(t.bid, t.bid_qty),
-                         *_quote_side(t.ask, t.ask_qty)))
+        tickers, unsubscribed = self._subscribed(msg.data, self._want_quotes)
+        rows = [(t.symbol, iso_to_ns(t.timestamp) if t.timestamp is not None else None,
+                 *quote_side(t.bid, t.bid_qty), *quote_side(t.ask, t.ask_qty))
+                for t in tickers]
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
         if rows:
@@ -470,20 +454,11 @@ class Kraken(Codec):
 
     # ---- order book ------------------------------------------------------------------------
     def _book(self, msg: _BookMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
-        entries = msg.data
-        if not self._want_book:
-            out.drop(DROP_UNSUBSCRIBED, len(entries))
-            return
+        entries, unsubscribed = self._subscribed(msg.data, self._want_book)
         # Validate everything before touching any book.
-        symbols = self.symbols
-        unsubscribed = 0
-        parsed = []
-        for e in entries:
-            if e.symbol not in symbols:
-                unsubscribed += 1
-                continue
-            ts = iso_to_ns(e.timestamp) if e.timestamp is not None else None
-            parsed.append((e.symbol, _levels(e.bids), _levels(e.asks), e.checksum, ts))
+        parsed = [(e.symbol, _levels(e.bids), _levels(e.asks), e.checksum,
+                   iso_to_ns(e.timestamp) if e.timestamp is not None else None)
+                  for e in entries]
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
         snapshot = msg.type == "snapshot"
@@ -539,9 +514,3 @@ class Kraken(Codec):
         assert book.bids is not None and book.asks is not None
         return book.bids.top(), book.asks.top()
 
-
-def _quote_side(px: float | None, sz: float | None) -> tuple[float | None, float | None]:
-    """A best bid or ask; (None, None) when that side is empty (absent or zero)."""
-    if px is None or sz is None or (px == 0 and sz == 0):
-        return None, None
-    return price(px), amount(sz)

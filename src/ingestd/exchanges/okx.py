@@ -121,7 +121,6 @@ SeqId = Annotated[int, msgspec.Meta(ge=NO_SEQ + 1, le=_MAX_I64)]
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=_MAX_I64)]
 
 _SIDES: Final[dict[str | None, str]] = {"buy": BUY, "sell": SELL}
-_INST_ID = re.compile(r"^[A-Z0-9]+(?:-[A-Z0-9]+)+$")
 # "...channel:trades,instId:FOO-BAR doesn't exist..." (code 60018)
 _REFUSED = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w-]+)")
 
@@ -299,6 +298,10 @@ class Okx(Codec):
     default_stale_after_s: ClassVar[float] = 30.0
     # OKX: 3 connection requests per second per IP.
     connect_limit: ClassVar[tuple[int, float]] = (3, 1.0)
+    book_depths: ClassVar[tuple[int, ...]] = tuple(sorted(BOOK_CHANNELS))
+    book_depth_note: ClassVar[str] = "OKX channels books5, books"
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9]+(?:-[A-Z0-9]+)+")
+    symbol_spelling: ClassVar[str] = "an OKX instId (e.g. 'BTC-USDT', 'BTC-USDT-SWAP')"
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
@@ -317,21 +320,6 @@ class Okx(Codec):
         self.checksums_absent = 0
 
     # ---- config ----------------------------------------------------------------------------
-    @classmethod
-    def check_feed(cls, feed: FeedConfig) -> list[str]:
-        problems = []
-        if feed.trade_stream is not None:
-            problems.append(f"trade_stream: not used by {cls.exchange}")
-        if feed.book_depth is not None and feed.book_depth not in BOOK_CHANNELS:
-            problems.append(f"book_depth: {feed.book_depth} is not one of "
-                            f"{', '.join(str(d) for d in sorted(BOOK_CHANNELS))} "
-                            "(OKX channels books5, books)")
-        for sym in feed.symbols:
-            if not _INST_ID.match(sym):
-                problems.append(f"symbols: {sym!r} is not an OKX instId (e.g. 'BTC-USDT', "
-                                "'BTC-USDT-SWAP')")
-        return problems
-
     # ---- connection ------------------------------------------------------------------------
     def args(self) -> list[dict[str, str]]:
         """Every (channel, instId) this feed subscribes to."""
