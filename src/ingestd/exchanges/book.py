@@ -5,17 +5,24 @@ Owns:
   (checksums are computed on the numbers as sent) - for venues that must keep levels
   (checksums, truncation to the subscribed depth, best bid/ask from the book);
 - `BookSync`: the per-symbol state machine every venue's book follows -
-  unsynced -> awaiting a snapshot (from REST, or from the channel after a (re)subscribe)
-  -> synced; diffs received meanwhile are buffered (REST snapshots: bounded by a byte cap
-  per feed; a hit is a `gap` event) or dropped (channel snapshots: the venue sends a new
-  one); the snapshot is written as a snapshot block (rows sharing one recv_seq, followed
-  by a `resync` event after the first sync); buffered diffs are bridged to it by the
-  venue's rule and released in order with their own recv_seq; every later diff must
-  continue the previous one by the venue's rule; a break is a `gap` event and a resync.
-  A snapshot request that fails (no answer, not HTTP, cut short, garbage, an HTTP error)
-  is a `snapshot_failed` event and is retried with capped exponential backoff: a book is
-  never left waiting for an answer that will not come;
-- explicit state (`state()` / `restore()`) of all of it, for journal checkpoints.
+  unsynced -> awaiting a snapshot (from REST, or from the channel: asked for by a
+  resubscribe, or expected because a (re)subscription brings it) -> synced; diffs received
+  meanwhile are buffered (REST snapshots: bounded by a byte cap per feed; a hit is a
+  `gap` event) or dropped (channel snapshots: the venue sends a new one); the snapshot is
+  written as a snapshot block (rows sharing one recv_seq, followed by a `resync` event
+  after the first sync or a gap; the venue may force or suppress it); buffered diffs are
+  bridged to it by the venue's rule and released in order with their own recv_seq;
+  every later diff must continue the previous one by the venue's rule; a break is a
+  `gap` event and a resync (several books broken together are asked for at once).
+  A book is never left waiting: a REST request that fails (no answer, not HTTP, cut
+  short, garbage, an HTTP error) is a `snapshot_failed` event and is retried with capped
+  exponential backoff; a channel snapshot that does not come (SNAPSHOT_WAIT_S of receive
+  time, or SNAPSHOT_WAIT_DROPS dropped diffs) is asked for again, with backoff.
+  Books may keep their levels (truncated to the subscribed depth, the removals written as
+  `amount = 0` rows), be verified after every message by the venue's checksum (a mismatch
+  writes nothing of the message and is a gap), and write no rows at all (a best-bid/ask
+  stream read for quotes);
+- explicit, checked state (`state()` / `restore()`) of all of it, for journal checkpoints.
 
 Must not: know any venue's wire format: venues pass `Diff`s, snapshots and their
 continuity `Rules`; do I/O, read a clock or log.

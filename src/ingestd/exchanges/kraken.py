@@ -416,9 +416,12 @@ class Kraken(Codec):
         trades, unsubscribed = self._subscribed(msg.data, self._want_trades)
         if len(trades) > 1:
             trades = sorted(trades, key=lambda t: t.trade_id)  # a snapshot is newest first
-        checked = [(t.symbol, iso_to_ns(t.timestamp) if t.timestamp is not None else None,
-                    t.trade_id, _SIDES.get(t.side, UNKNOWN), price(t.price),
-                    amount(t.qty) or 0.0) for t in trades]
+        checked = []  # a loop, not a comprehension: cheaper for the usual single trade
+        for t in trades:
+            checked.append((t.symbol,
+                            iso_to_ns(t.timestamp) if t.timestamp is not None else None,
+                            t.trade_id, _SIDES.get(t.side, UNKNOWN), price(t.price),
+                            amount(t.qty) or 0.0))
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
         # Everything validated: record the ids.
@@ -435,6 +438,8 @@ class Kraken(Codec):
         wanted), and how many others there are (dropped once the frame is validated)."""
         if not want:
             return [], len(entries)
+        if len(entries) == 1:  # the common frame: no list to build
+            return (entries, 0) if entries[0].symbol in self.symbols else ([], 1)
         symbols = self.symbols
         kept = [e for e in entries if e.symbol in symbols]
         return kept, len(entries) - len(kept)
@@ -442,9 +447,10 @@ class Kraken(Codec):
     # ---- quotes ----------------------------------------------------------------------------
     def _quotes(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
         tickers, unsubscribed = self._subscribed(msg.data, self._want_quotes)
-        rows = [(t.symbol, iso_to_ns(t.timestamp) if t.timestamp is not None else None,
-                 *quote_side(t.bid, t.bid_qty), *quote_side(t.ask, t.ask_qty))
-                for t in tickers]
+        rows = []
+        for t in tickers:
+            rows.append((t.symbol, iso_to_ns(t.timestamp) if t.timestamp is not None else None,
+                         *quote_side(t.bid, t.bid_qty), *quote_side(t.ask, t.ask_qty)))
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
         if rows:
