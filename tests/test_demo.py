@@ -6,11 +6,9 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
-from ingestd.cli import main
 from tests.support import read_table
 
 
@@ -29,12 +27,16 @@ def suggested_commands(out: str) -> list[tuple[str, str]]:
     return found
 
 
-def test_demo_suggests_a_query_that_runs_after_a_plain_install(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_suggests_a_query_that_runs_after_a_plain_install(tmp_path: Path) -> None:
     root = tmp_path / "demo data"   # a space in the path: the command must quote it
-    assert main(["demo", "--seconds", "2", "--root", str(root),
-                 "--exchange", "binance"]) == 0
-    out = capsys.readouterr().out
+    # The CLI entry, in a process of its own: it configures logging to its stdout.
+    argv = ["demo", "--seconds", "2", "--root", str(root), "--exchange", "binance"]
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from ingestd.cli import main; "
+         f"sys.exit(main({argv!r}))"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
     commands = suggested_commands(out)
     # Every command not explicitly marked as needing something extra must run as printed.
     required = [cmd for header, cmd in commands if "if you have" not in header.lower()]
