@@ -1,6 +1,7 @@
 """One-shot HTTP GET for REST snapshots, native asyncio under one total deadline.
 
-Owns: fetching a URL (http or https, gzip, following redirects) and classifying what came
+Owns: fetching a URL (http or https, gzip, following redirects; GET, or another method
+without a body, e.g. KuCoin's `POST /api/v1/bullet-public` token) and classifying what came
 back as a RestAnswer. A complete HTTP response is an answer whatever its status, body
 included. Anything else is `status 0`, an empty body and `error`, a short text whose first
 word (before the colon) is a stable class:
@@ -62,15 +63,16 @@ def _fail(error: str) -> RestAnswer:
 
 
 async def http_get(url: str, deadline_s: float = 10.0,
-                   max_body_bytes: int = MAX_BODY_BYTES) -> RestAnswer:
-    """GET `url`: the whole exchange (connect, request, body) within `deadline_s`."""
+                   max_body_bytes: int = MAX_BODY_BYTES, method: str = "GET") -> RestAnswer:
+    """GET `url` (or `method`, without a request body): the whole exchange (connect,
+    request, body) within `deadline_s`."""
     bad = _check_url(url)
     if bad is not None:
         return _fail(f"bad_url: {bad}")
     deadline = asyncio.timeout(deadline_s)
     try:
         async with deadline:
-            return await _get(url, max_body_bytes)
+            return await _get(url, max_body_bytes, method)
     except TimeoutError as e:
         if deadline.expired():
             return _fail(f"timeout: no complete answer within {deadline_s:g} s")
@@ -94,7 +96,7 @@ def _check_url(url: str) -> str | None:
     return None
 
 
-async def _get(url: str, max_body_bytes: int) -> RestAnswer:
+async def _get(url: str, max_body_bytes: int, method: str = "GET") -> RestAnswer:
     # A fresh connection per fetch (fetches are rare): nothing to keep or close later.
     # The threaded resolver whether or not aiodns is installed: the system's lookup
     # (/etc/hosts, nsswitch) as for the WebSocket connections; none for an IP literal.
@@ -103,7 +105,7 @@ async def _get(url: str, max_body_bytes: int) -> RestAnswer:
     async with (
         aiohttp.ClientSession(connector=connector, headers=_HEADERS, timeout=_NO_TIMEOUT,
                               trust_env=False) as session,
-        session.get(url) as resp,
+        session.request(method, url) as resp,
     ):
         return await _read_body(resp, max_body_bytes)
 
