@@ -47,6 +47,7 @@ from ingestd.clock import Clock, SeqAllocator
 from ingestd.config import FeedConfig
 from ingestd.exchanges import CODECS
 from ingestd.exchanges.base import Codec, Output, RestRequest
+from ingestd.exchanges.connect import ConnectsAfterRest
 from ingestd.feed.backoff import Backoff
 from ingestd.feed.breaker import Breaker
 from ingestd.feed.intake import Intake
@@ -292,6 +293,23 @@ class FeedReader:
         self._feed_event(EV_ERROR, reason)
         return SessionEnd(reason)
 
+    async def _before_connect(self) -> SessionEnd | None:
+        """A venue whose connection needs a REST answer first (KuCoin's token): fetch it
+        and hand it to the codec. No usable answer is a failed session (backoff)."""
+        codec = self.codec
+        if not isinstance(codec, ConnectsAfterRest):
+            return None
+        req = codec.connect_request()
+        if req is None:
+            return None
+        answer = await http_get(req.url, self.feed.rest_timeout_s, method=req.method)
+        status, body = answer.status, answer.body
+        if answer.error is not None:
+            status, body = 0, answer.error.encode()
+        problem = codec.on_connect_answer(status, body)
+        return None if problem is None else SessionEnd(
+            f"connect request failed: {problem}"[:300])
+
     # ---- one session -----------------------------------------------------------------------
     async def _session(self) -> SessionEnd:
         """Connect, subscribe and stream until the connection ends."""
@@ -299,6 +317,10 @@ class FeedReader:
         st.state = "connecting" if st.connects == 0 else "reconnecting"
         self._interruptible = True
         try:
+            failed = await self._before_connect()
+            if failed is not None:
+                st.last_error = failed.reason
+                return failed
             url = self.codec.ws_url()
             ws = await self._connect(url)
         except asyncio.CancelledError:
