@@ -14,6 +14,7 @@ from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
 from ingestd.exchanges.kraken import Kraken
+from ingestd.exchanges.kucoin import Kucoin
 from ingestd.exchanges.okx import Okx
 
 CODECS: dict[str, type[Codec]] = {
@@ -25,6 +26,7 @@ CODECS: dict[str, type[Codec]] = {
         BybitLinear,
         Coinbase,
         Kraken,
+        Kucoin,
         Okx,
     )
 }
