@@ -11,6 +11,7 @@ from typing import Any
 from ingestd.config import FeedConfig
 from ingestd.exchanges.base import Codec, StateError
 from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
+from ingestd.exchanges.bitstamp import Bitstamp
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
 from ingestd.exchanges.kraken import Kraken
@@ -22,6 +23,7 @@ CODECS: dict[str, type[Codec]] = {
     for cls in (
         BinanceSpot,
         BinanceUsdm,
+        Bitstamp,
         BybitSpot,
         BybitLinear,
         Coinbase,

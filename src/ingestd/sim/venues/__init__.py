@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ingestd.sim.venues.base import Venue
 from ingestd.sim.venues.binance import BinanceSpotVenue, BinanceUsdmVenue
+from ingestd.sim.venues.bitstamp import BitstampVenue
 from ingestd.sim.venues.bybit import BybitLinearVenue, BybitSpotVenue
 from ingestd.sim.venues.coinbase import CoinbaseVenue
 from ingestd.sim.venues.kraken import KrakenVenue
@@ -15,6 +16,7 @@ VENUES: dict[str, type[Venue]] = {
     for cls in (
         BinanceSpotVenue,
         BinanceUsdmVenue,
+        BitstampVenue,
         BybitSpotVenue,
         BybitLinearVenue,
         CoinbaseVenue,
