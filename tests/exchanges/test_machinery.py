@@ -505,6 +505,12 @@ def test_rest_buffer_byte_cap_is_a_gap_and_bounds_memory() -> None:
     assert len(out.requests or []) == 1              # the request already out still counts
     sync.diff("A", diff(4), out, 4)
     assert sync.buffer_bytes == 100
+    # The cap is per feed: B's diffs count against the same bytes.
+    other = Output()
+    sync.diff("B", diff(1), other, 5)
+    sync.diff("B", diff(2), other, 6)                # 300 > 250: B's buffer goes, A's stays
+    assert [(e[0], e[5]) for e in events(other)] == [("B", EV_GAP)]
+    assert sync.buffer_bytes == 100 and len(sync.book("A").buffer) == 1
     # The snapshot that comes is bridged to the diffs after the cap; it is a resync.
     answer = Output()
     assert rest_snap(sync, answer, 10, 3) == 11
