@@ -14,6 +14,7 @@ from ingestd.exchanges.binance import BinanceSpot, BinanceUsdm
 from ingestd.exchanges.bitstamp import Bitstamp
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
+from ingestd.exchanges.deribit import Deribit
 from ingestd.exchanges.kraken import Kraken
 from ingestd.exchanges.kucoin import Kucoin
 from ingestd.exchanges.okx import Okx
@@ -27,6 +28,7 @@ CODECS: dict[str, type[Codec]] = {
         BybitSpot,
         BybitLinear,
         Coinbase,
+        Deribit,
         Kraken,
         Kucoin,
         Okx,

@@ -7,6 +7,7 @@ from ingestd.sim.venues.binance import BinanceSpotVenue, BinanceUsdmVenue
 from ingestd.sim.venues.bitstamp import BitstampVenue
 from ingestd.sim.venues.bybit import BybitLinearVenue, BybitSpotVenue
 from ingestd.sim.venues.coinbase import CoinbaseVenue
+from ingestd.sim.venues.deribit import DeribitVenue
 from ingestd.sim.venues.kraken import KrakenVenue
 from ingestd.sim.venues.kucoin import KucoinVenue
 from ingestd.sim.venues.okx import OkxVenue
@@ -20,6 +21,7 @@ VENUES: dict[str, type[Venue]] = {
         BybitSpotVenue,
         BybitLinearVenue,
         CoinbaseVenue,
+        DeribitVenue,
         KrakenVenue,
         KucoinVenue,
         OkxVenue,
