@@ -32,10 +32,11 @@ Channels (subscribe `{"id","type":"subscribe","topic","privateChannel":false,
   space, so a lost trade cannot be told apart from a book change: no trade gap events).
   `ts_event` = `time` (nanoseconds, exact). `side` is the TAKER's side, as sent: checked
   on the recording (2021-04-25) against the book rebuilt from the REST snapshot and the
-  level2 diffs up to the trade's `sequence - 1`: 12/12 DAPPT-BTC `buy` trades printed at
-  the best ask (sweeping it: 1.117e-7 ... 1.126e-7). The other 6 recorded trades
-  (BCHSV-USDT 2 buy / 3 sell, FET-BTC 1 buy) fall after the recorded level2 window and
-  could not be checked; no `sell` could be checked.
+  level2 diffs up to the trade's `sequence - 1`: 10/10 checkable DAPPT-BTC `buy` trades
+  printed at or above the best ask (sweeping it: 1.117e-7 ... 1.123e-7). The other 8
+  recorded trades (2 DAPPT-BTC buys, BCHSV-USDT 2 buys / 3 sells, FET-BTC 1 buy) fall
+  after the recorded level2 window of their symbol and could not be checked; no `sell`
+  could be checked.
 - `/market/ticker:<syms>` (`trade.ticker`) -> quotes: `bestBid`/`bestBidSize`,
   `bestAsk`/`bestAskSize`, `ts_event` = `time` (ms). The symbol is in the topic only.
   `sequence` (the book's sequence; rises strictly per symbol over the recording) drops a

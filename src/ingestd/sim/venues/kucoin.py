@@ -21,8 +21,9 @@ Owns:
   symbol (the recording is the full book; the real level2_100 holds 100 levels a side).
 
 Fault: `skip_level2_update = N` withholds the N-th level2 frame of every symbol the first
-time it is served, so a client sees a real break in `sequenceStart` continuity. A snapshot
-asked for after that is the venue's book at the last level2 frame served for the symbol,
+time it is served, so a client sees a real break in `sequenceStart` continuity. The first
+snapshot of a symbol is the recorded one (older than the withheld frame: the client syncs,
+then sees the break); a later one is the venue's book at the last level2 frame served,
 SYNTHESIZED from the recording by KuCoin's documented procedure (recorded snapshot +
 every recorded change up to that sequence, withheld ones included, price 0 ignored, size 0
 removing the level; level text as recorded; `time` that of the recorded snapshot): a real
@@ -103,6 +104,7 @@ class KucoinVenue(Venue):
         self._served_once: set[Key] = set()
         self.withheld: dict[str, list[bytes]] = {}   # symbol -> level2 frames withheld
         self.served_end: dict[str, int] = {}        # symbol -> last level2 sequenceEnd served
+        self.snapshot_requests: dict[str, int] = {}  # symbol -> REST snapshots asked for
         self.requests: list[str] = []               # every text frame clients sent
 
     def streams_available(self) -> list[Key]:
@@ -135,7 +137,8 @@ class KucoinVenue(Venue):
             body = self.snapshots.get(symbol)
             if body is None:
                 return None
-            if symbol in self.withheld:
+            self.snapshot_requests[symbol] = asked = self.snapshot_requests.get(symbol, 0) + 1
+            if symbol in self.withheld and asked > 1:
                 return 200, self.synthesized_snapshot(symbol)
             return 200, body
         return None
