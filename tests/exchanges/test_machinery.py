@@ -41,6 +41,7 @@ from ingestd.exchanges.book import (
     BookSync,
     Diff,
     Levels,
+    RestSnapshot,
     SymbolBook,
     TextLevels,
 )
@@ -852,3 +853,32 @@ def test_quote_side_empty_sides_are_null() -> None:
     for bad in (("0", "1"), ("-1", "1"), ("1", "-1"), ("inf", "1"), ("x", "1")):
         with pytest.raises((BadFrame, ValueError)):
             quote_side(*bad)
+
+
+def test_rest_answer_is_the_on_rest_of_a_snapshot_venue() -> None:
+    sync = rest_sync()
+
+    def parse(body: bytes) -> RestSnapshot:
+        d = orjson.loads(body)
+        return RestSnapshot([(float(p), float(q)) for p, q in d["b"]], [], d["id"], d["id"],
+                            detail=f"id={d['id']}")
+
+    out = Output()
+    sync.diff("A", diff(5, 6, bids=[(1.0, 2.0)]), out, 1)
+    [req] = out.requests or []
+    failed = sync.rest_answer(req, 503, b"busy" * 100, TS, 2, parse)
+    [(_, _, _, seq, _, event, detail)] = failed.rows("events")
+    assert (seq, event) == (2, EV_SNAPSHOT_FAILED) and detail.startswith("snapshot HTTP 503: busy")
+    assert failed.requests and failed.requests[0].delay_s == SNAPSHOT_RETRY_MIN_S
+    nothing = sync.rest_answer(req, 0, b"timeout", TS, 3, parse)
+    assert nothing.rows("events")[0][6].startswith("snapshot no answer: timeout")
+    for garbage in (b"{", b"[]", b'{"b": [["x", "1"]], "id": 1}'):
+        bad = sync.rest_answer(req, 200, garbage, TS, 4, parse)
+        assert bad.rows("events")[0][6].startswith("bad snapshot: "), garbage
+        assert bad.book is None and bad.requests
+    good = sync.rest_answer(req, 200, b'{"b": [["1.5", "1"]], "id": 5}', TS, 10, parse)
+    assert good.last_seq == 11 and sync.synced("A")
+    assert book_rows(good) == [(10, True, "bid", 1.5, 1.0, 5), (11, False, "bid", 1.0, 2.0, 6)]
+    # A late answer (the book is no longer waiting) changes nothing.
+    late = sync.rest_answer(req, 200, b'{"b": [], "id": 9}', TS, 20, parse)
+    assert not late.has_rows and late.last_seq == 0 and sync.book("A").last_id == 6

@@ -48,7 +48,7 @@ from ingestd.exchanges.base import (
     price,
     quote_side,
 )
-from ingestd.exchanges.book import BookSync, Diff
+from ingestd.exchanges.book import BookSync, Diff, RestSnapshot
 from ingestd.exchanges.trades import NEW, TradeIds, report_trade
 from ingestd.schema import BUY, SELL
 
@@ -222,7 +222,7 @@ class BinanceSpot(Codec):
         self.depth_limit = feed.book_depth or self.default_depth_limit
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
         self.quote_ids = self.stateful("quotes", _QuoteIds())
-        self.books = self.stateful("books", BookSync(
+        self.books: BookSync = self.stateful("books", BookSync(
             self, self.rules(), snapshot_request=self._snapshot_url))
         self._want_book = "book" in self.channels
         self._want_trades = "trades" in self.channels
@@ -384,30 +384,15 @@ class BinanceSpot(Codec):
 
     def on_rest(self, request: RestRequest, status: int, body: bytes,
                 ts_recv_ns: int, recv_seq: int) -> Output:
-        out = self.new_output()
-        sym = request.key
-        books = self.books
-        if not books.awaiting(sym):
-            return out  # a late answer for a connection that is gone
-        if status != 200:
-            what = (f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}" if status
-                    else f"no answer: {body[:200].decode('utf-8', 'replace')}")
-            books.snapshot_failed(sym, out, f"snapshot {what}", ts_recv_ns, recv_seq)
-            return out
-        try:
-            snap = orjson.loads(body)
-            last_id = int(snap["lastUpdateId"])
-            bids, asks = parse_levels(snap["bids"]), parse_levels(snap["asks"])
-            ts_event = self._snapshot_time(snap)
-        except Exception as e:  # the decode policy: garbage is a failed snapshot
-            books.snapshot_failed(sym, out, f"bad snapshot: {type(e).__name__}: {e}"[:200],
-                                  ts_recv_ns, recv_seq)
-            return out
-        out.last_seq = books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
-                                      recv_seq=recv_seq, bids=bids, asks=asks,
-                                      snapshot_id=last_id, update_id=last_id,
-                                      detail=f"snapshot lastUpdateId={last_id}")
-        return out
+        return self.books.rest_answer(request, status, body, ts_recv_ns, recv_seq,
+                                      self._parse_snapshot)
+
+    def _parse_snapshot(self, body: bytes) -> RestSnapshot:
+        snap = orjson.loads(body)
+        last_id = int(snap["lastUpdateId"])
+        return RestSnapshot(parse_levels(snap["bids"]), parse_levels(snap["asks"]), last_id,
+                            last_id, self._snapshot_time(snap),
+                            f"snapshot lastUpdateId={last_id}")
 
 
 class BinanceUsdm(BinanceSpot):

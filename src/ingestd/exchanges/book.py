@@ -287,6 +287,20 @@ def _text_levels(raw: Any, levels: Levels) -> TextLevels:
     return texts
 
 
+@dataclass(frozen=True, slots=True)
+class RestSnapshot:
+    """A REST snapshot answer as a venue's parser read it (see `BookSync.rest_answer`)."""
+
+    bids: Levels
+    asks: Levels
+    snapshot_id: int | None        # what the rules bridge buffered diffs from
+    update_id: int | None          # the `update_id` column of its rows
+    ts_event_ns: int | None = None
+    detail: str | None = None      # the resync event's detail
+    texts: tuple[TextLevels, TextLevels] | None = None
+    check: int | None = None
+
+
 class Rules(Protocol):
     """A venue's continuity rules for sequenced diffs (see BinanceRules for an example)."""
 
@@ -535,6 +549,33 @@ class BookSync:
         self.codec.ev(out, EV_SNAPSHOT_FAILED, ts_recv_ns, recv_seq, symbol,
                       f"{reason}; attempt {b.attempts}, retrying")
         self._request((symbol,), out, ts_recv_ns)
+
+    def rest_answer(self, request: RestRequest, status: int, body: bytes, ts_recv_ns: int,
+                    recv_seq: int, parse: Callable[[bytes], RestSnapshot]) -> Output:
+        """A REST venue's `Codec.on_rest` for a snapshot request: an answer for a book
+        no longer waiting is ignored; no answer, an HTTP error or a body `parse` cannot
+        read (any exception: the decode policy) is `snapshot_failed`; else the snapshot,
+        its buffered diffs released after it (`Output.last_seq`)."""
+        out = self.codec.new_output()
+        symbol = request.key
+        if not self.awaiting(symbol):
+            return out  # a late answer for a connection that is gone
+        if status != 200:
+            text = body[:200].decode("utf-8", "replace")
+            self.snapshot_failed(symbol, out, f"snapshot HTTP {status}: {text}" if status
+                                 else f"snapshot no answer: {text}", ts_recv_ns, recv_seq)
+            return out
+        try:
+            snap = parse(body)
+        except Exception as e:  # the decode policy: garbage is a failed snapshot
+            self.snapshot_failed(symbol, out, f"bad snapshot: {type(e).__name__}: {e}"[:200],
+                                 ts_recv_ns, recv_seq)
+            return out
+        out.last_seq = self.snapshot(
+            symbol, out, ts_event_ns=snap.ts_event_ns, ts_recv_ns=ts_recv_ns,
+            recv_seq=recv_seq, bids=snap.bids, asks=snap.asks, snapshot_id=snap.snapshot_id,
+            update_id=snap.update_id, texts=snap.texts, check=snap.check, detail=snap.detail)
+        return out
 
     def requested(self, symbol: str) -> bool:
         """Waiting for a snapshot this codec asked for (not one a subscription brings)."""
