@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -139,15 +138,22 @@ class DeribitVenue(Venue):
         def error(rid: object, code: int, message: str, data: Any = None) -> bytes:
             return answer(rid, error={"code": code, "message": message, "data": data})
 
-        def live(frames: list[bytes], tokens: dict[str, object]) -> Iterator[bytes]:
-            for frame in frames:
+        async def serve(channels: list[str], tokens: dict[str, object]) -> None:
+            # Paced like `conn.send_stream`, but the subscription is checked right before
+            # each frame goes out (after the pacing sleep): nothing of a channel follows
+            # its unsubscribe, so nothing of an old subscription follows the new snapshot.
+            frames = merge_streams([self._frames_for(c) for c in channels])
+            rate = conn.server.rate_msgs_s
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for i, frame in enumerate(frames):
+                if rate:
+                    delay = t0 + i / rate - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 channel = self.channel_of[frame]
                 if active.get(channel) is tokens[channel]:
-                    yield frame
-
-        async def serve(channels: list[str], tokens: dict[str, object]) -> None:
-            frames = merge_streams([self._frames_for(c) for c in channels])
-            await conn.send_stream(live(frames, tokens))
+                    await conn.send(frame)
 
         async def beat(interval_s: float) -> None:
             nonlocal awaiting_test
