@@ -10,9 +10,11 @@ even after a restart), acks (`subscribed` events per channel; a channel missing 
 ack's result is one Deribit did not subscribe - an unknown instrument - and is a `refused`
 event; a JSON-RPC `error` answering a subscribe refuses its channels), typed msgspec
 structs per notification kind, and the decoding of these channels, all with the feed's
-interval (`trade_stream`: "100ms", the default and the only one Deribit serves to
-unauthenticated connections since 2024-25; "raw" - refused without authorization with
-error 13778, which this codec does not do, used by the 2021 recordings; "agg2"):
+notification interval. The config has no key for an interval, so this venue reads the
+shared `trade_stream` key as the interval of every channel it subscribes: "100ms" (the
+default), "agg2", or "raw" (what the 2021 recordings used; since 2024-25 Deribit refuses
+it to unauthorized connections - error 13778, a `refused` event - and this codec does not
+authenticate):
 
 - `trades.<inst>.<interval>` -> trades (and liquidations). `side` = `direction`, which
   Deribit documents as the taker's direction. Checked on the recorded data: no recording
