@@ -853,7 +853,7 @@ async def test_connect_token_is_fetched_by_post_before_each_connection(root: Any
             daemon = await run_daemon(
                 make_config(root, [feed]),
                 lambda d: "kucoin-test" in d.feed_stats
-                and d.feed_stats["kucoin-test"].rows["trades"] >= 12, timeout_s=20)
+                and d.feed_stats["kucoin-test"].rows["trades"] >= 12, timeout_s=45)
         finally:
             await runner.cleanup()
     assert methods[:2] == ["POST", "POST"] and set(methods[2:]) == {"GET"}
