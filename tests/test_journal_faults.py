@@ -151,6 +151,9 @@ async def journal_close(work: Path) -> dict[str, Any]:
     s["unwritten_bytes"] = await asyncio.wait_for(
         journal.close(removable=True, timeout_s=0.5), 30)
     s["closed"] = True
+    # An attempt started before the bound may still be running (a process's exit waits
+    # for it): what the disk holds is known once it is over.
+    await _wait_for(lambda: not journal.writing, 10)
     s["journal_kept"] = journal.dir.is_dir()
     s["segments"] = len(iter_segments(journal.dir))
     durable = durable_frames(data)
@@ -194,6 +197,7 @@ async def daemon_shutdown(work: Path) -> dict[str, Any]:
         # Unbounded, this would never return while the disk stays full.
         s["exit_code"] = await asyncio.wait_for(task, SHUTDOWN_TIMEOUT_S + 5.0)
         s["stopped"] = True
+        await _wait_for(lambda: not journal.writing, 10)
         s["journals_kept"] = sum(1 for _ in (data / ".journal").iterdir())
         s["durable"] = {str(k): v.decode() for k, v in durable_frames(data).items()}
         (data / "filler").unlink()

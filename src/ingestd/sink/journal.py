@@ -332,8 +332,9 @@ class Journal:
         """Flush and fsync everything, retrying failed writes for at most `timeout_s`
         (None: until it succeeds); then, if `removable` (every row committed) and nothing
         is left unwritten, retire our segments (deleted, or kept as raw frames). Returns
-        the bytes that could not be written: then the journal stays where it is, for the
-        next start to replay what did reach the disk."""
+        the bytes not confirmed written when the bound passed (an attempt still running
+        then may yet write some: see `writing`): then the journal stays where it is, for
+        the next start to replay what did reach the disk."""
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -448,6 +449,12 @@ class Journal:
               detail: str | None) -> None:
         self._append(EVENT, _FEED_TS_SEQ.pack(fid, ts, seq) + orjson.dumps([event, detail]),
                      feed, seq)
+
+    @property
+    def writing(self) -> bool:
+        """A write attempt is running in the journal's thread (after a bounded close, one
+        started before the bound may still be: the process's exit waits for it)."""
+        return self._writing is not None
 
     @property
     def full(self) -> bool:
