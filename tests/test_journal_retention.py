@@ -137,6 +137,24 @@ async def test_rows_waiting_in_the_queue_keep_their_segment(tmp_path: Path) -> N
     await p.close()
 
 
+async def test_rows_of_a_feed_removed_by_a_reload_keep_their_segment(tmp_path: Path) -> None:
+    """A reload stops a feed (its reader is gone) while its last rows still wait in the
+    queue: the journal's watermark of that feed stands in for the reader's."""
+    p = Pipeline(tmp_path / "data")
+    reader = p.reader(trade_feed(p.root, ["ZILUSDT", "DENTUSDT"]))
+    frames = list(recorded_frames("binance_spot", "aggTrade.jsonl"))
+    for i in range(0, 20, 4):
+        reader.ingest(time.time_ns(), frames[i:i + 4])
+    del p.readers["spot"]          # what the daemon's reload does with a removed feed
+    p.journal.unregister("spot")
+    await p.rotate()
+    assert p.deletable() == [], "a removed feed's queued rows lost their segment"
+    p.start_writer()
+    await until(lambda: p.wstats.files_written > 0 and p.all_committed())
+    assert p.deletable() == iter_segments(p.journal.dir)[:1]
+    await p.close()
+
+
 async def test_frames_without_rows_do_not_pin_the_journal(tmp_path: Path) -> None:
     """Once every row is committed, a segment whose frames produced no rows (here another
     symbol's trades, dropped; in production heartbeats) can go: a quiet feed must not
