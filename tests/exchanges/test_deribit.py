@@ -840,8 +840,7 @@ async def test_daemon_lands_exactly_what_the_venue_served(root: Path) -> None:
         ("BTC-PERPETUAL", "137487242", "buy", 56168.0, 60.0, 1616321478553_000_000)]
     assert read_table(root, "quotes").height == 51
     deriv = read_table(root, "derivatives")
-    # Options carry no funding. Rows of reads whose only rows are derivatives are lost by
-    # the reader today (see the xfail test below), so only the upper bound holds here.
+    # Options carry no funding (every row lands: see the derivatives-only test below).
     assert 0 < deriv.height <= 150 and deriv["funding_rate"].null_count() == deriv.height
     book = read_table(root, "book")
     rows = list(book.select("symbol", pl.col("ts_event").dt.epoch("ns"), "ts_recv",
@@ -901,11 +900,6 @@ async def test_daemon_heals_a_real_break_by_resubscribing(root: Path) -> None:
     assert rebuild_books(rows) == {s: b for s, b in expected.items() if b["bid"] or b["ask"]}
 
 
-@pytest.mark.xfail(reason="feed/reader.py `_hand_on` pushes an Output only when it has "
-                          "trades/quotes/book/events rows: a read whose only rows are "
-                          "derivatives (a ticker whose best bid/ask did not change) or "
-                          "liquidations is never queued, and its rows are lost",
-                   strict=False)
 async def test_daemon_lands_every_derivatives_and_liquidations_row(root: Path) -> None:
     async with SimServer("deribit", rate_msgs_s=3000) as sim:
         feed = feed_for(sim, symbols=list(OPTIONS), channels=["derivatives"],

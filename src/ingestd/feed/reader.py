@@ -498,11 +498,10 @@ class FeedReader:
             st.drops.update(out.drops)
         rows = st.rows
         has_rows = False
-        t = out.trades
-        if t is not None:
-            rows["trades"] += len(t)
-            has_rows = True
-        for block in (out.quotes, out.book, out.events):
+        # Every table: a read whose only rows are derivatives or liquidations is handed on
+        # like any other (a fixed list of tables once lost them silently).
+        for block in (out.trades, out.quotes, out.book, out.events, out.derivatives,
+                      out.liquidations):
             if block is not None:
                 rows[block.TABLE] += len(block)
                 has_rows = True
