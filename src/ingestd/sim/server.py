@@ -23,6 +23,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ingestd.sim.merge import merge_streams
 from ingestd.sim.venues import VENUES, Venue
 
 
@@ -298,17 +299,6 @@ class SimServer:
             pass
         finally:
             self._conns.discard(ws)
-
-
-def merge_streams(streams: list[list[bytes]]) -> list[bytes]:
-    """Interleave recorded per-stream sequences by their relative position in each.
-
-    Each sequence keeps its own order; sequences of different lengths spread evenly.
-    """
-    keyed = [((i + 0.5) / len(seq), j, i, frame)
-             for j, seq in enumerate(streams) for i, frame in enumerate(seq)]
-    keyed.sort(key=lambda k: (k[0], k[1], k[2]))
-    return [k[3] for k in keyed]
 
 
 __all__ = ["Faults", "SimConn", "SimServer", "merge_streams"]

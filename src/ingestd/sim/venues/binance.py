@@ -60,7 +60,7 @@ class BinanceSpotVenue(Venue):
         return sorted(self.by_stream)
 
     def timeline(self) -> list[tuple[str, bytes]]:
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         streams = sorted(self.by_stream)
         keyed = merge_streams([[b"%d" % i + b" " + f for f in self.by_stream[s]]
@@ -81,7 +81,7 @@ class BinanceSpotVenue(Venue):
         return 200, body
 
     async def session(self, conn: SimConn) -> None:
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         query = parse_qs(urlsplit(conn.path).query)
         requested = [s for s in (query.get("streams") or [""])[0].split("/") if s]

@@ -88,7 +88,7 @@ class BitstampVenue(Venue):
 
     def timeline(self) -> list[tuple[str, bytes]]:
         """Live mode: every recorded frame, channels interleaved, keyed by channel."""
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         channels = sorted(self.by_channel)
         return [(self.channel_of[f], f)

@@ -224,7 +224,7 @@ class BybitSpotVenue(BybitLinearVenue):
 
 def _merge(per_topic: list[list[tuple[str, int, bytes]]]) -> list[tuple[str, int, bytes]]:
     """`merge_streams` over (topic, generation, frame) items, keeping each topic's order."""
-    from ingestd.sim.server import merge_streams  # the server imports the venue registry
+    from ingestd.sim.merge import merge_streams
 
     # merge_streams works on bytes: merge keys and map them back.
     index: dict[bytes, tuple[str, int, bytes]] = {}

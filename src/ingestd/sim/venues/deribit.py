@@ -106,7 +106,7 @@ class DeribitVenue(Venue):
 
     def timeline(self) -> list[tuple[str, bytes]]:
         """Live mode: every recorded notification, channels interleaved, with its channel."""
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         channels = sorted(self.by_channel)
         return [(self.channel_of[f], f)
@@ -122,7 +122,7 @@ class DeribitVenue(Venue):
         return without_nth(frames, n, b'"type":"change"')
 
     async def session(self, conn: SimConn) -> None:
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         active: dict[str, object] = {}
         serving: list[asyncio.Task[None]] = []

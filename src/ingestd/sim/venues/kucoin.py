@@ -116,7 +116,7 @@ class KucoinVenue(Venue):
 
     def timeline(self) -> list[tuple[str, bytes]]:
         """Live mode: every recorded frame, streams interleaved, with its topic."""
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         keys = sorted(self.by_key)
         return [(self.topic(self.key_of[f]), f)
@@ -188,7 +188,7 @@ class KucoinVenue(Venue):
             self.served_end[sym] = max(end, self.served_end.get(sym, 0))
 
     async def session(self, conn: SimConn) -> None:
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         parts = urlsplit(conn.path)
         query = parse_qs(parts.query)

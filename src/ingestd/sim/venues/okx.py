@@ -79,7 +79,7 @@ class OkxVenue(Venue):
 
     def timeline(self) -> list[tuple[str, bytes]]:
         """Live mode: every recorded frame, streams interleaved, with its `channel:instId`."""
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         keys = sorted(self.by_key)
         return [(self.live_key(self.key_of[f]), f)
@@ -95,7 +95,7 @@ class OkxVenue(Venue):
         return without_nth(frames, n, b'"action":"update"')
 
     async def session(self, conn: SimConn) -> None:
-        from ingestd.sim.server import merge_streams
+        from ingestd.sim.merge import merge_streams
 
         conn_id = f"{conn.conn_id:08x}"
         public = conn.path.split("?", 1)[0].rstrip("/") == PUBLIC_PATH
