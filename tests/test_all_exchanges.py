@@ -58,4 +58,5 @@ async def test_all_seven_exchanges_land_trades_quotes_and_books(root: Path) -> N
     # Every book starts with a snapshot block, then deltas in recv_seq order.
     first = book.sort("recv_seq").group_by(["exchange", "symbol"], maintain_order=True).first()
     assert first["is_snapshot"].all()
-    assert read_table(root, "events").filter(pl.col("event") == "connected").height == len(CONTRACT_IDS)
+    connected = read_table(root, "events").filter(pl.col("event") == "connected")
+    assert connected.height == len(CONTRACT_IDS)
