@@ -375,3 +375,65 @@ def test_mutated_real_frames_never_raise_or_emit_bad_rows(idx: int, path: list[i
     mutated = orjson.dumps(_mutate(orjson.loads(ALL_FRAMES[idx]), path, value))
     _check(c.parse(mutated, 2, 2))
 
+
+
+# ---- USD-M derivatives and liquidations ------------------------------------------------------
+def test_usdm_mark_price_derivatives_golden() -> None:
+    recorded = frames("binance_usdm", "markPrice.jsonl")
+    c = codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"])
+    rows = []
+    for i, f in enumerate(recorded):
+        out = c.parse(f, 10 + i, 100 + i)
+        assert out.error is None
+        rows.extend(out.rows("derivatives"))
+    # l.2 is `!markPrice@arr`: its ETHUSDT entry is not subscribed, dropped and counted.
+    assert c.parse(recorded[1], 1, 1).drops == {"unsubscribed_symbol": 1}
+    assert rows == [
+        ("BTCUSDT", 1617308820003_000_000, 10, 100, 58940.14924532, 58857.26693664,
+         0.00058455, None, None, 1617321600000_000_000),
+        ("BTCUSDT", 1617309024002_000_000, 11, 101, 59022.53514719, 58936.68384,
+         0.00058959, None, None, 1617321600000_000_000),
+        ("BTCUSDT", 1771263510000_000_000, 12, 102, 68005.80802899, 68035.14043478,
+         -0.00004435, None, None, 1771286400000_000_000)]
+
+
+def test_usdm_force_order_liquidations_golden() -> None:
+    recorded = frames("binance_usdm", "forceOrder.jsonl")
+    c = codec(BinanceUsdm, ["MANTAUSDT", "XRPUSDT"], ["liquidations"])
+    rows = []
+    for i, f in enumerate(recorded):
+        out = c.parse(f, 10 + i, 100 + i)
+        assert out.error is None
+        rows.extend(out.rows("liquidations"))
+    # Side = o.S (the order), price = o.p (not o.ap), amount = o.z; BTCUSDT of
+    # `!forceOrder@arr` is not subscribed.
+    assert rows == [
+        ("MANTAUSDT", 1791091026103_000_000, 10, 100, "sell", 0.07115, 2049.1, None),
+        ("XRPUSDT", 1791091174219_000_000, 11, 101, "buy", 1.4984, 127.2, None)]
+    assert c.parse(recorded[2], 1, 1).drops == {"unsubscribed_symbol": 1}
+
+
+def test_usdm_derivative_streams_and_state() -> None:
+    c = codec(BinanceUsdm, ["BTCUSDT"], ["trades", "derivatives", "liquidations"])
+    assert c.ws_url().endswith(
+        "?streams=btcusdt@trade/btcusdt@markPrice@1s/btcusdt@forceOrder")
+    c.parse(frames("binance_usdm", "markPrice.jsonl")[0], 1, 1)
+    again = codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"])
+    again.restore(json.loads(json.dumps(c.state())))
+    out = again.parse(frames("binance_usdm", "markPrice.jsonl")[2], 2, 2)
+    assert out.rows("derivatives")[0][4] == 68005.80802899
+
+
+def test_spot_does_not_offer_derivatives_or_liquidations() -> None:
+    from ingestd.checks import parse_config as check_config
+    from ingestd.config import ConfigError
+    for channel in ("derivatives", "liquidations"):
+        with pytest.raises(ConfigError) as e:
+            check_config({"storage": {"root": "/x"}, "feeds": [
+                {"name": "b", "exchange": "binance", "symbols": ["BTCUSDT"],
+                 "channels": ["trades", channel]}]})
+        assert channel in str(e.value.problems)
+    check_config({"storage": {"root": "/x"}, "feeds": [
+        {"name": "b", "exchange": "binance-usdm", "symbols": ["BTCUSDT"],
+         "channels": ["derivatives", "liquidations"]}]})
+    assert "derivatives" in BinanceUsdm.CHANNELS and "liquidations" in BinanceUsdm.CHANNELS

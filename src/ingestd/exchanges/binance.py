@@ -49,6 +49,7 @@ from ingestd.exchanges.base import (
     quote_side,
 )
 from ingestd.exchanges.book import BookSync, Diff, RestSnapshot
+from ingestd.exchanges.derivs import LatestValues
 from ingestd.exchanges.trades import NEW, TradeIds, report_trade
 from ingestd.schema import BUY, SELL
 
@@ -112,7 +113,34 @@ class _ServerShutdown(msgspec.Struct, tag_field="e", tag="serverShutdown", gc=Fa
     E: Ms
 
 
-_Payload = _Trade | _AggTrade | _Depth | _BookTickerUsdm | _ServerShutdown
+class _MarkPrice(msgspec.Struct, tag_field="e", tag="markPriceUpdate", gc=False):
+    """USD-M `@markPrice@1s`: mark `p`, index `i`, funding `r` paid at `T`."""
+
+    s: str
+    E: Ms
+    p: str
+    i: str
+    r: str
+    T: Ms
+
+
+class _LiquidationOrder(msgspec.Struct, gc=False):
+    s: str
+    S: str
+    p: str
+    z: str
+    T: Ms
+
+
+class _ForceOrder(msgspec.Struct, tag_field="e", tag="forceOrder", gc=False):
+    """USD-M `@forceOrder`: the liquidation order `o` (side `S`, price `p`, filled `z`)."""
+
+    E: Ms
+    o: _LiquidationOrder
+
+
+_Payload = (_Trade | _AggTrade | _Depth | _BookTickerUsdm | _ServerShutdown | _MarkPrice
+            | _ForceOrder)
 
 
 class _Envelope(msgspec.Struct, gc=False):
@@ -129,7 +157,9 @@ _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _TICKER_ENVELOPE = msgspec.json.Decoder(_TickerEnvelope)
 _KINDS: Final[dict[str, type[msgspec.Struct]]] = {
     "trade": _Trade, "aggTrade": _AggTrade, "depthUpdate": _Depth,
-    "bookTicker": _BookTickerUsdm, "serverShutdown": _ServerShutdown}
+    "bookTicker": _BookTickerUsdm, "serverShutdown": _ServerShutdown,
+    "markPriceUpdate": _MarkPrice, "forceOrder": _ForceOrder}
+_LIQUIDATION_SIDES: Final = {"BUY": BUY, "SELL": SELL}
 
 
 # ---- continuity rules ----------------------------------------------------------------------
@@ -303,15 +333,36 @@ class BinanceSpot(Codec):
             self.ev(out, "server_shutdown", ts_recv_ns, recv_seq, None,
                     "venue announced shutdown", data.E * 1_000_000)
             out.reconnect = "serverShutdown"
+        elif cls is _MarkPrice:
+            self._mark_price(data, ts_recv_ns, recv_seq, out)
+        elif cls is _ForceOrder:
+            self._force_order(data, ts_recv_ns, recv_seq, out)
+        elif cls is list:  # `!markPrice@arr`: every symbol's update in one frame
+            for item in data:
+                if not isinstance(item, _MarkPrice):
+                    raise BadFrame("array stream item is not a markPriceUpdate")
+                self._mark_price(item, ts_recv_ns, recv_seq, out)
+
+    def _mark_price(self, d: _MarkPrice, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        """Overridden by USD-M (spot has no mark price stream)."""
+        out.unknown += 1
+
+    def _force_order(self, d: _ForceOrder, ts_recv_ns: int, recv_seq: int,
+                     out: Output) -> None:
+        """Overridden by USD-M (spot has no liquidation stream)."""
+        out.unknown += 1
 
     def _generic(self, frame: bytes | str, ts_recv_ns: int, recv_seq: int,
-                 out: Output) -> msgspec.Struct | None:
+                 out: Output) -> msgspec.Struct | list[Any] | None:
         """Frames off the fast path: payloads without the envelope, acks, errors, unknown
         kinds, and bad frames (which raise here with a precise reason)."""
         msg = orjson.loads(frame)
         if not isinstance(msg, dict):
             raise BadFrame("not a JSON object")
         data = msg.get("data", msg)
+        if isinstance(data, list):  # `!markPrice@arr`
+            return msgspec.convert(data, list[_MarkPrice])
         if not isinstance(data, dict):
             raise BadFrame("data is not an object")
         kind = data.get("e")
@@ -396,7 +447,13 @@ class BinanceSpot(Codec):
 
 
 class BinanceUsdm(BinanceSpot):
-    """USD-M futures: `pu` continuity, `/fapi/v1/depth`, transaction time `T` on everything."""
+    """USD-M futures: `pu` continuity, `/fapi/v1/depth`, transaction time `T` on everything;
+    `<sym>@markPrice@1s` -> derivatives (mark `p`, index `i`, funding `r` paid at `T`,
+    event time `E`) and `<sym>@forceOrder` -> liquidations (side `o.S`, the order's side;
+    price `o.p`, not the average `o.ap`; amount `o.z`, the filled quantity; time `o.T`).
+    The all-market `!markPrice@arr` / `!forceOrder@arr` are decoded too; rows of symbols
+    not subscribed are dropped. Open interest (REST `/fapi/v1/openInterest`, Binance has
+    no WS stream for it) is not polled: `open_interest` stays null."""
 
     exchange: ClassVar[str] = "binance-usdm"
     default_ws_url: ClassVar[str] = "wss://fstream.binance.com/stream"
@@ -404,6 +461,50 @@ class BinanceUsdm(BinanceSpot):
     depth_path: ClassVar[str] = "/fapi/v1/depth"
     max_depth_limit: ClassVar[int] = 1000
     rules: ClassVar[type[SpotRules] | type[UsdmRules]] = UsdmRules
+    CHANNELS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "derivatives",
+                                           "liquidations")
+
+    def __init__(self, feed: FeedConfig) -> None:
+        super().__init__(feed)
+        self.derivs: LatestValues = self.stateful("derivatives", LatestValues())
+        self._want_derivs = "derivatives" in self.channels
+        self._want_liquidations = "liquidations" in self.channels
+
+    def streams(self) -> list[str]:
+        names = super().streams()
+        for sym in self.feed.symbols:
+            low = sym.lower()
+            if self._want_derivs:
+                names.append(f"{low}@markPrice@1s")
+            if self._want_liquidations:
+                names.append(f"{low}@forceOrder")
+        return names
+
+    def _mark_price(self, d: _MarkPrice, ts_recv_ns: int, recv_seq: int,
+                    out: Output) -> None:
+        sym = d.s
+        if sym not in self.symbols or not self._want_derivs:
+            out.drop(DROP_UNSUBSCRIBED)
+            return
+        mark, index, funding = price(d.p), price(d.i), float(d.r)
+        if not -_INF < funding < _INF:
+            raise BadFrame("funding rate is not finite")
+        self.derivs.update(out, sym, d.E * 1_000_000, ts_recv_ns, recv_seq,
+                           mark_price=mark, index_price=index, funding_rate=funding,
+                           next_funding_time=d.T * 1_000_000)
+
+    def _force_order(self, d: _ForceOrder, ts_recv_ns: int, recv_seq: int,
+                     out: Output) -> None:
+        o = d.o
+        sym = o.s
+        if sym not in self.symbols or not self._want_liquidations:
+            out.drop(DROP_UNSUBSCRIBED)
+            return
+        side = _LIQUIDATION_SIDES.get(o.S)
+        if side is None:
+            raise BadFrame(f"liquidation side {o.S!r}"[:80])
+        out.liquidations_block().add(sym, o.T * 1_000_000, ts_recv_ns, recv_seq, side,
+                                     price(o.p), amount(o.z), None)
 
     def _event_time(self, d: _Depth) -> int | None:
         ts = d.T or d.E

@@ -4,6 +4,7 @@ Owns: serving the recorded `@trade`, `@aggTrade`, `@bookTicker` and `@depth@100m
 frames of the streams a client asks for (in the URL, `/stream?streams=a/b`, or with a
 `SUBSCRIBE` message, acknowledged as Binance does), `/api/v3/depth` (`/fapi/v1/depth`)
 answered with the recorded snapshot of that symbol, and the `!serverShutdown` event.
+USD-M also serves the recorded `@markPrice@1s` and `@forceOrder` frames.
 
 Must not: change a recorded frame.
 """
@@ -150,8 +151,14 @@ class BinanceUsdmVenue(BinanceSpotVenue):
     depth_path: ClassVar[str] = "/fapi/v1/depth"
     snapshot_symbols: ClassVar[tuple[str, ...]] = ("SUSHIUSDT", "AKROUSDT", "KEEPUSDT",
                                                    "CTKUSDT")
+    # markPrice.jsonl / forceOrder.jsonl: single recorded frames (see data/binance_usdm/
+    # README.md), served on the stream each names (`btcusdt@markPrice@1s`,
+    # `xrpusdt@forceOrder`, `!markPrice@arr`, ...); the raw `/ws` frame has no stream.
+    stream_files: ClassVar[tuple[str, ...]] = (
+        "trade.jsonl", "aggTrade.jsonl", "bookTicker.jsonl", "depthUpdate.jsonl",
+        "markPrice.jsonl", "forceOrder.jsonl")
     demo_feed: ClassVar[dict[str, object]] = {
-        "symbols": ["SUSHIUSDT", "AKROUSDT", "KEEPUSDT", "CTKUSDT"],
-        "channels": ["trades", "quotes", "book"],
+        "symbols": ["SUSHIUSDT", "AKROUSDT", "KEEPUSDT", "CTKUSDT", "BTCUSDT", "XRPUSDT"],
+        "channels": ["trades", "quotes", "book", "derivatives", "liquidations"],
         "trade_stream": "aggTrade",
     }
