@@ -34,7 +34,7 @@ import bisect
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from ingestd.exchanges.base import (
     DROP_BOOK_MISMATCH,
@@ -323,6 +323,42 @@ class Rules(Protocol):
     def gap_detail(self, symbol: str, diff: Diff, last_id: int) -> str:
         """The `gap` event's detail when `diff` does not continue `last_id`."""
         ...
+
+
+class RangeRules:
+    """The common rule of venues whose diffs carry a first and a last update id
+    (Binance spot `U`/`u`, KuCoin `sequenceStart`/`sequenceEnd`, Gate `U`/`u`): a diff whose
+    last id is at or below the book's is already contained; the first applied after a
+    snapshot has `first <= snapshot id + 1 <= last`; a snapshot older than the first
+    buffered diff cannot be bridged; each later diff starts right after the previous one
+    (`CONTIGUOUS`; a venue whose diffs may overlap sets it False: `first <= last + 1`).
+    Venues subclass it to name their fields in gap events."""
+
+    FIRST: ClassVar[str] = "first"
+    LAST: ClassVar[str] = "last"
+    CONTIGUOUS: ClassVar[bool] = True
+
+    @staticmethod
+    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
+        return diff.last_id <= last_id
+
+    @staticmethod
+    def bridges(diff: Diff, snapshot_id: int) -> bool:
+        return diff.first_id <= snapshot_id + 1 <= diff.last_id
+
+    def continues(self, diff: Diff, last_id: int) -> bool:
+        if self.CONTIGUOUS:
+            return diff.first_id == last_id + 1
+        return diff.first_id <= last_id + 1 <= diff.last_id
+
+    @staticmethod
+    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
+        return snapshot_id + 1 < first_buffered.first_id
+
+    def gap_detail(self, symbol: str, diff: Diff, last_id: int) -> str:
+        relation = "=" if self.CONTIGUOUS else "<="
+        return (f"expected {self.FIRST}{relation}{last_id + 1}, got {self.FIRST}="
+                f"{diff.first_id} {self.LAST}={diff.last_id}")
 
 
 UNSYNCED: Final = 0

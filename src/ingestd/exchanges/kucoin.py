@@ -96,7 +96,7 @@ from ingestd.exchanges.base import (
     price,
     quote_side,
 )
-from ingestd.exchanges.book import BookSync, Diff, Levels
+from ingestd.exchanges.book import BookSync, Diff, Levels, RangeRules, RestSnapshot
 from ingestd.exchanges.connect import ConnectRequest
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN
@@ -249,31 +249,14 @@ def _text(body: bytes) -> str:
 
 
 # ---- continuity rules -------------------------------------------------------------------------
-class KucoinRules:
+class KucoinRules(RangeRules):
     """KuCoin level2: a diff is contained in the book if `sequenceEnd <= last`; the first
     one applied after a snapshot and every later one needs `sequenceStart <= last + 1`
     (and, not contained, `sequenceEnd > last`)."""
 
-    @staticmethod
-    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
-        return diff.last_id <= last_id
-
-    @staticmethod
-    def bridges(diff: Diff, snapshot_id: int) -> bool:
-        return diff.first_id <= snapshot_id + 1 <= diff.last_id
-
-    @staticmethod
-    def continues(diff: Diff, last_id: int) -> bool:
-        return diff.first_id <= last_id + 1 <= diff.last_id
-
-    @staticmethod
-    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
-        return snapshot_id + 1 < first_buffered.first_id
-
-    @staticmethod
-    def gap_detail(symbol: str, diff: Diff, last_id: int) -> str:
-        return (f"expected sequenceStart<={last_id + 1}, got sequenceStart={diff.first_id} "
-                f"sequenceEnd={diff.last_id}")
+    FIRST = "sequenceStart"
+    LAST = "sequenceEnd"
+    CONTIGUOUS = False
 
 
 class _QuoteSeqs:
@@ -319,7 +302,7 @@ class Kucoin(Codec):
         self._want_book = "book" in self.channels
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=False))
         self.quote_seqs = self.stateful("quotes", _QuoteSeqs())
-        self.books = self.stateful("books", BookSync(
+        self.books: BookSync = self.stateful("books", BookSync(
             self, KucoinRules(), snapshot_request=self._snapshot_url))
         # From the last bullet-public answer (never saved: a token is per session).
         self._endpoint: str | None = None
@@ -503,33 +486,8 @@ class Kucoin(Codec):
 
     def on_rest(self, request: RestRequest, status: int, body: bytes,
                 ts_recv_ns: int, recv_seq: int) -> Output:
-        out = self.new_output()
-        sym = request.key
-        books = self.books
-        if not books.awaiting(sym):
-            return out  # a late answer for a connection that is gone
-        if status != 200:
-            what = f"HTTP {status}" if status else "no answer"
-            books.snapshot_failed(sym, out, f"snapshot {what}: {_text(body)}",
-                                  ts_recv_ns, recv_seq)
-            return out
-        try:
-            snap = _SNAPSHOT.decode(body)
-            if str(snap.code) != OK_CODE or snap.data is None:
-                raise BadFrame(f"code {snap.code}: {snap.msg or ''}"[:200])
-            data = snap.data
-            seq = _int(data.sequence, "snapshot sequence")
-            bids, asks = parse_levels(data.bids), parse_levels(data.asks)
-            ts_event = _ms(data.time)
-        except Exception as e:  # the decode policy: garbage is a failed snapshot
-            books.snapshot_failed(sym, out, f"bad snapshot: {type(e).__name__}: {e}"[:200],
-                                  ts_recv_ns, recv_seq)
-            return out
-        out.last_seq = books.snapshot(sym, out, ts_event_ns=ts_event, ts_recv_ns=ts_recv_ns,
-                                      recv_seq=recv_seq, bids=bids, asks=asks,
-                                      snapshot_id=seq, update_id=seq,
-                                      detail=f"snapshot sequence={seq}")
-        return out
+        return self.books.rest_answer(request, status, body, ts_recv_ns, recv_seq,
+                                      _rest_snapshot)
 
 
 def _ws_endpoint(url: str) -> bool:
@@ -542,3 +500,16 @@ def _ws_endpoint(url: str) -> bool:
 
 
 __all__ = ["Kucoin", "KucoinRules"]
+
+
+def _rest_snapshot(body: bytes) -> RestSnapshot:
+    """The REST `level2_100` / `level2_20` answer: `{code, data: {sequence, time, bids,
+    asks}}`; its `sequence` is what buffered diffs are bridged from (KucoinRules)."""
+    snap = _SNAPSHOT.decode(body)
+    if str(snap.code) != OK_CODE or snap.data is None:
+        raise BadFrame(f"code {snap.code}: {snap.msg or ''}"[:200])
+    data = snap.data
+    seq = _int(data.sequence, "snapshot sequence")
+    return RestSnapshot(parse_levels(data.bids), parse_levels(data.asks), snapshot_id=seq,
+                        update_id=seq, ts_event_ns=_ms(data.time),
+                        detail=f"snapshot sequence={seq}")
