@@ -953,3 +953,84 @@ async def test_simulated_venues_speak_the_bybit_protocol() -> None:
         assert json.loads(await ws.recv()) == {
             "success": True, "ret_msg": "pong", "conn_id": "sim0001-bybit-linear",
             "req_id": "p", "op": "ping"}
+
+
+# ---- linear derivatives and liquidations ------------------------------------------------------
+def test_linear_tickers_derivatives_merge_deltas_golden() -> None:
+    recorded = frames("bybit", "tickers_linear_ETHUSDT.jsonl")
+    c = codec(BybitLinear, ["ETHUSDT"], ["derivatives"])
+    rows = []
+    for i, f in enumerate(recorded):
+        out = c.parse(f, 10 + i, 100 + i)
+        assert out.error is None
+        rows.extend(out.rows("derivatives"))
+    # The snapshot, spelled out (mark, index, funding, predicted, oi, next funding).
+    assert rows[0] == ("ETHUSDT", 1786310818974_000_000, 10, 100, 1922.43, 1923.16,
+                       0.00004617, None, 830090.65, 1786320000000_000_000)
+    # Replaying the deltas by hand: every row is the merge of all fields sent so far;
+    # a delta carrying none of them (best bid/ask only) writes no row.
+    latest: dict[str, Any] = {}
+    expected = []
+    for i, f in enumerate(recorded):
+        msg = json.loads(f)
+        d = msg["data"]
+        sent = {k: d[k] for k in ("markPrice", "indexPrice", "fundingRate", "openInterest",
+                                  "nextFundingTime") if k in d}
+        latest.update(sent)
+        if sent:
+            expected.append(("ETHUSDT", msg["ts"] * 1_000_000, 10 + i, 100 + i,
+                             float(latest["markPrice"]), float(latest["indexPrice"]),
+                             float(latest["fundingRate"]), None,
+                             float(latest["openInterest"]),
+                             int(latest["nextFundingTime"]) * 1_000_000))
+    assert rows == expected and len(rows) == 21
+    # The recorded fundingRate change delta is carried into every later row.
+    assert rows[-1][6] == 0.00004709
+    assert any(r[6] == 0.00004617 for r in rows) and rows[-1][4:6] == (1922.58, 1923.2)
+
+
+def test_linear_tickers_btc_golden_and_unsubscribed_dropped() -> None:
+    recorded = frames("bybit", "tickers_linear_BTCUSDT.jsonl")
+    c = codec(BybitLinear, ["BTCUSDT"], ["derivatives"])
+    rows = [r for i, f in enumerate(recorded) for r in c.parse(f, i, i).rows("derivatives")]
+    assert len(rows) == 64
+    assert rows[1] == ("BTCUSDT", 1786310818183_000_000, 2, 2, 65117.43, 65137.76, 0.0001,
+                       None, 59891.732, 1786320000000_000_000)
+    eth = codec(BybitLinear, ["BTCUSDT"], ["derivatives"]).parse(
+        frames("bybit", "tickers_linear_ETHUSDT.jsonl")[0], 1, 1)
+    assert eth.drops == {"unsubscribed_symbol": 1} and not eth.has_rows
+
+
+def test_linear_all_liquidation_golden_side_is_the_order_side() -> None:
+    recorded = frames("bybit", "allLiquidation.jsonl")
+    c = codec(BybitLinear, ["BTCUSDT"], ["liquidations"])
+    first = c.parse(recorded[0], 1, 1)   # STRKUSDT: not subscribed
+    assert first.drops == {"unsubscribed_symbol": 1} and not first.has_rows
+    out = c.parse(recorded[1], 2, 2)
+    # S = "Buy" names the liquidated long: the liquidation order sells.
+    assert out.rows("liquidations") == [
+        ("BTCUSDT", 1791565600992_000_000, 2, 2, "sell", 82396.9, 0.006, None),
+        ("BTCUSDT", 1791565601058_000_000, 2, 2, "sell", 82394.3, 0.038, None)]
+
+
+def test_linear_derivative_topics_and_spot_rejects_them() -> None:
+    c = codec(BybitLinear, ["BTCUSDT"], ["trades", "derivatives", "liquidations"])
+    assert json.loads(c.subscribe_messages()[0])["args"] == [
+        "publicTrade.BTCUSDT", "tickers.BTCUSDT", "allLiquidation.BTCUSDT"]
+    for channel in ("derivatives", "liquidations"):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"storage": {"root": "/x"}, "feeds": [
+                {"name": "s", "exchange": "bybit-spot", "symbols": ["BTCUSDT"],
+                 "channels": ["trades", channel]}]})
+        assert channel in str(e.value.problems)
+
+
+def test_linear_derivatives_state_round_trips() -> None:
+    recorded = frames("bybit", "tickers_linear_ETHUSDT.jsonl")
+    c = codec(BybitLinear, ["ETHUSDT"], ["derivatives"])
+    c.parse(recorded[0], 1, 1)
+    again = codec(BybitLinear, ["ETHUSDT"], ["derivatives"])
+    again.restore(json.loads(json.dumps(c.state())))
+    delta = next(f for f in recorded[1:] if b'"markPrice"' in f)
+    assert again.parse(delta, 2, 2).rows("derivatives") == c.parse(delta, 2, 2).rows(
+        "derivatives")

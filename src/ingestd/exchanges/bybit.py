@@ -22,6 +22,10 @@ prices and sizes kept as the venue's decimal strings until checked) of:
   default 200). `snapshot` -> a snapshot block (`is_snapshot` true, one `recv_seq`),
   `delta` -> deltas (size "0" deletes). Bybit truncates its book itself (levels leaving the
   depth are deleted explicitly), so the rows alone rebuild the venue's book.
+- linear only: `tickers.<SYM>` -> derivatives (snapshot, then deltas carrying only what
+  changed, merged with the symbol's latest values: markPrice, indexPrice, fundingRate paid
+  at nextFundingTime, openInterest) and `allLiquidation.<SYM>` -> liquidations (`S` names
+  the liquidated position, the order's side is the opposite; price `p`, amount `v`).
 
 Topics are parsed strictly: an orderbook message counts only if its topic is exactly one
 the feed subscribed (`orderbook.1.<SYM>` for quotes, `orderbook.<depth>.<SYM>` for the
@@ -77,10 +81,12 @@ from ingestd.exchanges.base import (
     Codec,
     Output,
     amount,
+    ms_to_ns,
     parse_levels,
     price,
 )
 from ingestd.exchanges.book import BookSync, Diff, Levels
+from ingestd.exchanges.derivs import LatestValues
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN
 
@@ -93,6 +99,7 @@ MAX_PENDING_REQUESTS: Final = 1024
 
 PING: Final = '{"op":"ping"}'
 
+_INF: Final = float("inf")
 _MAX_I64: Final = 2**63 - 1
 _MAX_MS: Final = _MAX_I64 // 1_000_000
 Ms = Annotated[int, msgspec.Meta(ge=0, le=_MAX_MS)]
@@ -146,8 +153,56 @@ class _Control(msgspec.Struct):
     req_id: str | None = None
 
 
+class _TickerData(msgspec.Struct):
+    """`tickers.<SYM>` (linear): a snapshot, then deltas carrying only what changed."""
+
+    symbol: str
+    markPrice: str | None = None
+    indexPrice: str | None = None
+    fundingRate: str | None = None
+    nextFundingTime: str | None = None
+    openInterest: str | None = None
+
+
+class _TickerMsg(msgspec.Struct):
+    topic: str
+    type: Literal["snapshot", "delta"]
+    data: _TickerData
+    ts: Ms | None = None
+
+
+class _Liquidation(msgspec.Struct):
+    T: Ms
+    s: str
+    S: str
+    v: str
+    p: str
+
+
+class _Liquidations(msgspec.Struct):
+    topic: str
+    data: list[_Liquidation]
+    ts: Ms | None = None
+
+
 _TRADES = msgspec.json.Decoder(_Trades)
 _BOOK = msgspec.json.Decoder(_BookMsg)
+_TICKER = msgspec.json.Decoder(_TickerMsg)
+_LIQUIDATIONS = msgspec.json.Decoder(_Liquidations)
+_TICKER_HEAD: Final = b'{"topic":"tickers.'
+_LIQUIDATION_HEAD: Final = b'{"topic":"allLiquidation.'
+# allLiquidation `S` names the liquidated position: a long (Buy) is closed by a sell.
+_LIQUIDATION_ORDER_SIDE: Final = {"Buy": SELL, "Sell": BUY}
+
+
+def _opt_number(text: str | None, what: str, positive: bool) -> float | None:
+    """A ticker field: absent or "" is not sent (None); else a finite number."""
+    if text is None or text == "":
+        return None
+    v = float(text)
+    if not (0.0 < v < _INF if positive else -_INF < v < _INF):
+        raise BadFrame(f"{what} out of range: {text!r}"[:80])
+    return v
 
 
 def _decimals(texts: list[str]) -> None:
@@ -393,6 +448,10 @@ class BybitSpot(Codec):
             self._trades(_TRADES.decode(raw), ts_recv_ns, recv_seq, out)
         elif raw.startswith(_BOOK_HEAD):
             self._orderbook(_BOOK.decode(raw), ts_recv_ns, recv_seq, out)
+        elif raw.startswith(_TICKER_HEAD):
+            self._ticker(_TICKER.decode(raw), ts_recv_ns, recv_seq, out)
+        elif raw.startswith(_LIQUIDATION_HEAD):
+            self._liquidations(_LIQUIDATIONS.decode(raw), ts_recv_ns, recv_seq, out)
         else:
             self._generic(raw, ts_recv_ns, recv_seq, out)
 
@@ -411,6 +470,11 @@ class BybitSpot(Codec):
                 self._trades(msgspec.convert(msg, _Trades), ts_recv_ns, recv_seq, out)
             elif family == "orderbook":
                 self._orderbook(msgspec.convert(msg, _BookMsg), ts_recv_ns, recv_seq, out)
+            elif family == "tickers":
+                self._ticker(msgspec.convert(msg, _TickerMsg), ts_recv_ns, recv_seq, out)
+            elif family == "allLiquidation":
+                self._liquidations(msgspec.convert(msg, _Liquidations), ts_recv_ns,
+                                   recv_seq, out)
             else:
                 out.unknown += 1  # tickers, kline, ...: never subscribed by us
         elif "op" in msg or "success" in msg:
@@ -467,6 +531,14 @@ class BybitSpot(Codec):
                 block.add(sym, ts_event, ts_recv_ns, recv_seq, text, side, px, qty)
         if unsubscribed:
             out.drop(DROP_UNSUBSCRIBED, unsubscribed)
+
+    # ---- derivatives and liquidations (linear only) ------------------------------------------
+    def _ticker(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        out.unknown += 1  # spot: never subscribed
+
+    def _liquidations(self, msg: _Liquidations, ts_recv_ns: int, recv_seq: int,
+                      out: Output) -> None:
+        out.unknown += 1  # spot: never subscribed
 
     # ---- order books -----------------------------------------------------------------------
     def _orderbook(self, msg: _BookMsg, ts_recv_ns: int, recv_seq: int,
@@ -577,3 +649,79 @@ class BybitLinear(BybitSpot):
     symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9][A-Z0-9-]{1,31}")
     symbol_spelling: ClassVar[str] = "Bybit-native (e.g. 'BTCUSDT', 'BTC-26DEC25')"
     numeric_trade_ids: ClassVar[bool] = False
+    CHANNELS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "derivatives",
+                                           "liquidations")
+
+    def __init__(self, feed: FeedConfig) -> None:
+        super().__init__(feed)
+        self.derivs: LatestValues = self.stateful("derivatives", LatestValues())
+        self._want_derivs = "derivatives" in self.channels
+        self._want_liquidations = "liquidations" in self.channels
+
+    @classmethod
+    def topics_for(cls, symbols: Sequence[str], channels: Sequence[str],
+                   depth: int) -> list[str]:
+        topics = super().topics_for(symbols, channels, depth)
+        for sym in symbols:
+            if "derivatives" in channels:
+                topics.append(f"tickers.{sym}")
+            if "liquidations" in channels:
+                topics.append(f"allLiquidation.{sym}")
+        return topics
+
+    def _ticker(self, msg: _TickerMsg, ts_recv_ns: int, recv_seq: int, out: Output) -> None:
+        """`tickers.<SYM>` -> derivatives: markPrice, indexPrice, fundingRate (paid at
+        nextFundingTime), openInterest; a delta carries only what changed, merged with the
+        symbol's latest values. A message carrying none of them (a best bid/ask delta)
+        writes no row (nothing changed). `ts_event` = `ts`."""
+        if not self._want_derivs:
+            out.unknown += 1  # never subscribed
+            return
+        d = msg.data
+        sym = d.symbol
+        if sym not in self.symbols or msg.topic != f"tickers.{sym}":
+            out.drop(DROP_UNSUBSCRIBED)
+            return
+        mark = _opt_number(d.markPrice, "markPrice", True)
+        index = _opt_number(d.indexPrice, "indexPrice", True)
+        funding = _opt_number(d.fundingRate, "fundingRate", False)
+        oi = _opt_number(d.openInterest, "openInterest", False)
+        if oi is not None and oi < 0:
+            raise BadFrame(f"openInterest out of range: {d.openInterest!r}"[:80])
+        nft = d.nextFundingTime
+        next_ns = None
+        if nft is not None and nft != "" and nft != "0":
+            next_ns = int(nft)
+            if not 0 < next_ns <= _MAX_MS:
+                raise BadFrame(f"nextFundingTime out of range: {nft!r}"[:80])
+            next_ns *= 1_000_000
+        if mark is None and index is None and funding is None and oi is None \
+                and next_ns is None:
+            return
+        self.derivs.update(out, sym, ms_to_ns(msg.ts) if msg.ts is not None else None,
+                           ts_recv_ns, recv_seq, mark_price=mark, index_price=index,
+                           funding_rate=funding, open_interest=oi, next_funding_time=next_ns)
+
+    def _liquidations(self, msg: _Liquidations, ts_recv_ns: int, recv_seq: int,
+                      out: Output) -> None:
+        """`allLiquidation.<SYM>` -> liquidations: `S` names the liquidated position, so
+        the order's side is the opposite; price `p`, amount `v`, time `T`."""
+        if not self._want_liquidations:
+            out.unknown += 1  # never subscribed
+            return
+        rows = []
+        for item in msg.data:
+            side = _LIQUIDATION_ORDER_SIDE.get(item.S)
+            if side is None:
+                raise BadFrame(f"liquidation side {item.S!r}"[:80])
+            _decimals([item.p, item.v])
+            rows.append((item.s, item.T * 1_000_000, side, price(item.p), amount(item.v)))
+        unsubscribed = 0
+        for sym, ts_event, side, px, qty in rows:
+            if sym not in self.symbols:
+                unsubscribed += 1
+                continue
+            out.liquidations_block().add(sym, ts_event, ts_recv_ns, recv_seq, side, px, qty,
+                                         None)
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)

@@ -12,9 +12,10 @@ it. Topics the recordings do not have are accepted and stay silent.
 
 The recordings (sim/data/bybit/) are linear captures: publicTrade and orderbook.200 of
 BTCUSDT, ETHUSDT, SOLUSDT, DOGEUSDT (2026-08), orderbook.1 of BANDUSDT, RADUSDT, SNTUSDT,
-AIOZUSDT (2025-06), tickers of the first four. No spot recording exists, so the spot venue
-serves the same linear frames for the demo and tests (only its path, ack/pong shapes and
-the 10-args limit are spot's).
+AIOZUSDT (2025-06), tickers of the first four (BTCUSDT and ETHUSDT whole, 2026-08-09), and
+two `allLiquidation` single frames (STRKUSDT, BTCUSDT; 2026-10) - see data/bybit/README.md.
+No spot recording exists, so the spot venue serves the same linear frames for the demo
+and tests (only its path, ack/pong shapes and the 10-args limit are spot's).
 
 Live mode (`SimServer(live=True)`): every topic is served from the server's shared
 timeline (`timeline()`: all recorded topics merged), from the moment it is subscribed.
@@ -46,8 +47,13 @@ if TYPE_CHECKING:
     from ingestd.sim.server import SimConn
 
 DATA_DIR = "bybit"
-STREAM_FILES = ("publicTrade_linear.jsonl", "orderbook200_linear.jsonl",
-                "orderbook1_bbo_linear.jsonl", "tickers_linear.jsonl")
+# A topic recorded whole in its own file (tickers_linear_<SYM>.jsonl: every tickers frame of
+# that symbol in the capture) is taken from that file only: tickers_linear.jsonl holds the
+# first 150 mixed-symbol frames of the same capture, so it would repeat them.
+STREAM_FILES = ("tickers_linear_BTCUSDT.jsonl", "tickers_linear_ETHUSDT.jsonl",
+                "allLiquidation.jsonl", "publicTrade_linear.jsonl",
+                "orderbook200_linear.jsonl", "orderbook1_bbo_linear.jsonl",
+                "tickers_linear.jsonl")
 _TOPIC = re.compile(r"(?:publicTrade|tickers|liquidation|allLiquidation)\.[A-Z0-9-]+"
                     r"|orderbook\.(?:1|50|200|1000)\.[A-Z0-9-]+"
                     r"|kline\.(?:1|3|5|15|30|60|120|240|360|720|D|W|M)\.[A-Z0-9-]+")
@@ -59,9 +65,10 @@ def recorded_topics() -> dict[str, list[bytes]]:
     """Every recorded data frame (those with a `topic`), by topic, in recorded order."""
     by_topic: dict[str, list[bytes]] = {}
     for name in STREAM_FILES:
+        earlier = set(by_topic)
         for frame in recorded.frames(DATA_DIR, name):
             topic = orjson.loads(frame).get("topic")
-            if isinstance(topic, str):
+            if isinstance(topic, str) and topic not in earlier:
                 by_topic.setdefault(topic, []).append(frame)
     return by_topic
 
@@ -72,7 +79,7 @@ class BybitLinearVenue(Venue):
     max_args_per_request: ClassVar[int | None] = None
     demo_feed: ClassVar[dict[str, object]] = {
         "symbols": _DEMO_SYMBOLS,
-        "channels": ["trades", "quotes", "book"],
+        "channels": ["trades", "quotes", "book", "derivatives", "liquidations"],
         "book_depth": 200,
     }
 
