@@ -15,6 +15,7 @@ from ingestd.exchanges.bitstamp import Bitstamp
 from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
 from ingestd.exchanges.deribit import Deribit
+from ingestd.exchanges.gate import Gate
 from ingestd.exchanges.kraken import Kraken
 from ingestd.exchanges.kucoin import Kucoin
 from ingestd.exchanges.okx import Okx
@@ -29,6 +30,7 @@ CODECS: dict[str, type[Codec]] = {
         BybitLinear,
         Coinbase,
         Deribit,
+        Gate,
         Kraken,
         Kucoin,
         Okx,
