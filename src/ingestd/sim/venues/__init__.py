@@ -8,6 +8,7 @@ from ingestd.sim.venues.bitstamp import BitstampVenue
 from ingestd.sim.venues.bybit import BybitLinearVenue, BybitSpotVenue
 from ingestd.sim.venues.coinbase import CoinbaseVenue
 from ingestd.sim.venues.deribit import DeribitVenue
+from ingestd.sim.venues.gate import GateVenue
 from ingestd.sim.venues.kraken import KrakenVenue
 from ingestd.sim.venues.kucoin import KucoinVenue
 from ingestd.sim.venues.okx import OkxVenue
@@ -22,6 +23,7 @@ VENUES: dict[str, type[Venue]] = {
         BybitLinearVenue,
         CoinbaseVenue,
         DeribitVenue,
+        GateVenue,
         KrakenVenue,
         KucoinVenue,
         OkxVenue,
