@@ -769,7 +769,8 @@ def table_rows(df: Any, table: str) -> list[tuple[Any, ...]]:
 
 
 def test_venue_is_registered_with_demo_feed() -> None:
-    assert VENUES["okx"].demo_feed["symbols"] == list(SYMS)
+    # The 2022 capture's instruments, plus BTC-USDT-SWAP for the derivatives frames.
+    assert VENUES["okx"].demo_feed["symbols"] == [*SYMS, "BTC-USDT-SWAP"]
 
 
 async def test_simulated_venue_protocol() -> None:
@@ -879,3 +880,109 @@ async def test_simulated_venue_live_mode() -> None:
         got = [await ws.recv(decode=False) for _ in range(5)]
         want = [f for f in frames("trades.jsonl") if b"BTC-USD-220527" in f or b"UNI-USD" in f]
         assert sorted(got) == sorted(want)
+
+
+# ---- derivatives and liquidations -------------------------------------------------------------
+SWAP = "BTC-USDT-SWAP"
+
+
+def test_swap_derivative_subscriptions_and_spot_gets_none() -> None:
+    c = codec(("BTC-USDT", SWAP, "BTC-USD-220527"), ("trades", "derivatives", "liquidations"))
+    assert orjson.loads(c.subscribe_messages()[0])["args"] == [
+        {"channel": "trades", "instId": "BTC-USDT"},
+        {"channel": "trades", "instId": SWAP},
+        {"channel": "funding-rate", "instId": SWAP},
+        {"channel": "mark-price", "instId": SWAP},
+        {"channel": "open-interest", "instId": SWAP},
+        {"channel": "trades", "instId": "BTC-USD-220527"},
+        {"channel": "mark-price", "instId": "BTC-USD-220527"},
+        {"channel": "open-interest", "instId": "BTC-USD-220527"},
+        {"channel": "liquidation-orders", "instType": "SWAP"},
+        {"channel": "liquidation-orders", "instType": "FUTURES"}]
+
+
+def test_swap_trades_quotes_books_pass_the_inst_id_through() -> None:
+    """The recorded UNI-USD-SWAP trades and books land under the swap's instId."""
+    c = codec(("UNI-USD-SWAP",))
+    rows: dict[str, list[Any]] = {"trades": [], "book": []}
+    for name in ("trades.jsonl", "books.jsonl"):
+        for i, f in enumerate(frames(name)):
+            if b'"UNI-USD-SWAP"' in f:
+                out = c.parse(f, i, i)
+                assert out.error is None
+                for t in rows:
+                    rows[t].extend(out.rows(t))
+    assert rows["trades"] and rows["book"]
+    assert {r[0] for r in rows["trades"] + rows["book"]} == {"UNI-USD-SWAP"}
+
+
+def test_funding_rate_and_mark_price_golden() -> None:
+    c = codec((SWAP,), ("derivatives",))
+    funding = frames("funding_rate.jsonl")
+    rows = []
+    for i, f in enumerate(funding):
+        out = c.parse(f, 10 + i, 100 + i)
+        assert out.error is None
+        rows.extend(out.rows("derivatives"))
+    assert c.parse(funding[1], 1, 1).drops == {"unsubscribed_symbol": 1}  # BTC-USD-SWAP
+    # fundingRate with fundingTime as next_funding_time, nextFundingRate as predicted; the
+    # 2022 shape has no ts; the 2026 frame's nextFundingRate "" is not a value (carried).
+    assert rows == [
+        (SWAP, None, 10, 100, None, None, 0.0001534702159002, 0.0001542145319804, None,
+         1646323200000_000_000),
+        (SWAP, 1790358563915_000_000, 12, 102, None, None, 0.0000263463215391,
+         0.0001542145319804, None, 1790380800000_000_000)]
+    (mark,) = frames("mark_price.jsonl")
+    assert c.parse(mark, 20, 200).rows("derivatives") == [
+        (SWAP, 1790358817778_000_000, 20, 200, 83679.8, None, 0.0000263463215391,
+         0.0001542145319804, None, 1790380800000_000_000)]
+
+
+def test_open_interest_items_from_the_recorded_rest_body() -> None:
+    """No WS `open-interest` frame was recorded; its data items have the REST body's
+    shape (instId, instType, oi, oiCcy, ts), decoded by the same code."""
+    import msgspec
+
+    from ingestd.exchanges.okx import _OpenInterest
+    (body,) = frames("open_interest_rest.jsonl")
+    items = msgspec.convert(orjson.loads(body)["data"], list[_OpenInterest])
+    c = codec(("BTC-USD-SWAP",), ("derivatives",))
+    out = Output()
+    c._open_interest("BTC-USD-SWAP", items[:1], 5, 50, out)
+    assert out.rows("derivatives") == [
+        ("BTC-USD-SWAP", 1654348739678_000_000, 5, 50, None, None, None, None, 4093058.0,
+         None)]
+
+
+def test_liquidation_orders_golden_only_subscribed_inst_ids() -> None:
+    c = codec((SWAP,), ("liquidations",))
+    celo, btc = frames("liquidation_orders.jsonl")
+    first = c.parse(celo, 1, 1)
+    assert first.drops == {"unsubscribed_symbol": 1} and not first.has_rows
+    # details[].side is the liquidation order's side (a long is closed by a sell).
+    assert c.parse(btc, 2, 2).rows("liquidations") == [
+        (SWAP, 1791565600771_000_000, 2, 2, "sell", 82655.7, 8.55, None)]
+    none = codec((SWAP,), ("trades",)).parse(btc, 3, 3)
+    assert not none.has_rows and none.error is None
+
+
+def test_derivatives_state_round_trips() -> None:
+    c = codec((SWAP,), ("derivatives",))
+    c.parse(frames("funding_rate.jsonl")[2], 1, 1)
+    again = codec((SWAP,), ("derivatives",))
+    again.restore(json.loads(json.dumps(c.state())))
+    (mark,) = frames("mark_price.jsonl")
+    assert again.parse(mark, 2, 2).rows("derivatives") == c.parse(mark, 2, 2).rows(
+        "derivatives")
+
+
+def test_check_accepts_the_new_channels_and_rejects_others() -> None:
+    from ingestd.checks import parse_config as check_config
+    from ingestd.config import ConfigError
+    check_config({"storage": {"root": "/x"}, "feeds": [
+        {"name": "o", "exchange": "okx", "symbols": [SWAP],
+         "channels": ["derivatives", "liquidations"]}]})
+    with pytest.raises(ConfigError) as e:
+        check_config({"storage": {"root": "/x"}, "feeds": [
+            {"name": "o", "exchange": "okx", "symbols": [SWAP], "channels": ["funding"]}]})
+    assert "funding" in str(e.value.problems)

@@ -29,6 +29,14 @@ the text as sent), and the decoding of these channels:
   the deletions and the levels that move into range; observed: BTC-USDT stays at exactly
   400/400 over the capture), so no client-side truncation is written. `book_depth = 5`
   uses `books5` instead: every push is the full top 5, written as a snapshot block.
+- derivatives (SWAP / FUTURES instIds only; spot instIds subscribe none of these):
+  `funding-rate` (SWAP: `fundingRate` paid at `fundingTime` = `next_funding_time`,
+  `nextFundingRate` as `predicted_funding_rate`, "" = not sent), `mark-price` (`markPx`),
+  `open-interest` (`oi`, contracts), merged per instId into the latest values
+  (exchanges/derivs.py); `ts_event` = `ts` (the 2022 funding-rate shape has none: null).
+- `liquidation-orders` (one all-market stream per instType of the subscribed instIds) ->
+  liquidations: side `details[].side` (the order's), price `bkPx`, amount `sz`
+  (contracts), `ts_event` = `details[].ts`; rows of instIds not subscribed are dropped.
 
 Continuity of `books` (per instId, `OkxRules`):
 - `seqId`/`prevSeqId` (2023+): each update's `prevSeqId` must equal the previous message's
@@ -96,6 +104,7 @@ from ingestd.exchanges.book import (
     TextLevels,
     levels_with_text,
 )
+from ingestd.exchanges.derivs import LatestValues
 from ingestd.exchanges.trades import TradeIds, admit_trade_id, trade_id
 from ingestd.schema import BUY, SELL, UNKNOWN
 
@@ -104,16 +113,27 @@ CH_TRADES: Final = "trades"
 CH_BBO: Final = "bbo-tbt"
 CH_BOOKS: Final = "books"
 CH_BOOKS5: Final = "books5"
+CH_FUNDING: Final = "funding-rate"
+CH_MARK: Final = "mark-price"
+CH_OI: Final = "open-interest"
+CH_LIQUIDATIONS: Final = "liquidation-orders"
+DERIVATIVE_CHANNELS: Final = (CH_FUNDING, CH_MARK, CH_OI)
 BOOK_CHANNELS: Final[dict[int, str]] = {400: CH_BOOKS, 5: CH_BOOKS5}
 DEFAULT_BOOK_DEPTH: Final = 400
 # Data channels this codec knows (`tickers` is never subscribed: its data is dropped).
-_KNOWN_CHANNELS: Final = frozenset({CH_TRADES, CH_BBO, CH_BOOKS, CH_BOOKS5, "tickers"})
+_KNOWN_CHANNELS: Final = frozenset({CH_TRADES, CH_BBO, CH_BOOKS, CH_BOOKS5, "tickers",
+                                    *DERIVATIVE_CHANNELS, CH_LIQUIDATIONS})
+# instType of a swap (`BTC-USDT-SWAP`) or an expiring future (`BTC-USD-220527`), the
+# instruments with funding / open interest / liquidation orders.
+_SWAP = re.compile(r"[A-Z0-9]+-[A-Z0-9]+-SWAP")
+_FUTURES = re.compile(r"[A-Z0-9]+-[A-Z0-9]+-[0-9]{6}")
 
 CHECKSUM_DEPTH: Final = 25
 # Subscribe args per request: OKX caps a request at 64 KB (an arg is ~45 bytes).
 ARGS_PER_REQUEST: Final = 200
 
 
+_INF: Final = float("inf")
 _MAX_I64: Final = 2**63 - 1
 # The sync position of a book message without `seqId` (2022 frames): never a real seqId.
 NO_SEQ: Final = -(2**63)
@@ -136,6 +156,44 @@ class _AnyArg(msgspec.Struct, gc=False):
 
     channel: str | None = None
     instId: str | None = None
+    instType: str | None = None
+
+
+class _FundingRate(msgspec.Struct, gc=False):
+    """`funding-rate`: `fundingRate` is paid at `fundingTime`; `nextFundingRate` is the
+    predicted next rate ("" since OKX stopped predicting it)."""
+
+    instId: str
+    fundingRate: str
+    fundingTime: str
+    nextFundingRate: str | None = None
+    ts: str | None = None
+
+
+class _MarkPrice(msgspec.Struct, gc=False):
+    instId: str
+    markPx: str
+    ts: str
+
+
+class _OpenInterest(msgspec.Struct, gc=False):
+    """`open-interest`: `oi` in contracts (the table's unit for OKX)."""
+
+    instId: str
+    oi: str
+    ts: str
+
+
+class _LiquidationDetail(msgspec.Struct, gc=False):
+    side: str
+    bkPx: str
+    sz: str
+    ts: str
+
+
+class _Liquidation(msgspec.Struct, gc=False):
+    instId: str
+    details: list[_LiquidationDetail]
 
 
 class _Trade(msgspec.Struct, gc=False):
@@ -197,6 +255,10 @@ _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _TRADE_LIST = msgspec.json.Decoder(list[_Trade])
 _QUOTE_LIST = msgspec.json.Decoder(list[_Quote])
 _BOOK_LIST = msgspec.json.Decoder(list[_Book])
+_FUNDING_LIST = msgspec.json.Decoder(list[_FundingRate])
+_MARK_LIST = msgspec.json.Decoder(list[_MarkPrice])
+_OI_LIST = msgspec.json.Decoder(list[_OpenInterest])
+_LIQUIDATION_LIST = msgspec.json.Decoder(list[_Liquidation])
 # The fast path: OKX sends `arg` (channel first) as the first key of every data frame.
 _DATA_HEAD: Final = b'{"arg":{"channel":"'
 _FAST: Final[dict[bytes, tuple[str, msgspec.json.Decoder[Any]]]] = {
@@ -253,6 +315,25 @@ def _arg(channel: str, inst_id: str) -> dict[str, str]:
     return {"channel": channel, "instId": inst_id}
 
 
+def inst_type(inst_id: str) -> str | None:
+    """SWAP / FUTURES for a derivative instId, None for spot (and anything else)."""
+    if _SWAP.fullmatch(inst_id):
+        return "SWAP"
+    if _FUTURES.fullmatch(inst_id):
+        return "FUTURES"
+    return None
+
+
+def _number(text: str | None, what: str, positive: bool) -> float | None:
+    """A decimal text field; absent or "" is not sent (None)."""
+    if text is None or text == "":
+        return None
+    v = float(text)
+    if not (0.0 < v < _INF if positive else -_INF < v < _INF):
+        raise BadFrame(f"{what} out of range: {text!r}"[:80])
+    return v
+
+
 def _request(op: str, args: list[dict[str, str]]) -> str:
     return orjson.dumps({"op": op, "args": args}).decode()
 
@@ -302,14 +383,21 @@ class Okx(Codec):
     book_depth_note: ClassVar[str] = "OKX channels books5, books"
     symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9]+(?:-[A-Z0-9]+)+")
     symbol_spelling: ClassVar[str] = "an OKX instId (e.g. 'BTC-USDT', 'BTC-USDT-SWAP')"
+    CHANNELS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "derivatives",
+                                           "liquidations")
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
         self.book_channel = BOOK_CHANNELS.get(feed.book_depth or DEFAULT_BOOK_DEPTH, CH_BOOKS)
+        want_derivs = "derivatives" in self.channels
         self._channels: frozenset[str] = frozenset(
             ch for ch, want in ((CH_TRADES, "trades" in self.channels),
                                 (CH_BBO, "quotes" in self.channels),
-                                (self.book_channel, "book" in self.channels)) if want)
+                                (self.book_channel, "book" in self.channels),
+                                (CH_FUNDING, want_derivs), (CH_MARK, want_derivs),
+                                (CH_OI, want_derivs),
+                                (CH_LIQUIDATIONS, "liquidations" in self.channels)) if want)
+        self.derivs: LatestValues = self.stateful("derivatives", LatestValues())
         self.trade_ids = self.stateful("trades", TradeIds(consecutive=True))
         self.books = self.stateful("books", BookSync(
             self, OkxRules(), resubscribe=self._resubscribe, keep_text=True,
@@ -324,10 +412,22 @@ class Okx(Codec):
     def args(self) -> list[dict[str, str]]:
         """Every (channel, instId) this feed subscribes to."""
         out = []
+        liquidation_types: list[str] = []
         for sym in self.feed.symbols:
             for ch in (CH_TRADES, CH_BBO, self.book_channel):
                 if ch in self._channels:
                     out.append(_arg(ch, sym))
+            kind = inst_type(sym)
+            if kind is None:
+                continue  # spot: no funding, mark price, open interest or liquidations
+            for ch in DERIVATIVE_CHANNELS:
+                if ch in self._channels and (ch != CH_FUNDING or kind == "SWAP"):
+                    out.append(_arg(ch, sym))
+            if CH_LIQUIDATIONS in self._channels and kind not in liquidation_types:
+                liquidation_types.append(kind)
+        # One all-market stream per instType; rows of instIds not subscribed are dropped.
+        out.extend({"channel": CH_LIQUIDATIONS, "instType": kind}
+                   for kind in liquidation_types)
         return out
 
     def _book_symbols(self) -> tuple[str, ...]:
@@ -401,10 +501,32 @@ class Okx(Codec):
         if arg is None or not data or (len(data) == 4 and bytes(data) == b"null"):
             out.unknown += 1
             return
+        if arg.channel == CH_LIQUIDATIONS:
+            if CH_LIQUIDATIONS not in self._channels:
+                out.drop(DROP_UNSUBSCRIBED)
+                return
+            self._liquidations(_LIQUIDATION_LIST.decode(data), ts_recv_ns, recv_seq, out)
+            return
         channel, sym = arg.channel, arg.instId
         if channel is None or sym is None:
             raise BadFrame("arg without channel/instId")
         if not self._wanted(channel, sym, out):
+            return
+        if channel == CH_FUNDING:
+            for f in _FUNDING_LIST.decode(data):
+                self._derivative(sym, f.instId, _ms_opt(f.ts), ts_recv_ns, recv_seq, out,
+                                 funding_rate=_number(f.fundingRate, "fundingRate", False),
+                                 predicted_funding_rate=_number(
+                                     f.nextFundingRate, "nextFundingRate", False),
+                                 next_funding_time=_ms(f.fundingTime))
+            return
+        if channel == CH_MARK:
+            for m in _MARK_LIST.decode(data):
+                self._derivative(sym, m.instId, _ms(m.ts), ts_recv_ns, recv_seq, out,
+                                 mark_price=_number(m.markPx, "markPx", True))
+            return
+        if channel == CH_OI:
+            self._open_interest(sym, _OI_LIST.decode(data), ts_recv_ns, recv_seq, out)
             return
         if channel == CH_TRADES:
             msg: Any = _TradesMsg(_Arg(channel, sym), _TRADE_LIST.decode(data))
@@ -439,6 +561,43 @@ class Okx(Codec):
             self.venue_error(out, ts_recv_ns, recv_seq, f"{code}: {text}"[:500])
         else:
             out.unknown += 1
+
+    # ---- derivatives and liquidations --------------------------------------------------------
+    def _derivative(self, sym: str, inst_id: str, ts_event: int | None, ts_recv_ns: int,
+                    recv_seq: int, out: Output, **values: float | int | None) -> None:
+        if inst_id != sym:
+            raise BadFrame(f"data of {inst_id!r} on {sym!r}'s channel"[:120])
+        self.derivs.update(out, sym, ts_event, ts_recv_ns, recv_seq, **values)
+
+    def _open_interest(self, sym: str, data: list[_OpenInterest], ts_recv_ns: int,
+                       recv_seq: int, out: Output) -> None:
+        for o in data:
+            oi = _number(o.oi, "oi", False)
+            if oi is not None and oi < 0:
+                raise BadFrame(f"oi out of range: {o.oi!r}"[:80])
+            self._derivative(sym, o.instId, _ms(o.ts), ts_recv_ns, recv_seq, out,
+                             open_interest=oi)
+
+    def _liquidations(self, data: list[_Liquidation], ts_recv_ns: int, recv_seq: int,
+                      out: Output) -> None:
+        """`liquidation-orders` (one stream per instType): side `details[].side` (the
+        order's), price `bkPx`, amount `sz` (contracts), time `details[].ts`."""
+        rows = []
+        for item in data:
+            for d in item.details:
+                side = _SIDES.get(d.side)
+                if side is None:
+                    raise BadFrame(f"liquidation side {d.side!r}"[:80])
+                rows.append((item.instId, _ms(d.ts), side, price(d.bkPx), amount(d.sz)))
+        unsubscribed = 0
+        for sym, ts_event, side, px, qty in rows:
+            if sym not in self.symbols:
+                unsubscribed += 1
+                continue
+            out.liquidations_block().add(sym, ts_event, ts_recv_ns, recv_seq, side, px, qty,
+                                         None)
+        if unsubscribed:
+            out.drop(DROP_UNSUBSCRIBED, unsubscribed)
 
     # ---- trades ----------------------------------------------------------------------------
     def _trades(self, sym: str, data: list[_Trade], ts_recv_ns: int, recv_seq: int,

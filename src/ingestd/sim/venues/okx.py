@@ -40,6 +40,12 @@ PUBLIC_CHANNELS = frozenset({"trades", "bbo-tbt", "books", "books5", "books50-l2
                              "estimated-price", "liquidation-orders", "instruments",
                              "status"})
 
+INST_TYPES = frozenset({"SPOT", "MARGIN", "SWAP", "FUTURES", "OPTION"})
+
+
+def ack_arg(channel: str, inst: str, by_type: bool) -> dict[str, str]:
+    return {"channel": channel, "instType" if by_type else "instId": inst}
+
 
 class OkxVenue(Venue):
     exchange: ClassVar[str] = "okx"
@@ -47,11 +53,13 @@ class OkxVenue(Venue):
     # Served in this order per (channel, instId); trade ids increase across the two files.
     stream_files: ClassVar[tuple[str, ...]] = (
         "trades.jsonl", "trades_2026.jsonl", "bbo_tbt.jsonl", "books.jsonl",
-        "books5_2026.jsonl", "books_seqid_2023.jsonl", "tickers.jsonl", "tickers_2026.jsonl")
+        "books5_2026.jsonl", "books_seqid_2023.jsonl", "tickers.jsonl", "tickers_2026.jsonl",
+        "funding_rate.jsonl", "mark_price.jsonl", "liquidation_orders.jsonl")
     demo_feed: ClassVar[dict[str, object]] = {
-        # The 2022-05-13 capture (trades, books); quotes from the bbo-tbt frames.
-        "symbols": ["BTC-USDT", "BTC-USD-220527", "UNI-USD-SWAP"],
-        "channels": ["trades", "quotes", "book"],
+        # The 2022-05-13 capture (trades, books); quotes from the bbo-tbt frames;
+        # BTC-USDT-SWAP: the recorded funding-rate, mark-price and liquidation-orders frames.
+        "symbols": ["BTC-USDT", "BTC-USD-220527", "UNI-USD-SWAP", "BTC-USDT-SWAP"],
+        "channels": ["trades", "quotes", "book", "derivatives", "liquidations"],
     }
 
     def __init__(self, skip_book_update: int | None = None) -> None:
@@ -62,10 +70,12 @@ class OkxVenue(Venue):
                 arg = orjson.loads(frame).get("arg")
                 if not isinstance(arg, dict):
                     continue
-                key = (str(arg.get("channel")), str(arg.get("instId")))
+                # liquidation-orders is one stream per instType (its arg has no instId).
+                key = (str(arg.get("channel")), str(arg.get("instId") or arg.get("instType")))
                 self.by_key.setdefault(key, []).append(frame)
                 self.key_of[frame] = key
-        self.instruments = frozenset(inst for _, inst in self.by_key)
+        self.instruments = frozenset(inst for ch, inst in self.by_key
+                                     if ch != "liquidation-orders")
         self.skip_book_update = skip_book_update
         self._served_once: set[Key] = set()
         self.requests: list[str] = []   # every text frame clients sent (for tests)
@@ -144,6 +154,9 @@ class OkxVenue(Venue):
                 for arg in args:
                     channel = arg.get("channel") if isinstance(arg, dict) else None
                     inst = arg.get("instId") if isinstance(arg, dict) else None
+                    by_type = channel == "liquidation-orders"
+                    if by_type and isinstance(arg, dict):
+                        inst = arg.get("instType")
                     if not isinstance(channel, str) or not isinstance(inst, str):
                         await conn.send_control(
                             error("60012", f"Invalid request: {text[:200]}"))
@@ -155,7 +168,7 @@ class OkxVenue(Venue):
                         if task is not None:
                             task.cancel()
                     elif (not public or channel not in PUBLIC_CHANNELS
-                          or inst not in self.instruments):
+                          or inst not in (INST_TYPES if by_type else self.instruments)):
                         await conn.send_control(error(
                             "60018", f"Subscribe failed, wrong URL or channel:{channel},"
                             f"instId:{inst} doesn't exist. Please use the correct URL, "
@@ -165,13 +178,13 @@ class OkxVenue(Venue):
                         if key in active:
                             # Already subscribed: OKX acks again and keeps the stream.
                             await conn.send_control(orjson.dumps(
-                                {"event": op, "arg": {"channel": channel, "instId": inst},
+                                {"event": op, "arg": ack_arg(channel, inst, by_type),
                                  "connId": conn_id}))
                             continue
                         tokens[key] = active[key] = object()
                         started.append(key)
                     await conn.send_control(orjson.dumps(
-                        {"event": op, "arg": {"channel": channel, "instId": inst},
+                        {"event": op, "arg": ack_arg(channel, inst, by_type),
                          "connId": conn_id}))
                 if started and conn.server.live:
                     for key in started:
