@@ -239,7 +239,7 @@ class Gate(Codec):
         if d.s not in self.symbols:
             out.drop(DROP_UNSUBSCRIBED)
             return
-        if d.U > d.u:
+        if d.u < d.U:
             raise BadFrame(f"U {d.U} > u {d.u}")
         diff = Diff(d.U, d.u, -1, d.u, ms_to_ns(d.t), ts_recv_ns, parse_levels(d.b),
                     parse_levels(d.a), nbytes)
