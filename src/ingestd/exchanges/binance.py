@@ -48,7 +48,7 @@ from ingestd.exchanges.base import (
     price,
     quote_side,
 )
-from ingestd.exchanges.book import BookSync, Diff, RestSnapshot
+from ingestd.exchanges.book import BookSync, Diff, RangeRules, RestSnapshot
 from ingestd.exchanges.derivs import LatestValues
 from ingestd.exchanges.trades import NEW, TradeIds, report_trade
 from ingestd.schema import BUY, SELL
@@ -163,29 +163,12 @@ _LIQUIDATION_SIDES: Final = {"BUY": BUY, "SELL": SELL}
 
 
 # ---- continuity rules ----------------------------------------------------------------------
-class SpotRules:
+class SpotRules(RangeRules):
     """Spot: drop diffs with u <= lastUpdateId; the first applied diff has
-    U <= lastUpdateId + 1 <= u; then U == previous u + 1."""
+    U <= lastUpdateId + 1 <= u; then U == previous u + 1 (the shared RangeRules)."""
 
-    @staticmethod
-    def stale(diff: Diff, last_id: int, just_synced: bool) -> bool:
-        return diff.last_id <= last_id
-
-    @staticmethod
-    def bridges(diff: Diff, snapshot_id: int) -> bool:
-        return diff.first_id <= snapshot_id + 1 <= diff.last_id
-
-    @staticmethod
-    def continues(diff: Diff, last_id: int) -> bool:
-        return diff.first_id == last_id + 1
-
-    @staticmethod
-    def too_old(snapshot_id: int, first_buffered: Diff) -> bool:
-        return snapshot_id + 1 < first_buffered.first_id
-
-    @staticmethod
-    def gap_detail(symbol: str, diff: Diff, last_id: int) -> str:
-        return f"expected U={last_id + 1}, got U={diff.first_id} u={diff.last_id}"
+    FIRST = "U"
+    LAST = "u"
 
 
 class UsdmRules:
