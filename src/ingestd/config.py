@@ -46,6 +46,32 @@ class StorageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Rows buffered per table and partition before a flush regardless of age.
     flush_max_rows: PosInt = 200_000
     compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
+    # "parquet": Hive-partitioned files; "delta": one Delta Lake table per table.
+    format: Literal["parquet", "delta"] = "parquet"
+    # Unit of every timestamp column; "delta" implies "us" (Spark and Delta read only us).
+    timestamp_unit: Literal["ns", "us"] = "ns"
+    # Journal, staging, state and kept raw frames (default: root, when root is local);
+    # required for an object-store root.
+    local_dir: str | None = None
+    # Object-store client settings (endpoint_url, region, allow_http, ...); never
+    # credentials: those come from the store's standard environment.
+    options: dict[str, str | bool | int] = {}
+
+    @property
+    def is_remote(self) -> bool:
+        """True when root is an object-store URI (s3://, gs://, abfs://...)."""
+        return "://" in self.root and not self.root.startswith("file://")
+
+    @property
+    def effective_unit(self) -> Literal["ns", "us"]:
+        return "us" if self.format == "delta" else self.timestamp_unit
+
+    @property
+    def local_path(self) -> str:
+        """Where the journal, staging, state and kept raw frames live."""
+        if self.local_dir is not None:
+            return self.local_dir
+        return self.root.removeprefix("file://")
 
 
 class JournalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,6 +95,8 @@ class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class ServiceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout_s: PosFloat = 10.0
+    # Worker processes that share out the feeds; "auto" = one per core.
+    workers: PosInt | Literal["auto"] = 1
 
 
 class HealthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -213,6 +241,35 @@ def _check_url(url: str, schemes: tuple[str, ...]) -> str | None:
     return None
 
 
+_REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az")
+# Option keys that would put a secret into the config file (and from there into logs).
+_CREDENTIAL_OPTIONS = ("access_key", "secret", "session_token", "password", "token",
+                       "account_key", "sas", "client_secret")
+
+
+def _check_storage(storage: StorageConfig) -> list[str]:
+    problems: list[str] = []
+    if storage.is_remote:
+        scheme = storage.root.split("://", 1)[0]
+        if scheme not in _REMOTE_SCHEMES:
+            known = ", ".join(f"{s}://" for s in _REMOTE_SCHEMES)
+            problems.append(f"storage.root: {storage.root!r}: unknown scheme {scheme!r} "
+                            f"(a local directory, or {known})")
+        elif not storage.root.split("://", 1)[1].strip("/"):
+            problems.append(f"storage.root: {storage.root!r} names no bucket")
+        if storage.local_dir is None:
+            problems.append("storage.local_dir: required when storage.root is an object "
+                            "store (the journal, staging and state stay on local disk)")
+    if storage.local_dir is not None and "://" in storage.local_dir:
+        problems.append(f"storage.local_dir: {storage.local_dir!r} must be a local directory")
+    for key in storage.options:
+        if any(word in key.lower() for word in _CREDENTIAL_OPTIONS):
+            problems.append(f"storage.options.{key}: credentials are never read from the "
+                            "config; set them in the store's standard environment "
+                            "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    return problems
+
+
 def _check_feed(feed: FeedConfig, where: str, problems: list[str],
                 venues: VenueRules | None) -> None:
     known_exchange = venues is not None and feed.exchange in venues.exchanges
@@ -268,6 +325,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>",
             sections[name] = kind()
             continue
         sections[name] = _convert_struct(kind, data[name], name, problems)
+    storage = sections.get("storage")
+    if storage is not None:
+        problems.extend(_check_storage(storage))
     if sections.get("health") is not None:
         bad = _check_listen(sections["health"].listen)
         if bad:
