@@ -33,6 +33,7 @@ from ingestd.health import HealthServer, writer_progressing
 from ingestd.notify import Notifier
 from ingestd.runtime import tune_gc
 from ingestd.sink.journal import Journal
+from ingestd.sink.publish import make_publisher
 from ingestd.sink.recovery import RecoveryResult, recover
 from ingestd.sink.state import load_feed_state, save_feed_states
 from ingestd.sink.writer import Writer
@@ -124,6 +125,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._background: list[asyncio.Task[Any]] = []
         self.root = Path(cfg.storage.root)
+        # Journal, staging, state, kept raw frames, rejects: local even when the output
+        # root is an object store (`storage.local_path`).
+        self.local_dir = self.root_of(cfg)
         self.queue_stats = QueueStats(cfg.queue.capacity)
         self.queue = MessageQueue(cfg.queue.capacity, self.queue_stats)
         self.writer_stats = WriterStats()
@@ -131,18 +135,21 @@ class Daemon:
         jc = cfg.journal
         self.journal: Journal | None = None
         if jc.enabled:
-            self.journal = Journal(self.root, fsync_interval_s=jc.fsync_interval_s, clock=clock,
-                                   segment_max_bytes=jc.segment_max_bytes,
+            self.journal = Journal(self.local_dir, fsync_interval_s=jc.fsync_interval_s,
+                                   clock=clock, segment_max_bytes=jc.segment_max_bytes,
                                    segment_max_s=jc.segment_max_s,
                                    keep_raw_s=jc.keep_raw_days * 86_400.0,
                                    keep_raw_max_bytes=jc.keep_raw_max_bytes,
                                    max_pending_bytes=jc.max_pending_bytes)
-        self.writer = Writer(self.root, self.queue,
+        self.instance = self.journal.instance if self.journal else uuid.uuid4().hex
+        self.publisher = make_publisher(cfg.storage, self.local_dir, self.instance)
+        self.writer = Writer(self.local_dir, self.queue,
                              flush_interval_s=cfg.storage.flush_interval_s,
                              flush_max_rows=cfg.storage.flush_max_rows,
                              compression=cfg.storage.compression,
                              clock=clock, stats=self.writer_stats,
-                             instance=self.journal.instance if self.journal else "")
+                             instance=self.journal.instance if self.journal else "",
+                             publisher=self.publisher)
         self.recovery: RecoveryResult | None = None
         self.readers: dict[str, FeedReader] = {}
         self.feed_stats: dict[str, FeedStats] = {}
@@ -155,7 +162,9 @@ class Daemon:
 
     @staticmethod
     def root_of(cfg: Config) -> Path:
-        return Path(cfg.storage.root)
+        """The local directory this daemon must be able to write (`storage.local_path`:
+        the root itself when it is local)."""
+        return Path(cfg.storage.local_path)
 
     def stats_snapshot(self) -> DaemonSnapshot:
         """A frozen copy of every counter (what health and metrics read)."""
@@ -329,8 +338,9 @@ class Daemon:
     async def _recover(self) -> None:
         """Replay journals of processes that died, before any feed starts."""
         self.recovery = await asyncio.to_thread(
-            recover, self.root, self.cfg.storage.compression, self.writer.staging.path,
-            self.cfg.storage.flush_max_rows, keep_raw=self.cfg.journal.keep_raw_days > 0)
+            recover, self.local_dir, self.cfg.storage.compression,
+            self.publisher.staging_dir, self.cfg.storage.flush_max_rows,
+            keep_raw=self.cfg.journal.keep_raw_days > 0, publisher=self.publisher)
         r = self.recovery
         if r.journals:
             log.warning("recovered_from_journal", journals=r.journals, records=r.records,
@@ -361,7 +371,7 @@ class Daemon:
             codec = restored.codec
             seq.bump(restored.last_seq)
         else:
-            saved = load_feed_state(self.root, feed)
+            saved = load_feed_state(self.local_dir, feed)
             if saved is not None:
                 state, last_seq = saved
                 codec, problem = make_codec(feed, state)
@@ -395,7 +405,7 @@ class Daemon:
             # First thing: a signal during start-up (e.g. recovery) must drain, not kill.
             self._install_signals()
             tune_gc()  # the real daemon process (tests keep the interpreter's defaults)
-        check_root(self.root)
+        check_root(self.local_dir)
         await asyncio.to_thread(self.writer.open)
         if self.journal is not None:
             await asyncio.to_thread(self.journal.open)
@@ -408,7 +418,8 @@ class Daemon:
         except OSError as e:
             raise HealthBindError(f"health.listen: cannot listen on {self.cfg.health.listen}: "
                                   f"{e.strerror or e}") from None
-        log.info("starting", version=__version__, root=str(self.root),
+        log.info("starting", version=__version__, root=self.cfg.storage.root,
+                 local_dir=str(self.local_dir),
                  feeds=[f.name for f in self.cfg.feeds],
                  journal=str(self.journal.dir) if self.journal else None,
                  health=f"{host}:{self.health_port}",
@@ -456,7 +467,7 @@ class Daemon:
                 await self.health.stop()
             if install_signals:
                 self._remove_signals()
-        await asyncio.to_thread(save_feed_states, self.root,
+        await asyncio.to_thread(save_feed_states, self.local_dir,
                                 [(r.feed, r.codec.state(), r.seq.last)
                                  for r in self.readers.values()])
         if self.journal is not None:

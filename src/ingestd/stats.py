@@ -76,6 +76,23 @@ class WriterStats:
 
 
 @dataclass(slots=True)
+class StoreStats:
+    """The remote object store's state, kept by its publisher's uploader (one writer
+    thread updates it; the loop reads it for /health and /metrics)."""
+
+    url: str                              # the root, e.g. s3://bucket/prefix
+    state: str = "starting"               # "ok" | "unreachable" | "starting"
+    last_error: str | None = None         # the latest upload failure (never credentials)
+    files_waiting: int = 0                # committed locally, not uploaded yet
+    bytes_waiting: int = 0
+    files_uploaded: int = 0
+    bytes_uploaded: int = 0
+    upload_failures: int = 0              # failed upload attempts (each retried)
+    last_upload_mono: float | None = None
+    oldest_waiting_age_s: float | None = None
+
+
+@dataclass(slots=True)
 class QueueStats:
     capacity: int
     dropped: Counter[str] = field(default_factory=Counter)  # by reason (e.g. queue_full)

@@ -13,6 +13,7 @@ Must not: be called on the event loop, or decide when to flush.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import shutil
@@ -24,11 +25,14 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import structlog
 
 from ingestd.schema import Block, schema_for, to_arrow_table
 from ingestd.sink import fsutil
-from ingestd.sink.batcher import Batch
+from ingestd.sink.batcher import Batch, day_to_date
 from ingestd.sink.fsutil import try_lock_dir
+
+log = structlog.get_logger("ingestd.parquet")
 
 STAGING_DIR = ".staging"
 # File metadata: {feed key: [[min_seq, max_seq], ...]} - exactly which rows the file holds.
@@ -147,7 +151,8 @@ def unique_name(batch: Batch) -> str:
 
 def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
            metadata: dict[str, str] | None = None, *,
-           fsync_dir: Callable[[Path], None] = fsutil.fsync_dir) -> Committed:
+           fsync_dir: Callable[[Path], None] = fsutil.fsync_dir,
+           unit: str = "ns") -> Committed:
     """Write `batch` as one Parquet file and atomically publish it. `staging` is this
     process's own directory under `<root>/.staging/` (see `Staging`); `fsync_dir` is the
     directory sync step (injectable, e.g. to produce a failing one).
@@ -155,8 +160,9 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     Raises `PublishedNotDurable` (an OSError carrying the `Committed`) when the file is
     visible but the directory sync after the rename failed: the caller must not commit
     the rows again, only retry `fsync_dir(committed.path.parent)`. Raises any other
-    OSError when nothing became visible (the staging file is removed)."""
-    table = batch_table(batch)
+    OSError when nothing became visible (the staging file is removed). `unit` is the
+    timestamp unit of the columns (`storage.effective_unit`)."""
+    table = batch_table(batch, unit)
     extra = dict(metadata or {})
     if batch.coverage:
         extra[COVERAGE_KEY] = orjson.dumps(
@@ -229,3 +235,98 @@ class Staging:
             shutil.rmtree(self.path, ignore_errors=True)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+# A file can hold rows from a journal only if it was written after the journal's oldest
+# record was received: its mtime (set when it was written, kept by the rename that
+# publishes it, fresh for a compacted file) is then no older. The margin absorbs wall
+# clock steps. A file's name (its first ts_recv) says nothing of the kind: a batch held
+# through a long outage, or a long flush interval, spans more than any margin.
+FILE_AGE_MARGIN_NS = 3600 * 1_000_000_000
+
+
+class CoverageIndex:
+    """Which (feed key, table, exchange, day) recv_seq intervals committed files hold."""
+
+    def __init__(self) -> None:
+        self._intervals: dict[tuple[str, str, str, int], list[tuple[int, int]]] = {}
+        self._loaded: set[tuple[str, str, int]] = set()
+        self.files_read = 0
+
+    def load(self, root: Path, table: str, exchange: str, day: int, prefix: str,
+             min_ts_ns: int) -> None:
+        """Index the files of one partition that may hold rows of feed keys starting with
+        `prefix` from a journal whose oldest record was received at `min_ts_ns`: every
+        file written since then (by mtime, see FILE_AGE_MARGIN_NS); older ones are not
+        opened (one stat each instead of a footer read)."""
+        if (table, exchange, day) in self._loaded:
+            return
+        self._loaded.add((table, exchange, day))
+        d = partition_dir(root, table, exchange, day_to_date(day))
+        if not d.is_dir():
+            return
+        oldest_ns = min_ts_ns - FILE_AGE_MARGIN_NS
+        with os.scandir(d) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".parquet"):
+                    continue
+                try:
+                    if entry.stat().st_mtime_ns < oldest_ns:
+                        continue
+                except FileNotFoundError:
+                    continue  # compacted away meanwhile
+                self._read(Path(entry.path), table, exchange, day, prefix)
+        self.sort()
+
+    def _read(self, f: Path, table: str, exchange: str, day: int, prefix: str) -> None:
+        self.files_read += 1
+        try:
+            meta = pq.read_metadata(f).metadata or {}
+        except (OSError, ValueError) as e:
+            log.error("unreadable_committed_file", path=str(f), error=str(e))
+            return
+        raw = meta.get(COVERAGE_KEY.encode())
+        if raw:
+            self.add(orjson.loads(raw), table, exchange, day, prefix)
+
+    def add(self, coverage: dict[str, list[list[int]]], table: str, exchange: str, day: int,
+            prefix: str) -> None:
+        """Index one file's coverage (`{feed key: [[lo, hi], ...]}`), feed keys starting
+        with `prefix` only. Call `sort()` after the last one."""
+        for feed, spans in coverage.items():
+            if feed.startswith(prefix):
+                key = (feed, table, exchange, day)
+                self._intervals.setdefault(key, []).extend(
+                    (int(lo), int(hi)) for lo, hi in spans)
+
+    def sort(self) -> None:
+        for spans in self._intervals.values():
+            spans.sort()
+
+    def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
+        spans = self._intervals.get((feed, table, exchange, day))
+        if not spans:
+            return False
+        i = bisect.bisect_right(spans, (seq, 2**63)) - 1
+        return i >= 0 and spans[i][0] <= seq <= spans[i][1]
+
+
+
+
+class LocalCoverage:
+    """`CoverageIndex` bound to one local root: the `publish.CoverageLookup` of local
+    Parquet."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.index = CoverageIndex()
+
+    @property
+    def files_read(self) -> int:
+        return self.index.files_read
+
+    def load(self, table: str, exchange: str, day: int, prefix: str, min_ts_ns: int) -> None:
+        self.index.load(self.root, table, exchange, day, prefix, min_ts_ns)
+
+    def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
+        return self.index.covers(feed, table, exchange, day, seq)

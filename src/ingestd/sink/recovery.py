@@ -17,7 +17,6 @@ any feed starts), or trust anything in a journal past its first invalid record.
 
 from __future__ import annotations
 
-import bisect
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +26,6 @@ from typing import Any
 
 import msgspec
 import orjson
-import pyarrow.parquet as pq
 import structlog
 
 from ingestd.config import FeedConfig
@@ -52,19 +50,14 @@ from ingestd.sink.journal import (
     records_of,
 )
 from ingestd.sink.journal import keep_raw as keep_raw_segments
-from ingestd.sink.parquet import COVERAGE_KEY, commit, partition_dir
+from ingestd.sink.parquet import FILE_AGE_MARGIN_NS, CoverageIndex, commit
+from ingestd.sink.publish import CoverageLookup, LocalParquetPublisher, Publisher
 
 log = structlog.get_logger("ingestd.recovery")
 
 # Journals that could not be replayed are moved here (kept, never replayed again).
 FAILED_DIR = ".journal-failed"
 
-# A file can hold rows from a journal only if it was written after the journal's oldest
-# record was received: its mtime (set when it was written, kept by the rename that
-# publishes it, fresh for a compacted file) is then no older. The margin absorbs wall
-# clock steps. A file's name (its first ts_recv) says nothing of the kind: a batch held
-# through a long outage, or a long flush interval, spans more than any margin.
-FILE_AGE_MARGIN_NS = 3600 * 1_000_000_000
 
 
 @dataclass
@@ -90,75 +83,17 @@ class RecoveryResult:
     feeds: dict[str, FeedState] = field(default_factory=dict)  # feed name -> replayed state
 
 
-class CoverageIndex:
-    """Which (feed key, table, exchange, day) recv_seq intervals committed files hold."""
-
-    def __init__(self) -> None:
-        self._intervals: dict[tuple[str, str, str, int], list[tuple[int, int]]] = {}
-        self._loaded: set[tuple[str, str, int]] = set()
-        self.files_read = 0
-
-    def load(self, root: Path, table: str, exchange: str, day: int, prefix: str,
-             min_ts_ns: int) -> None:
-        """Index the files of one partition that may hold rows of feed keys starting with
-        `prefix` from a journal whose oldest record was received at `min_ts_ns`: every
-        file written since then (by mtime, see FILE_AGE_MARGIN_NS); older ones are not
-        opened (one stat each instead of a footer read)."""
-        if (table, exchange, day) in self._loaded:
-            return
-        self._loaded.add((table, exchange, day))
-        from ingestd.sink.batcher import day_to_date
-
-        d = partition_dir(root, table, exchange, day_to_date(day))
-        if not d.is_dir():
-            return
-        oldest_ns = min_ts_ns - FILE_AGE_MARGIN_NS
-        with os.scandir(d) as entries:
-            for entry in entries:
-                if not entry.name.endswith(".parquet"):
-                    continue
-                try:
-                    if entry.stat().st_mtime_ns < oldest_ns:
-                        continue
-                except FileNotFoundError:
-                    continue  # compacted away meanwhile
-                self._read(Path(entry.path), table, exchange, day, prefix)
-        for spans in self._intervals.values():
-            spans.sort()
-
-    def _read(self, f: Path, table: str, exchange: str, day: int, prefix: str) -> None:
-        self.files_read += 1
-        try:
-            meta = pq.read_metadata(f).metadata or {}
-        except (OSError, ValueError) as e:
-            log.error("unreadable_committed_file", path=str(f), error=str(e))
-            return
-        raw = meta.get(COVERAGE_KEY.encode())
-        if not raw:
-            return
-        for feed, spans in orjson.loads(raw).items():
-            if feed.startswith(prefix):
-                key = (feed, table, exchange, day)
-                self._intervals.setdefault(key, []).extend(
-                    (int(lo), int(hi)) for lo, hi in spans)
-
-    def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
-        spans = self._intervals.get((feed, table, exchange, day))
-        if not spans:
-            return False
-        i = bisect.bisect_right(spans, (seq, 2**63)) - 1
-        return i >= 0 and spans[i][0] <= seq <= spans[i][1]
-
-
 class RowSink:
-    """Rows replayed from a journal, batched per (table, exchange, day) and committed as
-    Parquet files (blocking), with the same coverage metadata the writer records."""
+    """Rows replayed from a journal, batched per (table, exchange, day) and committed
+    (blocking) with the same coverage metadata the writer records: through `publisher`,
+    or as local Parquet files under `root` staged in `staging` when none is given."""
 
     def __init__(self, root: Path, staging: Path, compression: str,
-                 flush_max_rows: int) -> None:
+                 flush_max_rows: int, publisher: Publisher | None = None) -> None:
         self.root = root
         self.staging = staging
         self.compression = compression
+        self.publisher = publisher
         self.batcher = Batcher(flush_interval_s=1e9, flush_max_rows=flush_max_rows)
         self.files = 0
         self.rows = 0
@@ -174,7 +109,11 @@ class RowSink:
             self._commit(key)
 
     def _commit(self, key: PartitionKey) -> None:
-        commit(self.root, self.staging, self.batcher.take(key), self.compression)
+        batch = self.batcher.take(key)
+        if self.publisher is not None:
+            self.publisher.publish(batch)
+        else:
+            commit(self.root, self.staging, batch, self.compression)
         self.files += 1
 
 
@@ -309,14 +248,18 @@ def _journal_bounds(journal_dir: Path) -> tuple[int, set[str]]:
 
 
 def recover(root: Path, compression: str, staging: Path,
-            flush_max_rows: int = 200_000, keep_raw: bool = False) -> RecoveryResult:
-    """Replay every orphaned journal under `root` into Parquet, exactly once. With
-    `keep_raw`, each recovered journal's segments are kept under `<root>/.raw/`."""
+            flush_max_rows: int = 200_000, keep_raw: bool = False,
+            publisher: Publisher | None = None) -> RecoveryResult:
+    """Replay every orphaned journal under `root` (the local dir) exactly once: through
+    `publisher` (its coverage says what is committed already), or into local Parquet
+    under `root` staged in `staging` when none is given. With `keep_raw`, each recovered
+    journal's segments are kept under `<root>/.raw/`."""
     result = RecoveryResult()
+    if publisher is None:
+        publisher = LocalParquetPublisher(root, compression=compression, staging_dir=staging)
     for journal_dir, fd in adoptable_journals(root):
         try:
-            _recover_one(root, journal_dir, compression, staging, flush_max_rows, result,
-                         keep_raw)
+            _recover_one(root, journal_dir, publisher, flush_max_rows, result, keep_raw)
         except Exception as e:
             # Never crash-loop the daemon on a journal it cannot replay: keep it aside
             # for inspection (and a later version) and carry on.
@@ -334,12 +277,12 @@ def recover(root: Path, compression: str, staging: Path,
     return result
 
 
-def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
+def _recover_one(root: Path, journal_dir: Path, publisher: Publisher,
                  flush_max_rows: int, result: RecoveryResult, keep_raw: bool) -> None:
     instance = journal_dir.name
     min_ts, _ = _journal_bounds(journal_dir)
-    index = CoverageIndex()
-    sink = RowSink(root, staging, compression, flush_max_rows)
+    index: CoverageLookup = publisher.coverage()
+    sink = RowSink(root, publisher.staging_dir, "", flush_max_rows, publisher)
     counts = {"new": 0, "old": 0}
     prefix = f"{instance}/"
 
@@ -350,7 +293,7 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
             for i, (ts, seq) in enumerate(zip(block.ts_recv, block.recv_seq,  # type: ignore[attr-defined]
                                               strict=True)):
                 day = ts // NS_PER_DAY
-                index.load(root, table, exchange, day, prefix, min_ts)
+                index.load(table, exchange, day, prefix, min_ts)
                 if index.covers(key, table, exchange, day, seq):
                     counts["old"] += 1
                 else:
@@ -383,5 +326,5 @@ def _recover_one(root: Path, journal_dir: Path, compression: str, staging: Path,
     shutil.rmtree(journal_dir, ignore_errors=True)
 
 
-__all__ = ["CoverageIndex", "RecoveryResult", "RowSink", "adoptable_journals", "recover",
-           "replay_journal"]
+__all__ = ["FILE_AGE_MARGIN_NS", "CoverageIndex", "RecoveryResult", "RowSink",
+           "adoptable_journals", "recover", "replay_journal"]

@@ -1,5 +1,9 @@
 """The writer task: drains the queue into the batcher and commits Parquet off the loop.
 
+Commits go through a `publish.Publisher` (local Parquet, an object store, Delta): the
+writer decides when and what, the publisher how and where. `root` is the local directory
+of the writer's own state (`.rejects/`; staging when no publisher is given).
+
 Owns: consuming queue items (the blocks of one socket read or REST answer of one feed,
 taken all at once), the flush timer, handing due
 batches to a single worker thread (so commits of one process are serialized and the loop
@@ -17,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import functools
 import os
 import uuid
 from collections.abc import Callable
@@ -41,7 +44,8 @@ from ingestd.sink.batcher import (
     PartitionKey,
     day_to_date,
 )
-from ingestd.sink.parquet import Committed, PublishedNotDurable, Staging, commit, to_arrow
+from ingestd.sink.parquet import Committed, PublishedNotDurable, to_arrow
+from ingestd.sink.publish import LocalParquetPublisher, Publisher
 from ingestd.stats import WriterStats
 from ingestd.trace import from_env as trace_from_env
 
@@ -184,7 +188,8 @@ class Writer:
                  flush_max_rows: int, compression: str, clock: Clock,
                  stats: WriterStats | None = None, instance: str = "",
                  fsync_dir: Callable[[Path], None] = fsutil.fsync_dir,
-                 rejects_max_bytes: int = REJECTS_MAX_BYTES) -> None:
+                 rejects_max_bytes: int = REJECTS_MAX_BYTES,
+                 publisher: Publisher | None = None) -> None:
         self.root = root
         self.queue = queue
         self.clock = clock
@@ -192,7 +197,9 @@ class Writer:
         self.fsync_dir = fsync_dir
         self.stats = stats or WriterStats()
         self.batcher = Batcher(flush_interval_s, flush_max_rows)
-        self.staging = Staging(root)
+        self.publisher: Publisher = publisher if publisher is not None else \
+            LocalParquetPublisher(root, compression=compression, fsync_dir=fsync_dir)
+        self.unit = self.publisher.unit
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ingestd-writer")
         self._inflight: set[asyncio.Future[Any]] = set()
@@ -222,8 +229,9 @@ class Writer:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def open(self) -> None:
-        """Blocking start-up work (before the loop serves): staging dir, leftovers."""
-        self.stale_staging_removed = self.staging.open()
+        """Blocking start-up work (before the loop serves): the publisher's staging dir,
+        leftovers."""
+        self.stale_staging_removed = self.publisher.open()
 
     async def run(self) -> None:
         """Consume until STOP, then commit everything buffered and return."""
@@ -296,7 +304,8 @@ class Writer:
         if buf is not None and buf.block_rows >= CONVERT_ROWS:
             # Convert the buffer's newest rows now, in the writer's thread: Arrow holds
             # them in a fifth of the memory, and the commit has less left to do.
-            fut = self._executor.submit(to_arrow, block.TABLE, exchange, buf.take_blocks())
+            fut = self._executor.submit(to_arrow, block.TABLE, exchange, buf.take_blocks(),
+                                        self.unit)
             buf.converted.append(fut)
             self._conversions.append(fut)
 
@@ -351,8 +360,7 @@ class Writer:
         batch = self.batcher.take(key)
         started = self.clock.monotonic()
         fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(commit, fsync_dir=self.fsync_dir),
-            self.root, self.staging.path, batch, self.compression)
+            self._executor, self.publisher.publish, batch)
         self._inflight.add(fut)
         self._inflight_batches[fut] = batch
         fut.add_done_callback(lambda f: self._commit_done(f, batch, key, started))
@@ -422,7 +430,7 @@ class Writer:
         # by this sync (a later one's rename may come after it).
         pending = {d: len(entries) for d, entries in self._unsynced.items()}
         fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, _sync_dirs, list(pending), self.fsync_dir)
+            self._executor, self.publisher.sync_durable, list(pending))
         self._dir_sync = fut
         self._inflight.add(fut)
         fut.add_done_callback(lambda f: self._dir_sync_done(f, pending))
@@ -473,7 +481,7 @@ class Writer:
                 break
             await asyncio.sleep(self._retry_delay_s)
         self._executor.shutdown(wait=False)  # nothing is pending any more
-        self.staging.close()
+        self.publisher.close()
         if self.trace is not None:
             self.trace.dump()
 
@@ -498,15 +506,3 @@ class Writer:
     def inflight(self) -> int:
         return len(self._inflight)
 
-
-def _sync_dirs(dirs: list[Path], fsync_dir: Callable[[Path], None]) -> dict[Path, str | None]:
-    """Sync each directory (blocking; worker thread): None where it worked, else why not."""
-    out: dict[Path, str | None] = {}
-    for d in dirs:
-        try:
-            fsync_dir(d)
-        except OSError as e:
-            out[d] = f"{type(e).__name__}: {e}"
-        else:
-            out[d] = None
-    return out
