@@ -166,6 +166,12 @@ class Daemon:
         the root itself when it is local)."""
         return Path(cfg.storage.local_path)
 
+    def read_config(self) -> Config:
+        """The config a SIGHUP applies (blocking). A worker process (worker.py) reads
+        its share of the supervisor's validated config instead of the file."""
+        assert self.config_path is not None
+        return load_config(self.config_path)
+
     def stats_snapshot(self) -> DaemonSnapshot:
         """A frozen copy of every counter (what health and metrics read)."""
         self.queue_stats.depth = self.queue.qsize()
@@ -225,7 +231,7 @@ class Daemon:
                 return False
             self.notifier.reloading()
             try:
-                new = await asyncio.to_thread(load_config, self.config_path)
+                new = await asyncio.to_thread(self.read_config)
             except ConfigError as e:
                 log.error("reload_rejected", problems=e.problems)
                 self.notifier.status(f"reload rejected: {e.problems[0]}; running config kept")
