@@ -29,7 +29,7 @@ KNOWN_CYCLES: list[frozenset[str]] = [
     frozenset({"ingestd.sim.server", "ingestd.sim.venues", "ingestd.sim.venues.base",
                *(f"ingestd.sim.venues.{v}" for v in (
                    "binance", "bitstamp", "bybit", "coinbase", "deribit", "kraken", "kucoin",
-                   "okx", "gate"))}),
+                   "okx", "gate", "hyperliquid"))}),
 ]
 
 

@@ -16,6 +16,7 @@ from ingestd.exchanges.bybit import BybitLinear, BybitSpot
 from ingestd.exchanges.coinbase import Coinbase
 from ingestd.exchanges.deribit import Deribit
 from ingestd.exchanges.gate import Gate
+from ingestd.exchanges.hyperliquid import Hyperliquid
 from ingestd.exchanges.kraken import Kraken
 from ingestd.exchanges.kucoin import Kucoin
 from ingestd.exchanges.okx import Okx
@@ -31,6 +32,7 @@ CODECS: dict[str, type[Codec]] = {
         Coinbase,
         Deribit,
         Gate,
+        Hyperliquid,
         Kraken,
         Kucoin,
         Okx,

@@ -9,6 +9,7 @@ from ingestd.sim.venues.bybit import BybitLinearVenue, BybitSpotVenue
 from ingestd.sim.venues.coinbase import CoinbaseVenue
 from ingestd.sim.venues.deribit import DeribitVenue
 from ingestd.sim.venues.gate import GateVenue
+from ingestd.sim.venues.hyperliquid import HyperliquidVenue
 from ingestd.sim.venues.kraken import KrakenVenue
 from ingestd.sim.venues.kucoin import KucoinVenue
 from ingestd.sim.venues.okx import OkxVenue
@@ -24,6 +25,7 @@ VENUES: dict[str, type[Venue]] = {
         CoinbaseVenue,
         DeribitVenue,
         GateVenue,
+        HyperliquidVenue,
         KrakenVenue,
         KucoinVenue,
         OkxVenue,
