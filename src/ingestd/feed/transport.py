@@ -212,7 +212,17 @@ class _PicowsConnection:
         self._transport.send_close(picows.WSCloseCode.MESSAGE_TOO_BIG,
                                    f"message over {self._max_size} bytes".encode())
         self._closed = self._closed_by_client()
-        self._transport.disconnect()
+        # Finish the closing handshake (RFC 6455 7.1.1): keep reading, discarding data,
+        # until the venue's close frame or CLOSE_TIMEOUT_S. Dropping the connection now,
+        # with the rest of the big message unread, makes the kernel send an RST that can
+        # destroy our close frame before the venue reads it (it then sees 1006, not 1009).
+        transport = self._transport
+        if self._paused:
+            self._paused = False
+            transport.underlying_transport.resume_reading()
+        asyncio.get_running_loop().call_later(
+            CLOSE_TIMEOUT_S, lambda: None if transport.is_disconnected
+            else transport.disconnect(graceful=False))
         self._wake()
 
     def _on_frame(self, frame: Any) -> None:
