@@ -129,6 +129,9 @@ class FeedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Venue-specific choices; each codec documents and validates the values it accepts.
     trade_stream: str | None = None
     book_depth: PosInt | None = None
+    # Seconds between two REST polls of one symbol, for values a venue has no stream for
+    # (binance-usdm open interest, default 10); venues that poll nothing reject it.
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600.0)] | None = None
 
 
 class Config(msgspec.Struct, frozen=True):

@@ -54,6 +54,8 @@ EV_BREAKER_CLOSED: Final = "breaker_closed"
 EV_OUT_OF_ORDER: Final = "out_of_order"
 # A snapshot request failed (no answer, not HTTP, cut short, garbage); it is retried.
 EV_SNAPSHOT_FAILED: Final = "snapshot_failed"
+# A periodic REST poll got no usable answer (timeout, HTTP error, garbage); polling goes on.
+EV_POLL_FAILED: Final = "poll_failed"
 
 _TS = pa.timestamp("ns", tz="UTC")
 

@@ -437,3 +437,120 @@ def test_spot_does_not_offer_derivatives_or_liquidations() -> None:
         {"name": "b", "exchange": "binance-usdm", "symbols": ["BTCUSDT"],
          "channels": ["derivatives", "liquidations"]}]})
     assert "derivatives" in BinanceUsdm.CHANNELS and "liquidations" in BinanceUsdm.CHANNELS
+
+
+# ---- USD-M open interest (REST polls) --------------------------------------------------------
+OI_ANSWERS = frames("binance_usdm", "openInterest_rest.jsonl")
+
+
+def _oi_request(c: BinanceSpot, symbol: str) -> RestRequest:
+    return next(r for r in c.poll_requests() if r.key.endswith(":" + symbol))
+
+
+def test_usdm_polls_open_interest_per_symbol_only_for_derivatives() -> None:
+    c = codec(BinanceUsdm, ["BTCUSDT", "BTCUSDT_220624"], ["trades", "derivatives"],
+              rest_url="http://127.0.0.1:9")
+    assert [(r.key, r.url) for r in c.poll_requests()] == [
+        ("openInterest:BTCUSDT", "http://127.0.0.1:9/fapi/v1/openInterest?symbol=BTCUSDT"),
+        ("openInterest:BTCUSDT_220624",
+         "http://127.0.0.1:9/fapi/v1/openInterest?symbol=BTCUSDT_220624")]
+    assert c.poll_interval_s() == 10.0
+    assert codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"],
+                 poll_interval_s=2.5).poll_interval_s() == 2.5
+    assert codec(BinanceUsdm, ["BTCUSDT"], ["trades", "liquidations"]).poll_requests() == ()
+    assert codec(BinanceSpot, ["BTCUSDT"], ["trades"]).poll_requests() == ()
+
+
+def test_usdm_open_interest_merges_into_the_latest_values_golden() -> None:
+    c = codec(BinanceUsdm, ["BTCUSDT", "BTCUSDT_220624"], ["derivatives"])
+    mark = frames("binance_usdm", "markPrice.jsonl")[0]
+    c.parse(mark, 10, 100)
+    out = c.on_rest(_oi_request(c, "BTCUSDT"), 200, OI_ANSWERS[0], 11, 101)
+    assert out.error is None
+    # The OI row carries the mark price, index and funding the stream sent before it;
+    # ts_event is the answer's `time`.
+    assert out.rows("derivatives") == [
+        ("BTCUSDT", 1654336844754_000_000, 11, 101, 58940.14924532, 58857.26693664,
+         0.00058455, None, 84617.188, 1617321600000_000_000)]
+    # A later markPrice row keeps the polled open interest.
+    later = c.parse(frames("binance_usdm", "markPrice.jsonl")[2], 12, 102)
+    assert later.rows("derivatives")[0][8] == 84617.188
+    fut = c.on_rest(_oi_request(c, "BTCUSDT_220624"), 200, OI_ANSWERS[1], 13, 103)
+    assert fut.rows("derivatives") == [
+        ("BTCUSDT_220624", 1654336785074_000_000, 13, 103, None, None, None, None, 1275.028,
+         None)]
+
+
+def test_usdm_open_interest_answer_no_newer_is_dropped_and_state_keeps_it() -> None:
+    c = codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"])
+    req = _oi_request(c, "BTCUSDT")
+    assert len(c.on_rest(req, 200, OI_ANSWERS[0], 1, 1).rows("derivatives")) == 1
+    again = c.on_rest(req, 200, OI_ANSWERS[0], 2, 2)
+    assert again.rows("derivatives") == [] and again.drops == {"stale_open_interest": 1}
+    restored = codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"])
+    restored.restore(json.loads(json.dumps(c.state())))
+    assert restored.on_rest(req, 200, OI_ANSWERS[0], 3, 3).drops == {"stale_open_interest": 1}
+    assert restored.derivs.get("BTCUSDT")["open_interest"] == 84617.188
+    # A state written before open interest was polled restores too (no part: none seen).
+    old = c.state()
+    del old["parts"]["open_interest"]
+    fresh = codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"])
+    fresh.restore(old)
+    assert len(fresh.on_rest(req, 200, OI_ANSWERS[0], 4, 4).rows("derivatives")) == 1
+
+
+@pytest.mark.parametrize(("status", "body", "detail", "kept"), [
+    (429, b'{"code":-1003,"msg":"Too many requests."}',
+     'openInterest HTTP 429: {"code":-1003,"msg":"Too many requests."}', False),
+    (0, b"timeout: no complete answer within 10 s",
+     "openInterest no answer: timeout: no complete answer within 10 s", False),
+    (200, b"<html>gateway</html>", "openInterest bad answer: DecodeError", True),
+    (200, b'{"symbol":"BTCUSDT","openInterest":"-1","time":1654336844754}',
+     "openInterest bad answer: BadFrame: amount out of range", True),
+    (200, OI_ANSWERS[1], "openInterest bad answer: BadFrame: answer for 'BTCUSDT_220624'",
+     True),
+])
+def test_usdm_failed_open_interest_answers_are_events(status: int, body: bytes, detail: str,
+                                                     kept: bool) -> None:
+    c = codec(BinanceUsdm, ["BTCUSDT"], ["derivatives"])
+    out = c.on_rest(_oi_request(c, "BTCUSDT"), status, body, 5, 50)
+    assert out.rows("derivatives") == []
+    (ev,) = out.rows("events")
+    assert ev[:4] == ("BTCUSDT", None, 5, 50) and ev[5] == "poll_failed"
+    assert ev[6].startswith(detail)
+    assert (out.rejects is not None) == kept
+    # The next good answer lands: a failure leaves no state behind.
+    assert len(c.on_rest(_oi_request(c, "BTCUSDT"), 200, OI_ANSWERS[0], 6, 51)
+               .rows("derivatives")) == 1
+
+
+def test_usdm_snapshot_answers_still_go_to_the_book() -> None:
+    c = codec(BinanceUsdm, ["BTCUSDT"], ["book", "derivatives"])
+    out = c.on_rest(RestRequest("BTCUSDT", "http://x/fapi/v1/depth"), 200,
+                    b'{"lastUpdateId":1,"bids":[],"asks":[]}', 1, 1)
+    assert out.rows("events") == [] and out.rows("derivatives") == []
+
+
+def test_usdm_poll_config_is_checked_against_the_request_weight_budget() -> None:
+    from ingestd.checks import parse_config as check_config
+    from ingestd.config import ConfigError
+
+    def feed(**keys: Any) -> dict[str, Any]:
+        return {"storage": {"root": "/x"}, "feeds": [
+            {"name": "b", "exchange": "binance-usdm", "channels": ["derivatives"], **keys}]}
+
+    check_config(feed(symbols=["BTCUSDT", "BTCUSDT_220624"], poll_interval_s=0.5))
+    many = [f"S{i}USDT" for i in range(201)]
+    check_config(feed(symbols=many[:200]))  # 200 symbols every 10 s: 1200 weight/min
+    with pytest.raises(ConfigError) as e:
+        check_config(feed(symbols=many))
+    assert "poll_interval_s: open interest of 201 symbols every 10 s is 1206 request " \
+           "weight/min, above the 1200" in str(e.value.problems)
+    with pytest.raises(ConfigError) as e:
+        check_config(feed(symbols=["BTCUSDT"], poll_interval_s=0.1))
+    assert "poll_interval_s" in str(e.value.problems)
+    with pytest.raises(ConfigError) as e:
+        check_config({"storage": {"root": "/x"}, "feeds": [
+            {"name": "b", "exchange": "binance", "symbols": ["BTCUSDT"],
+             "channels": ["trades"], "poll_interval_s": 5}]})
+    assert "poll_interval_s: not used by binance" in str(e.value.problems)

@@ -20,6 +20,8 @@ Lifecycle, driven by the reader:
                   frame i has recv_seq first_seq + i; send out.replies, fetch
                   out.requests (then codec.on_rest(...)), rotate if out.reconnect is set
   every `keepalive_interval_s` of the codec: send codec.keepalive_message()
+  while connected, every `poll_interval_s()`: fetch codec.poll_requests() (spread over
+                  the interval, feed/polls.py); each answer goes to codec.on_rest(...)
 
 `recv_seq` is allocated by the reader, strictly increasing per feed. Rows decoded from one
 frame carry that frame's value. Only `on_rest` may release rows it held back (book diffs
@@ -303,6 +305,10 @@ class Codec(ABC):
     book_depth_note: ClassVar[str] = ""
     symbol_pattern: ClassVar[re.Pattern[str] | None] = None
     symbol_spelling: ClassVar[str] = ""
+    # Periodic REST polls for values a venue has no stream for (Binance USD-M open
+    # interest): the default interval (None: this venue polls nothing, and a feed's
+    # `poll_interval_s` is a config error).
+    default_poll_interval_s: ClassVar[float | None] = None
     # Version of what `state()` returns; bump when its shape changes.
     STATE_VERSION: ClassVar[int] = 2
 
@@ -328,6 +334,8 @@ class Codec(ABC):
             problems.append(f"trade_stream: {stream!r} is not one of "
                             f"{', '.join(map(repr, streams))}" if streams
                             else f"trade_stream: not used by {cls.exchange}")
+        if feed.poll_interval_s is not None and cls.default_poll_interval_s is None:
+            problems.append(f"poll_interval_s: not used by {cls.exchange} (it polls nothing)")
         if feed.book_depth is not None:
             problem = cls.book_depth_problem(feed.book_depth)
             if problem is not None:
@@ -410,6 +418,18 @@ class Codec(ABC):
         out = self.new_output()
         self.venue_error(out, ts_recv_ns, recv_seq, f"unexpected REST answer for {request.key}")
         return out
+
+    def poll_requests(self) -> Sequence[RestRequest]:
+        """The REST GETs to repeat every `poll_interval_s()` while connected, one cycle
+        in order (the poller spreads them over the interval). Their answers come back
+        through `on_rest` (match them by `RestRequest.key`, which the journal keeps) and
+        are journaled like snapshot answers, so a replay is exact. Default: none."""
+        return ()
+
+    def poll_interval_s(self) -> float:
+        """Seconds between two polls of the same request (the feed's `poll_interval_s`,
+        else the venue's default)."""
+        return self.feed.poll_interval_s or self.default_poll_interval_s or 0.0
 
     def keepalive_message(self) -> str | None:
         """The application-level ping to send every `keepalive_interval_s` (None: none)."""

@@ -24,6 +24,12 @@ with the payload as a union tagged by `e` (spot `@bookTicker` has no `e`: its ow
 envelope); anything else (acks, errors, raw payloads without the envelope) takes the
 generic path, which converts the payload into the same structs.
 
+USD-M open interest has no stream: the codec declares one `GET /fapi/v1/openInterest`
+per symbol as a periodic poll (`poll_requests`, run by feed/polls.py every
+`poll_interval_s`, default 10 s); each answer merges `openInterest` into the symbol's
+latest derivatives values (ts_event = the answer's `time`); a failed answer is a
+`poll_failed` event, a garbage body is also kept raw.
+
 Must not: do I/O, read a clock or log (see exchanges/base.py).
 """
 
@@ -47,11 +53,12 @@ from ingestd.exchanges.base import (
     parse_levels,
     price,
     quote_side,
+    reject_reason,
 )
 from ingestd.exchanges.book import BookSync, Diff, RangeRules, RestSnapshot
 from ingestd.exchanges.derivs import LatestValues
 from ingestd.exchanges.trades import NEW, TradeIds, report_trade
-from ingestd.schema import BUY, SELL
+from ingestd.schema import BUY, EV_POLL_FAILED, SELL
 
 MAX_STREAMS_PER_CONNECTION = 1024
 _INF = float("inf")
@@ -153,7 +160,16 @@ class _TickerEnvelope(msgspec.Struct, gc=False):
     data: _BookTicker
 
 
+class _OpenInterest(msgspec.Struct, gc=False):
+    """The body of `GET /fapi/v1/openInterest?symbol=...`."""
+
+    symbol: str
+    openInterest: str
+    time: Ms
+
+
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
+_OPEN_INTEREST = msgspec.json.Decoder(_OpenInterest)
 _TICKER_ENVELOPE = msgspec.json.Decoder(_TickerEnvelope)
 _KINDS: Final[dict[str, type[msgspec.Struct]]] = {
     "trade": _Trade, "aggTrade": _AggTrade, "depthUpdate": _Depth,
@@ -207,6 +223,31 @@ class _QuoteIds:
 
     def restore(self, state: Any) -> None:
         self.last = {str(k): int(v) for k, v in dict(state).items()}
+
+
+class _LastTimes:
+    """The `time` of the last open interest answer used, per symbol (an answer no newer
+    is the same value again: dropped)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def state(self) -> dict[str, int]:
+        return dict(self.last)
+
+    def restore(self, state: Any) -> None:
+        self.last = {str(k): int(v) for k, v in dict(state).items()}
+
+
+# Open interest polls: `RestRequest.key` prefix, and Binance's request weight budget.
+OPEN_INTEREST_KEY: Final = "openInterest:"
+OPEN_INTEREST_PATH: Final = "/fapi/v1/openInterest"
+OPEN_INTEREST_WEIGHT: Final = 1
+# "2400 request weight per minute per IP", shared with depth snapshots (weight 2-20 each)
+# and every other feed of the IP: one feed's polls may use at most this share.
+REQUEST_WEIGHT_PER_MIN: Final = 2400
+POLL_WEIGHT_SHARE: Final = 0.5
+DROP_STALE_OPEN_INTEREST: Final = "stale_open_interest"
 
 
 class BinanceSpot(Codec):
@@ -435,8 +476,8 @@ class BinanceUsdm(BinanceSpot):
     event time `E`) and `<sym>@forceOrder` -> liquidations (side `o.S`, the order's side;
     price `o.p`, not the average `o.ap`; amount `o.z`, the filled quantity; time `o.T`).
     The all-market `!markPrice@arr` / `!forceOrder@arr` are decoded too; rows of symbols
-    not subscribed are dropped. Open interest (REST `/fapi/v1/openInterest`, Binance has
-    no WS stream for it) is not polled: `open_interest` stays null."""
+    not subscribed are dropped. Open interest comes from polling REST
+    `/fapi/v1/openInterest` (Binance has no stream for it; see the module docstring)."""
 
     exchange: ClassVar[str] = "binance-usdm"
     default_ws_url: ClassVar[str] = "wss://fstream.binance.com/stream"
@@ -446,12 +487,83 @@ class BinanceUsdm(BinanceSpot):
     rules: ClassVar[type[SpotRules] | type[UsdmRules]] = UsdmRules
     CHANNELS: ClassVar[tuple[str, ...]] = ("trades", "quotes", "book", "derivatives",
                                            "liquidations")
+    default_poll_interval_s: ClassVar[float | None] = 10.0
+    # Perpetuals (BTCUSDT) and delivery contracts (BTCUSDT_220624).
+    symbol_pattern: ClassVar[re.Pattern[str] | None] = re.compile(r"[A-Z0-9]+(?:_[0-9]{6})?")
+    symbol_spelling: ClassVar[str] = "Binance-native (e.g. 'BTCUSDT', 'BTCUSDT_220624')"
 
     def __init__(self, feed: FeedConfig) -> None:
         super().__init__(feed)
         self.derivs: LatestValues = self.stateful("derivatives", LatestValues())
+        self.oi_times = self.stateful("open_interest", _LastTimes())
         self._want_derivs = "derivatives" in self.channels
         self._want_liquidations = "liquidations" in self.channels
+
+    @classmethod
+    def check_feed(cls, feed: FeedConfig) -> list[str]:
+        problems = super().check_feed(feed)
+        if "derivatives" in feed.channels:
+            interval_s = feed.poll_interval_s or cls.default_poll_interval_s or 1.0
+            per_min = len(feed.symbols) * OPEN_INTEREST_WEIGHT * 60.0 / interval_s
+            budget = REQUEST_WEIGHT_PER_MIN * POLL_WEIGHT_SHARE
+            if per_min > budget:
+                floor_s = len(feed.symbols) * OPEN_INTEREST_WEIGHT * 60.0 / budget
+                problems.append(
+                    f"poll_interval_s: open interest of {len(feed.symbols)} symbols every "
+                    f"{interval_s:g} s is {per_min:g} request weight/min, above the "
+                    f"{budget:g} one feed may use (Binance allows {REQUEST_WEIGHT_PER_MIN} "
+                    f"per IP, shared with depth snapshots): use at least {floor_s:g} s")
+        return problems
+
+    def poll_requests(self) -> Sequence[RestRequest]:
+        """One open interest GET per symbol, when the feed records derivatives."""
+        if not self._want_derivs:
+            return ()
+        return [RestRequest(OPEN_INTEREST_KEY + sym,
+                            self.rest_url(f"{OPEN_INTEREST_PATH}?symbol={sym}"))
+                for sym in self.feed.symbols]
+
+    def on_rest(self, request: RestRequest, status: int, body: bytes,
+                ts_recv_ns: int, recv_seq: int) -> Output:
+        if request.key.startswith(OPEN_INTEREST_KEY):
+            return self._open_interest(request.key[len(OPEN_INTEREST_KEY):], status, body,
+                                       ts_recv_ns, recv_seq)
+        return super().on_rest(request, status, body, ts_recv_ns, recv_seq)
+
+    def _open_interest(self, symbol: str, status: int, body: bytes, ts_recv_ns: int,
+                       recv_seq: int) -> Output:
+        """An open interest answer: a derivatives row with every latest value; a failed
+        answer is a `poll_failed` event (a garbage body is also rejected: kept raw)."""
+        out = self.new_output()
+        if status != 200:
+            text = body[:200].decode("utf-8", "replace")
+            self.ev(out, EV_POLL_FAILED, ts_recv_ns, recv_seq, symbol,
+                    f"openInterest HTTP {status}: {text}" if status
+                    else f"openInterest no answer: {text}")
+            return out
+        try:
+            d = _OPEN_INTEREST.decode(body)
+            if d.symbol != symbol:
+                raise BadFrame(f"answer for {d.symbol!r}, asked for {symbol!r}"[:120])
+            value = amount(d.openInterest)
+        except Exception as e:  # the decode policy: a bad answer is kept raw, with an event
+            reason = reject_reason(e)
+            out.reject(0, reason)
+            self.ev(out, EV_POLL_FAILED, ts_recv_ns, recv_seq, symbol,
+                    f"openInterest bad answer: {reason}"[:200])
+            return out
+        if symbol not in self.symbols or not self._want_derivs:
+            out.drop(DROP_UNSUBSCRIBED)
+            return out
+        ts_event_ns = d.time * 1_000_000
+        last = self.oi_times.last.get(symbol)
+        if last is not None and ts_event_ns <= last:
+            out.drop(DROP_STALE_OPEN_INTEREST)
+            return out
+        self.oi_times.last[symbol] = ts_event_ns
+        self.derivs.update(out, symbol, ts_event_ns, ts_recv_ns, recv_seq,
+                           open_interest=value)
+        return out
 
     def streams(self) -> list[str]:
         names = super().streams()

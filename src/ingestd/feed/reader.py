@@ -7,9 +7,11 @@ the transport when they were read) and numbering them (`recv_seq`), the ONE inge
 ordered outbox, synchronously, before anything else of the feed can run) used by normal
 streaming, rotation and REST answers alike, then sending what the codec asks to send
 (replies, keepalives) - a reply that cannot be sent never costs the rows of its read -
-fetching the REST snapshots it requests, keeping bad frames raw, detecting stale
-streams, reconnecting with backoff, make-before-break rotation (feed/rotation.py), and
-the feed's counters and `events` rows (connected, disconnected with the reason, stale).
+fetching the REST snapshots it requests and, while connected, running the codec's
+periodic REST polls (feed/polls.py; their answers take the same REST ingest path),
+keeping bad frames raw, detecting stale streams, reconnecting with backoff,
+make-before-break rotation (feed/rotation.py), and the feed's counters and `events` rows
+(connected, disconnected with the reason, stale).
 
 Supervision: every task of a feed is watched. An unexpected exception in a session is
 classified, logged, written as an `error` event and retried with backoff; a fetch that
@@ -33,7 +35,6 @@ breaker at once (a clear error for that feed, retried only after the cooldown).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import random
 import time
 from collections.abc import Coroutine
@@ -52,7 +53,8 @@ from ingestd.feed.backoff import Backoff
 from ingestd.feed.breaker import Breaker
 from ingestd.feed.intake import Intake
 from ingestd.feed.limiter import ConnectLimiter
-from ingestd.feed.rest import USER_AGENT, http_get
+from ingestd.feed.polls import Poller
+from ingestd.feed.rest import USER_AGENT, RestAnswer, http_get, retry_after_s
 from ingestd.feed.rotation import Rotation
 from ingestd.feed.transport import Connection, HandshakeRejected, TransportClosed, connect
 from ingestd.logs import RateLimit
@@ -93,22 +95,6 @@ class SessionEnd:
     trip_breaker: bool = False       # a non-retryable answer: open the breaker at once
 
 
-def retry_after_s(value: str | None, now_wall_s: float) -> float | None:
-    """Parse a Retry-After header (seconds or an HTTP date) into seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now_wall_s)
-
-
 class FeedReader:
     def __init__(self, feed: FeedConfig, intake: Intake, *, clock: Clock,
                  stats: FeedStats | None = None, seq: SeqAllocator | None = None,
@@ -147,6 +133,12 @@ class FeedReader:
         self.journal = journal
         self._fid = journal.register(feed, self.codec, self.seq) if journal else 0
         self._drop_when_journal_full = intake.block is False
+        polls = self.codec.poll_requests()
+        interval_s = self.codec.poll_interval_s()
+        # Periodic REST polls (feed/polls.py), run while a session is connected.
+        self.poller: Poller | None = Poller(
+            polls, interval_s, deadline_s=feed.rest_timeout_s, clock=clock,
+            ingest=self._poll_answer, log=self.log) if polls and interval_s > 0 else None
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -348,6 +340,8 @@ class FeedReader:
             self._spawn(self._watchdog(), "watchdog")
             if self.codec.keepalive_interval_s:
                 self._spawn(self._keepalive(self.codec.keepalive_interval_s), "keepalive")
+            if self.poller is not None:
+                self._spawn(self.poller.run(), "poll")
             while True:
                 try:
                     await self._stream(self._ws)
@@ -419,7 +413,7 @@ class FeedReader:
         reason = f"{what} crashed: {type(exc).__name__}: {exc}"[:300]
         self.log.error("task_crashed", task=what, error=reason)
         self._feed_event(EV_ERROR, reason)
-        if what != "fetch" and self._ws is not None:
+        if what not in ("fetch", "poll") and self._ws is not None:
             # Without its watchdog or keepalive the session cannot be trusted: end it.
             self._session_error = reason
             self._ws.abort()
@@ -570,11 +564,22 @@ class FeedReader:
         started = time.monotonic()
         try:
             answer = await http_get(req.url, self.feed.rest_timeout_s)
-            status, body, error = answer.status, answer.body, answer.error
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a crashed fetch is a failed snapshot: the codec retries
-            status, body, error = 0, b"", f"fetch crashed: {type(e).__name__}: {e}"
+            answer = RestAnswer(0, b"", f"fetch crashed: {type(e).__name__}: {e}")
+        await self._rest_answer(req, answer, time.monotonic() - started)
+
+    async def _poll_answer(self, req: RestRequest, answer: RestAnswer,
+                           elapsed_s: float) -> None:
+        await self._rest_answer(req, answer, elapsed_s, polled=True)
+
+    async def _rest_answer(self, req: RestRequest, answer: RestAnswer, elapsed_s: float,
+                           *, polled: bool = False) -> None:
+        """The one ingest path of a REST answer (a snapshot or a poll): journal it, hand
+        it to the codec, hand the rows on, then do what the codec asks next. A polled
+        answer is logged at debug (the poller logs its failures at a bounded rate)."""
+        status, body, error = answer.status, answer.body, answer.error
         if error is not None:
             status, body = 0, error.encode()
         ts_recv_ns = self.clock.time_ns()
@@ -584,8 +589,9 @@ class FeedReader:
                               body)
         out = self.codec.on_rest(req, status, body, ts_recv_ns, seq)
         out.last_seq = max(out.last_seq, seq)
-        self.log.info("rest_fetched", key=req.key, status=status, bytes=len(body),
-                      error=error, elapsed_s=round(time.monotonic() - started, 3))
+        (self.log.debug if polled else self.log.info)(
+            "rest_fetched", key=req.key, status=status, bytes=len(body), error=error,
+            elapsed_s=round(elapsed_s, 3))
         if out.rejects:
             self._keep_rejects(out, [(body, reason) for _, reason in out.rejects],
                                ts_recv_ns)

@@ -2,7 +2,8 @@
 
 Owns: fetching a URL (http or https, gzip, following redirects; GET, or another method
 without a body, e.g. KuCoin's `POST /api/v1/bullet-public` token) and classifying what came
-back as a RestAnswer. A complete HTTP response is an answer whatever its status, body
+back as a RestAnswer (with its Retry-After header; `retry_after_s` reads one, for the
+handshake and poll backoff). A complete HTTP response is an answer whatever its status, body
 included. Anything else is `status 0`, an empty body and `error`, a short text whose first
 word (before the colon) is a stable class:
 
@@ -29,6 +30,7 @@ that may use the loop's default executor is the name lookup of a host name
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -56,6 +58,23 @@ class RestAnswer:
     status: int
     body: bytes
     error: str | None = None
+    retry_after: str | None = None  # the answer's Retry-After header (429/418 backoff)
+
+
+def retry_after_s(value: str | None, now_wall_s: float) -> float | None:
+    """Parse a Retry-After header (seconds or an HTTP date) into seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now_wall_s)
 
 
 def _fail(error: str) -> RestAnswer:
@@ -127,7 +146,7 @@ async def _read_body(resp: aiohttp.ClientResponse, max_body_bytes: int) -> RestA
         if _find(e, http_exceptions.ContentLengthError, http_exceptions.TransferEncodingError):
             return _fail(_truncated(resp, encoding if encoded else None, declared))
         raise
-    return RestAnswer(resp.status, bytes(body), None)
+    return RestAnswer(resp.status, bytes(body), None, resp.headers.get("Retry-After"))
 
 
 def _truncated(resp: aiohttp.ClientResponse, encoding: str | None,

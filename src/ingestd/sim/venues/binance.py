@@ -4,7 +4,10 @@ Owns: serving the recorded `@trade`, `@aggTrade`, `@bookTicker` and `@depth@100m
 frames of the streams a client asks for (in the URL, `/stream?streams=a/b`, or with a
 `SUBSCRIBE` message, acknowledged as Binance does), `/api/v3/depth` (`/fapi/v1/depth`)
 answered with the recorded snapshot of that symbol, and the `!serverShutdown` event.
-USD-M also serves the recorded `@markPrice@1s` and `@forceOrder` frames.
+USD-M also serves the recorded `@markPrice@1s` and `@forceOrder` frames, and
+`/fapi/v1/openInterest?symbol=` with the recorded answer for that symbol (BTCUSDT,
+BTCUSDT_220624; every other symbol gets Binance's "Invalid symbol." 400: there is no
+recording to answer with).
 
 Must not: change a recorded frame.
 """
@@ -161,4 +164,22 @@ class BinanceUsdmVenue(BinanceSpotVenue):
         "symbols": ["SUSHIUSDT", "AKROUSDT", "KEEPUSDT", "CTKUSDT", "BTCUSDT", "XRPUSDT"],
         "channels": ["trades", "quotes", "book", "derivatives", "liquidations"],
         "trade_stream": "aggTrade",
+        # Open interest of BTCUSDT (the only recorded answer) within the demo's seconds.
+        "poll_interval_s": 3.0,
     }
+    open_interest_path: ClassVar[str] = "/fapi/v1/openInterest"
+
+    def __init__(self, shutdown_after_frames: int | None = None,
+                 shutdown_grace_s: float = 3.0) -> None:
+        super().__init__(shutdown_after_frames, shutdown_grace_s)
+        # openInterest_rest.jsonl: real `GET /fapi/v1/openInterest` bodies, by their symbol.
+        self.open_interest = {orjson.loads(body)["symbol"]: body for body in
+                              recorded.frames(self.data_dir, "openInterest_rest.jsonl")}
+
+    def rest(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes] | None:
+        if path != self.open_interest_path:
+            return super().rest(path, query)
+        body = self.open_interest.get((query.get("symbol") or [""])[0])
+        if body is None:
+            return 400, b'{"code":-1121,"msg":"Invalid symbol."}'
+        return 200, body
