@@ -78,7 +78,6 @@ from ingestd.exchanges.base import (
     BadFrame,
     Codec,
     Output,
-    parse_levels,
     quote_side,
 )
 from ingestd.exchanges.derivs import LatestValues
@@ -127,16 +126,19 @@ class _Envelope(msgspec.Struct, gc=False):
     data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
 
 
+# Prices and sizes are decimal strings on the wire; the decoders are built with
+# `strict=False`, so msgspec converts them to floats in C (a JSON number is taken too; text
+# that is not a number - "1_000", " 1", "0x10" - is refused, unlike Python's float()).
 class _Level(msgspec.Struct, gc=False):
-    px: str
-    sz: str
+    px: float
+    sz: float
 
 
 class _Trade(msgspec.Struct, gc=False):
     coin: str
     side: str
-    px: str
-    sz: str
+    px: float
+    sz: float
     time: Ms
     tid: Tid
 
@@ -154,10 +156,10 @@ class _Bbo(msgspec.Struct, gc=False):
 
 
 class _Ctx(msgspec.Struct, gc=False):
-    funding: str | None = None
-    openInterest: str | None = None
-    oraclePx: str | None = None
-    markPx: str | None = None
+    funding: float | None = None
+    openInterest: float | None = None
+    oraclePx: float | None = None
+    markPx: float | None = None
 
 
 class _AssetCtx(msgspec.Struct, gc=False):
@@ -176,30 +178,38 @@ class _SubResponse(msgspec.Struct, gc=False):
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
-_TRADES = msgspec.json.Decoder(list[_Trade])
-_BOOK = msgspec.json.Decoder(_Book)
-_BBO = msgspec.json.Decoder(_Bbo)
-_CTX = msgspec.json.Decoder(_AssetCtx)
+_TRADES = msgspec.json.Decoder(list[_Trade], strict=False)
+_BOOK = msgspec.json.Decoder(_Book, strict=False)
+_BBO = msgspec.json.Decoder(_Bbo, strict=False)
+_CTX = msgspec.json.Decoder(_AssetCtx, strict=False)
 _SUB_RESPONSE = msgspec.json.Decoder(_SubResponse)
 _ANY = msgspec.json.Decoder()
 
 
 # ---- field helpers ---------------------------------------------------------------------------
-def _number(text: str | None, what: str, *, positive: bool = False,
+def _number(v: float | None, what: str, *, positive: bool = False,
             signed: bool = False) -> float | None:
     """A context value: None if absent; finite; > 0 (`positive`), >= 0, or any sign."""
-    if text is None:
+    if v is None:
         return None
-    v = float(text)
     ok = (-_INF < v < _INF) if signed else (0.0 < v < _INF if positive else 0.0 <= v < _INF)
     if not ok:
-        raise BadFrame(f"{what} out of range: {text!r}"[:80])
+        raise BadFrame(f"{what} out of range: {v!r}"[:80])
     return v
 
 
 def _levels(raw: list[_Level]) -> list[tuple[float, float]]:
-    """A side of a snapshot: its levels of positive size (0 is not a level)."""
-    return [lv for lv in parse_levels([(x.px, x.sz) for x in raw]) if lv[1]]
+    """A side of a snapshot: its levels of positive size (0 is not a level); every price
+    finite and > 0, every size finite and >= 0 (else BadFrame)."""
+    levels = [(x.px, x.sz) for x in raw]
+    zero = False
+    for px, sz in levels:
+        if not (0.0 < px < _INF and 0.0 < sz < _INF):
+            if sz == 0.0 and 0.0 < px < _INF:
+                zero = True
+            else:
+                raise BadFrame(f"book level {px!r} {sz!r} out of range")
+    return [lv for lv in levels if lv[1]] if zero else levels
 
 
 # ---- explicit state --------------------------------------------------------------------------
@@ -327,7 +337,9 @@ class Hyperliquid(Codec):
         # The whole frame is checked before any id is recorded.
         checked = []
         for t in trades:
-            px, qty = parse_levels([(t.px, t.sz)])[0]
+            px, qty = t.px, t.sz
+            if not (0.0 < px < _INF and 0.0 <= qty < _INF):
+                raise BadFrame(f"trade price {px!r} or size {qty!r} out of range")
             checked.append((t.coin, str(t.tid), t.time * 1_000_000,
                             _SIDES.get(t.side, UNKNOWN), px, qty))
         symbols, ids = self.symbols, self.trade_ids
