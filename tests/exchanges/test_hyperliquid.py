@@ -29,7 +29,7 @@ from ingestd.exchanges.base import (
     Output,
     StateError,
 )
-from ingestd.exchanges.hyperliquid import KEEPALIVE_S, PING, Hyperliquid
+from ingestd.exchanges.hyperliquid import KEEPALIVE_S, PING, TRADE_ID_WINDOW, Hyperliquid
 from ingestd.schema import EV_ERROR, EV_REFUSED, EV_SUBSCRIBED, ROW_WIDTH
 from ingestd.sim import Faults, SimServer
 from ingestd.sim.venues import VENUES
@@ -265,6 +265,20 @@ def test_replayed_trades_on_resubscribe_are_dropped() -> None:
     mixed = derived(TRADES[2], lambda d: d[1].update(tid=5))
     (row,) = c.parse(mixed, TS, 20).rows("trades")
     assert row[4] == "5"
+
+
+def test_the_id_window_is_bounded_and_holds_a_replay() -> None:
+    """Memory stays bounded (the last TRADE_ID_WINDOW ids per coin), and a replay of the
+    most recent fills - what a resubscribe sends - is still caught after a long run."""
+    c = codec()
+    fills = [{"coin": "BTC", "side": "B", "px": "1.5", "sz": "2", "time": 1, "tid": tid}
+             for tid in range(10 * TRADE_ID_WINDOW, 0, -7)]   # unordered-looking ids
+    for i in range(0, len(fills), 50):
+        c.parse(orjson.dumps({"channel": "trades", "data": fills[i:i + 50]}), TS, i)
+    state = c.state()["parts"]["trades"]["opaque"]["BTC"]
+    assert len(state) <= TRADE_ID_WINDOW
+    replay = c.parse(orjson.dumps({"channel": "trades", "data": fills[-30:]}), TS, 10**6)
+    assert not replay.rows("trades") and replay.drops == {DROP_DUPLICATE_TRADE: 30}
 
 
 def test_rows_of_coins_not_subscribed_are_dropped() -> None:

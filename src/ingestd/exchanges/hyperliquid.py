@@ -17,7 +17,8 @@ per message kind, and the decoding of these channels:
   784469253141982; a testnet replay 447757798903687 then 355416041315622 a second later):
   they look like 50-bit hashes. So de-duplication keeps the last ids seen per coin as an
   opaque window (exchanges/trades.py, `admit_opaque_trade`), which catches the ~30 recent
-  fills Hyperliquid replays on every (re)subscribe; no gap can be inferred from a `tid`.
+  fills Hyperliquid replays on every (re)subscribe (TRADE_ID_WINDOW ids per coin); no gap
+  can be inferred from a `tid`.
 - `l2Book` -> book. Every push is the whole (20-level, or 5 with `fast`) book of the
   coin, with no sequence number and no deltas: each push is written as a snapshot block
   (all its levels, `is_snapshot = true`, one `recv_seq`, `update_id` null,
@@ -97,6 +98,10 @@ _DATA_CHANNELS: Final = frozenset(CHANNEL_TYPES.values())
 KEEPALIVE_S: Final = 20.0
 PING: Final = '{"method":"ping"}'
 MAX_SUBSCRIPTIONS: Final = 1000   # per IP (Hyperliquid's rate-limit docs)
+# Trade ids remembered per coin: a (re)subscribe replays the last ~30 fills, so 1000 covers
+# it with a wide margin while a feed of the allowed 250 coins x 4 channels stays near
+# 40 MB of ids (10,000 per coin would be ~400 MB).
+TRADE_ID_WINDOW: Final = 1000
 
 DROP_STALE_QUOTE: Final = "stale_quote"
 EV_BOOK_EMPTY: Final = "book_empty"
@@ -270,8 +275,8 @@ class Hyperliquid(Codec):
         self.types = [CHANNEL_TYPES[c] for c in ("book", "trades", "quotes", "derivatives")
                       if c in self.channels]
         self._wanted = frozenset(self.types)
-        self.trade_ids: TradeIds = self.stateful("trades", TradeIds(consecutive=False,
-                                                                    opaque=True))
+        self.trade_ids: TradeIds = self.stateful("trades", TradeIds(
+            consecutive=False, opaque=True, window=TRADE_ID_WINDOW))
         self.derivs: LatestValues = self.stateful("derivs", LatestValues())
         self.times: _LastTimes = self.stateful("times", _LastTimes())
 
@@ -401,4 +406,4 @@ class Hyperliquid(Codec):
                            index_price=index, funding_rate=funding, open_interest=oi)
 
 
-__all__ = ["CHANNEL_TYPES", "KEEPALIVE_S", "PING", "Hyperliquid", "is_spot"]
+__all__ = ["CHANNEL_TYPES", "KEEPALIVE_S", "PING", "TRADE_ID_WINDOW", "Hyperliquid", "is_spot"]
