@@ -59,6 +59,13 @@ def worker_count(cfg: Config) -> int:
     return max(1, min(n, len(cfg.feeds)))
 
 
+def wants_supervisor(cfg: Config) -> bool:
+    """Whether the config asks for worker processes (`workers` > 1, or "auto" on a host
+    with more than one CPU). With `workers = 1` the daemon stays one process."""
+    wanted = cfg.service.workers
+    return (cpu_count() if wanted == "auto" else int(wanted)) > 1
+
+
 def _score(feed: str, worker: int) -> int:
     h = hashlib.blake2b(f"{feed}\x00{worker}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "big")
@@ -95,4 +102,4 @@ def assignment_of(cfg: Config, workers: int | None = None) -> list[list[str]]:
 
 
 __all__ = ["CHANNEL_WEIGHT", "SLACK", "assign", "assignment_of", "cpu_count", "feed_weight",
-           "worker_count"]
+           "wants_supervisor", "worker_count"]

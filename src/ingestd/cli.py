@@ -17,6 +17,10 @@
                                      serve one simulated exchange until interrupted
     ingestd --version
 
+With `[service] workers` > 1 (or "auto" on a multi-core host) `ingestd --config PATH` is
+a supervisor of worker processes (supervisor.py); the workers are this same command with
+internal flags (--worker-index ...), not shown in --help.
+
 Exit codes: 0 clean shutdown; 78 (EX_CONFIG) invalid config or unusable output root,
 with one clear message and no traceback; 75 (EX_TEMPFAIL) `compact` found another
 compaction running on the root (retry later, or pass --wait); 1 any other fatal error.
@@ -94,7 +98,56 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=9100)
     sim.add_argument("--rate", type=float, default=200.0, help="frames per second (0: max)")
+    # Internal: how the supervisor (`[service] workers` > 1) starts a worker process.
+    for flag, kind in (("--worker-index", int), ("--workers", int), ("--worker-plan", str),
+                       ("--worker-port-fd", int), ("--supervisor-pid", int)):
+        p.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """A worker process of a supervisor: its share of the feeds, from the plan file (the
+    config file may have been edited since: the supervisor validated what the plan holds)."""
+    from ingestd.config import ConfigError
+    from ingestd.daemon import HealthBindError
+    from ingestd.logs import configure
+    from ingestd.worker import read_plan, run_worker
+
+    if args.worker_plan is None or args.supervisor_pid is None or args.workers is None:
+        print("ingestd: --worker-index is internal (the supervisor starts workers)",
+              file=sys.stderr)
+        return EX_USAGE
+    plan_file = Path(args.worker_plan)
+    try:
+        plan = read_plan(plan_file)
+    except ConfigError as e:
+        print(f"ingestd: worker {args.worker_index}: {e.problems[0]}", file=sys.stderr)
+        return EX_CONFIG
+    configure(plan.config.log.level, plan.config.log.format)
+    sys.setswitchinterval(0.001)
+    try:
+        return run_loop(run_worker(args.config or "", args.worker_index, args.workers,
+                                   plan_file, args.worker_port_fd, args.supervisor_pid))
+    except HealthBindError as e:
+        print(f"ingestd: worker {args.worker_index}: {e}", file=sys.stderr)
+        return EX_FATAL
+    except ConfigError as e:
+        print(f"ingestd: worker {args.worker_index}: {e.problems[0]}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def _supervise(cfg: Config, config_path: str) -> int:
+    """`[service] workers` > 1: the supervisor of the worker processes."""
+    from ingestd.supervisor import HealthBindError, Supervisor
+
+    async def _main() -> int:
+        return await Supervisor(cfg, config_path=config_path).run()
+
+    try:
+        return run_loop(_main())
+    except HealthBindError as e:
+        print(f"ingestd: {config_path}: {e}", file=sys.stderr)
+        return EX_FATAL
 
 
 def _status(url: str) -> int:
@@ -140,6 +193,8 @@ def _replay(cfg: Config, config_path: str, out: str, since: str | None,
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "run"
+    if args.worker_index is not None and command == "run":
+        return _worker(args)
     if command == "demo":
         from ingestd.demo import run_demo
         return run_demo(seconds=args.seconds, root=args.root, exchanges=args.exchange)
@@ -196,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnusableRoot as e:
         print(f"ingestd: {args.config}: {e}", file=sys.stderr)
         return EX_CONFIG
+
+    from ingestd.assign import wants_supervisor
+
+    if wants_supervisor(cfg):
+        return _supervise(cfg, args.config)
 
     # The writer thread converts rows while the loop receives: hand the GIL over every
     # millisecond instead of every 5 so a conversion never stalls the sockets for long.
