@@ -6,11 +6,12 @@ subscribe request per (channel, coin) - `{"method":"subscribe","subscription":
 by `{"channel":"pong"}`, which is silent: neither data nor unknown), typed msgspec structs
 per message kind, and the decoding of these channels:
 
-- `trades` -> trades. `side` "B" = buy, "A" = sell: the taker's (aggressor's) side
-  (Hyperliquid's docs: "B" bid/buy, "A" ask/sell, of the aggressing order). Checked on
-  the recorded frames: the one trade recorded within a second of a book (2025-02-19,
-  `B` at 96221.0, 0.8 s after the l2Book whose best bid/ask is 96220.0/96221.0) printed
-  at the best ask: a buyer lifting the offer (1/1 consistent). Other values are stored
+- `trades` -> trades. `side` "B" = buy, "A" = sell, read as the taker's (aggressor's)
+  side, as client libraries read it (Hyperliquid's docs give the field without saying
+  whose side it is). Checked on the recorded frames: the one trade recorded within a
+  second of a book (2025-02-19, `B` at 96221.0, 0.8 s after the l2Book whose best
+  bid/ask is 96220.0/96221.0) printed at the best ask: a buyer lifting the offer (1/1
+  consistent). Other values are stored
   as `unknown`. `trade_id` = `tid` as text, `ts_event` = `time` (ms, exact),
   `price`/`amount` = `px`/`sz` (decimal strings; `sz` in coin units).
   `tid`s are NOT ordered (recorded: 951635025884506, 293353986402527, 437413095582311,
