@@ -404,14 +404,19 @@ def test_book_rebuilt_from_rows_equals_the_reference_book(fs: tuple[bytes, ...],
                                                           symbols: tuple[str, ...]) -> None:
     c = codec(symbols, ("book",))
     rows: list[tuple[Any, ...]] = []
+    emptied: list[str] = []
     for i, f in enumerate(fs):
         out = c.parse(f, TS, i)
-        assert out.error is None and out.events is None and not out.drops
+        assert out.error is None and not out.drops
+        emptied += [e[0] for e in out.rows("events") if e[5] == "empty_snapshot"]
+        assert all(e[5] == "empty_snapshot" for e in out.rows("events"))
         rows += out.rows("book")
     expected = reference_books(fs)
     rebuilt = rebuild_books(rows)
-    # A recorded empty snapshot (change_id 0, no levels) writes no rows at all.
+    # A recorded empty snapshot (change_id 0, no levels) writes no book rows: an
+    # `empty_snapshot` event says that the book of that instrument is empty.
     empty = {s for s, b in expected.items() if not b["bid"] and not b["ask"]}
+    assert set(emptied) == empty
     assert {s: b for s, b in expected.items() if s not in empty} == rebuilt
     assert all(c.books.synced(s) for s in expected)
 
@@ -851,7 +856,10 @@ async def test_daemon_lands_exactly_what_the_venue_served(root: Path) -> None:
     assert read_table(root, "liquidations").is_empty()
     ev = read_table(root, "events")
     assert ev.filter(pl.col("event") == EV_SUBSCRIBED).height == len(DEMO) * 3
-    assert set(ev["event"]) == {"connected", EV_SUBSCRIBED, "disconnected"}
+    assert set(ev["event"]) == {"connected", EV_SUBSCRIBED, "disconnected", "empty_snapshot"}
+    # Every instrument whose recorded snapshot is empty has its event (readers see the reset).
+    empty = {s for s, b in expected.items() if not b["bid"] and not b["ask"]}
+    assert set(ev.filter(pl.col("event") == "empty_snapshot")["symbol"]) == empty
 
 
 def served_again(sent: list[bytes], stream: list[bytes]) -> bool:

@@ -431,6 +431,22 @@ def test_resync_event_default_forced_and_suppressed() -> None:
     assert [(e[5], e[6]) for e in events(out)] == [("gap", "lost"), ("resync", "after gap")]
 
 
+def test_an_empty_snapshot_is_an_event_readers_can_see() -> None:
+    """A snapshot with no levels writes no book rows (the table has no row for "no level"),
+    yet it replaces the book: an `empty_snapshot` event at its recv_seq says so."""
+    sync, _ = channel_sync()
+    out = Output()
+    snap(sync, out, 1, [(10.0, 1.0)], [(11.0, 1.0)])
+    snap(sync, out, 2, [], [], resync=False)
+    assert [r for r in book_rows(out) if r[0] == 2] == []
+    assert [(e[3], e[5], e[6]) for e in events(out)] == [
+        (2, "empty_snapshot", "the venue's book is empty: every level is removed")]
+    assert sync.synced("A")
+    out = Output()
+    snap(sync, out, 3, [(10.0, 1.0)], [], resync=False)  # one empty side: an ordinary book
+    assert events(out) == [] and len(book_rows(out)) == 1
+
+
 # ---- BookSync: REST snapshots ---------------------------------------------------------------
 def rest_sync(**keys: Any) -> BookSync:
     return BookSync(stub(), SeqRules(), snapshot_request=lambda s: f"http://stub/depth?s={s}",
@@ -634,7 +650,7 @@ def test_break_many_asks_once_for_all_and_not_again_too_soon() -> None:
     fresh, _ = channel_sync()
     out = Output()
     fresh.break_many(["A"], out, "x", TS, 1)
-    snap(fresh, out, 2, [], [])
+    snap(fresh, out, 2, [(1.0, 1.0)], [])
     assert [e[5] for e in events(out)] == [EV_GAP, EV_RESYNC]
 
 

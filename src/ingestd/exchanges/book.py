@@ -47,7 +47,7 @@ from ingestd.exchanges.base import (
     RestRequest,
     parse_levels,
 )
-from ingestd.schema import EV_ERROR, EV_SNAPSHOT_FAILED
+from ingestd.schema import EV_EMPTY_SNAPSHOT, EV_ERROR, EV_SNAPSHOT_FAILED
 
 Levels = list[tuple[float, float]]
 TextLevels = list[tuple[str, str]]
@@ -774,6 +774,11 @@ class BookSync:
         if self.rows:
             out.book_block().add_levels(symbol, ts_event_ns, ts_recv_ns, recv_seq, True,
                                         bids, asks, update_id)
+            if not bids and not asks:
+                # No row can say "no levels": the event tells readers the book is reset.
+                self.codec.ev(out, EV_EMPTY_SNAPSHOT, ts_recv_ns, recv_seq, symbol,
+                              "the venue's book is empty: every level is removed",
+                              ts_event_ns)
         if (b.ever_synced or b.after_gap) if resync is None else resync:
             self.codec.resync(out, symbol, ts_recv_ns, recv_seq,
                               detail or (f"snapshot id {snapshot_id}"
