@@ -56,6 +56,8 @@ EV_OUT_OF_ORDER: Final = "out_of_order"
 EV_SNAPSHOT_FAILED: Final = "snapshot_failed"
 # A periodic REST poll got no usable answer (timeout, HTTP error, garbage); polling goes on.
 EV_POLL_FAILED: Final = "poll_failed"
+# A book snapshot with no level at all: it empties the book (no book row can say so).
+EV_EMPTY_SNAPSHOT: Final = "empty_snapshot"
 
 _TS = pa.timestamp("ns", tz="UTC")
 
