@@ -234,7 +234,7 @@ def test_an_empty_side_and_zero_sizes() -> None:
     assert len(rows) == 39 and 106217.0 not in [r[6] for r in rows]
     empty = derived(BOOK[2], lambda d: d.update(levels=[[], []]))
     out = c.parse(empty, TS, 3)
-    assert not out.rows("book") and [e[5] for e in events(out)] == ["book_empty"]
+    assert not out.rows("book") and [e[5] for e in events(out)] == ["empty_snapshot"]
     no_bid = derived(BBO[0], lambda d: d["bbo"].__setitem__(0, None))
     assert c.parse(no_bid, TS, 4).rows("quotes")[0][4:] == (None, None, 83758.0, 0.00016)
 

@@ -28,7 +28,7 @@ per message kind, and the decoding of these channels:
   next push. A push whose `time` is older than the last one written for the coin is
   dropped (`stale_book_update`: the overlap of a make-before-break rotation); levels of
   size 0 are not levels and are left out; a push with both sides empty writes no rows
-  (a snapshot block cannot be empty) but a `book_empty` event, so a reader knows the
+  (a snapshot block cannot be empty) but the shared `empty_snapshot` event, so a reader knows the
   book it holds is gone.
 - `bbo` -> quotes (`bbo` = [bid, ask], each {px, sz, n} or null for an empty side;
   `ts_event` = `time`). Older-than-last pushes are dropped (`stale_quote`).
@@ -84,7 +84,7 @@ from ingestd.exchanges.base import (
 )
 from ingestd.exchanges.derivs import LatestValues
 from ingestd.exchanges.trades import TradeIds, admit_opaque_trade
-from ingestd.schema import BUY, SELL, UNKNOWN
+from ingestd.schema import BUY, EV_EMPTY_SNAPSHOT, SELL, UNKNOWN
 
 # Hyperliquid subscription types per contract channel.
 SUB_TRADES: Final = "trades"
@@ -105,7 +105,6 @@ MAX_SUBSCRIPTIONS: Final = 1000   # per IP (Hyperliquid's rate-limit docs)
 TRADE_ID_WINDOW: Final = 1000
 
 DROP_STALE_QUOTE: Final = "stale_quote"
-EV_BOOK_EMPTY: Final = "book_empty"
 
 _SIDES: Final[dict[str, str]] = {"B": BUY, "A": SELL}
 _MAX_I64: Final = 2**63 - 1
@@ -371,7 +370,7 @@ class Hyperliquid(Codec):
         last[coin] = b.time
         ts_event = b.time * 1_000_000
         if not bids and not asks:
-            self.ev(out, EV_BOOK_EMPTY, ts_recv_ns, recv_seq, coin,
+            self.ev(out, EV_EMPTY_SNAPSHOT, ts_recv_ns, recv_seq, coin,
                     "l2Book push with no levels", ts_event)
             return
         out.book_block().add_levels(coin, ts_event, ts_recv_ns, recv_seq, True, bids, asks,
