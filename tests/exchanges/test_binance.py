@@ -554,3 +554,8 @@ def test_usdm_poll_config_is_checked_against_the_request_weight_budget() -> None
             {"name": "b", "exchange": "binance", "symbols": ["BTCUSDT"],
              "channels": ["trades"], "poll_interval_s": 5}]})
     assert "poll_interval_s: not used by binance" in str(e.value.problems)
+    with pytest.raises(ConfigError) as e:
+        check_config({"storage": {"root": "/x"}, "feeds": [
+            {"name": "b", "exchange": "binance-usdm", "symbols": ["BTCUSDT"],
+             "channels": ["trades"], "poll_interval_s": 5}]})
+    assert "poll_interval_s: only used with the derivatives channel" in str(e.value.problems)

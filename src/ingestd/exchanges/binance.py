@@ -502,6 +502,9 @@ class BinanceUsdm(BinanceSpot):
     @classmethod
     def check_feed(cls, feed: FeedConfig) -> list[str]:
         problems = super().check_feed(feed)
+        if feed.poll_interval_s is not None and "derivatives" not in feed.channels:
+            problems.append("poll_interval_s: only used with the derivatives channel "
+                            "(open interest)")
         if "derivatives" in feed.channels:
             interval_s = feed.poll_interval_s or cls.default_poll_interval_s or 1.0
             per_min = len(feed.symbols) * OPEN_INTEREST_WEIGHT * 60.0 / interval_s
