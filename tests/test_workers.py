@@ -1,0 +1,402 @@
+"""`[service] workers = N`: the supervisor, its worker processes, and what they share.
+
+The real `ingestd` process (supervisor + worker processes) against simulated venues that
+publish endless generated markets (new trade ids forever), plus the pure parts: the
+feed assignment and the cross-process connection limiter (injected clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingestd.assign import assign, feed_weight
+from ingestd.config import FeedConfig
+from ingestd.health_proxy import Fetched, WorkerView, merge_health
+from ingestd.ratelimit_shared import SharedConnectLimiter, reset_limits
+from ingestd.sim import SimServer
+from ingestd.sim.generate import GenBinanceVenue, GenBybitVenue, GenOkxVenue
+from tests.support import read_table
+
+
+# ---- the assignment --------------------------------------------------------------------
+def _feed(name: str, symbols: int = 1, channels: tuple[str, ...] = ("trades",)) -> FeedConfig:
+    return FeedConfig(name=name, exchange="binance",
+                      symbols=tuple(f"S{i}USDT" for i in range(symbols)),
+                      channels=channels)  # type: ignore[arg-type]
+
+
+def test_assignment_is_stable_complete_and_balanced() -> None:
+    feeds = [_feed(f"f{i:02d}", symbols=1 + i % 5,
+                   channels=("trades", "book") if i % 3 == 0 else ("trades",))
+             for i in range(40)]
+    shares = assign(feeds, 4)
+    names = [n for share in shares for n in share]
+    assert sorted(names) == sorted(f.name for f in feeds)          # each feed exactly once
+    assert assign(list(reversed(feeds)), 4) == shares               # config order is irrelevant
+    weight = {f.name: feed_weight(f) for f in feeds}
+    loads = [sum(weight[n] for n in share) for share in shares]
+    assert max(loads) <= 1.25 * sum(loads) / 4 + max(weight.values())
+    # A feed added moves few others (rendezvous hashing; the load cap moves a few).
+    grown = assign([*feeds, _feed("new", symbols=2)], 4)
+    where = {n: i for i, share in enumerate(shares) for n in share}
+    moved = [n for i, share in enumerate(grown) for n in share if n in where and where[n] != i]
+    assert len(moved) <= 4, moved
+    # A book weighs more than trades of as many symbols.
+    assert feed_weight(_feed("x", 2, ("book",))) > feed_weight(_feed("y", 2, ("trades",)))
+
+
+def test_more_workers_than_feeds_leaves_some_idle_and_one_worker_takes_all() -> None:
+    feeds = [_feed("a"), _feed("b")]
+    assert sorted(n for s in assign(feeds, 5) for n in s) == ["a", "b"]
+    assert assign(feeds, 1) == [["a", "b"]]
+
+
+# ---- the cross-process connection limiter ----------------------------------------------
+def test_shared_limiter_holds_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / ".limits" / "okx.slots"
+    mine = SharedConnectLimiter(path, 3, 10.0)
+    assert [mine.reserve(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    # Another process, same file: the window is already full until 110.
+    code = ("import sys; from pathlib import Path;"
+            "from ingestd.ratelimit_shared import SharedConnectLimiter as L;"
+            "l = L(Path(sys.argv[1]), 3, 10.0);"
+            "print(l.reserve(101.0), l.reserve(101.0))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert [float(x) for x in out] == [9.0, 9.0]
+    # And back here, the attempts the other process reserved count too.
+    assert mine.reserve(102.0) == pytest.approx(8.0)     # slot at 110 (the third queued)
+    assert mine.reserve(111.0) == pytest.approx(9.0)     # window of 3 ends at 120
+    mine.close()
+
+
+def test_shared_limiter_file_from_another_boot_or_shape_is_reset(tmp_path: Path) -> None:
+    path = tmp_path / ".limits" / "kraken.slots"
+    path.parent.mkdir()
+    path.write_bytes(b"garbage from an older version or another boot")
+    lim = SharedConnectLimiter(path, 2, 5.0)
+    assert lim.reserve(1.0) == 0.0 and lim.reserve(1.0) == 0.0 and lim.reserve(1.0) == 5.0
+    lim.close()
+    reset_limits(tmp_path)
+    assert not path.exists()
+    again = SharedConnectLimiter(path, 2, 5.0)
+    assert again.reserve(1.0) == 0.0
+    again.close()
+
+
+# ---- /health merge -----------------------------------------------------------------------
+def test_health_names_the_worker_that_is_down() -> None:
+    up = Fetched(WorkerView(0, "running", 10, 1, ["a"]), health_code=200, health={
+        "status": "ok", "feeds": {"a": {"state": "streaming", "messages": 5}},
+        "queue": {"depth": 1, "capacity": 10, "peak_depth": 3, "dropped": 0},
+        "writer": {"healthy": True, "committing": True, "rows_written": {"trades": 4},
+                   "files_written": 2, "buffered_rows": 1, "flush_errors": 0,
+                   "last_commit_age_s": 0.5, "last_error": None},
+        "journal": None, "event_loop_lag_s": 0.001}, live=True)
+    down = Fetched(WorkerView(1, "restarting", None, None, ["b", "c"], restarts=2,
+                              last_exit="killed by SIGKILL"))
+    code, body = merge_health("ok", [up, down])
+    assert code == 503 and body["status"] == "degraded"
+    assert body["feeds"]["a"]["worker"] == 0 and body["feeds"]["a"]["state"] == "streaming"
+    assert body["feeds"]["b"] == {**body["feeds"]["b"], "state": "stopped", "worker": 1,
+                                  "worker_state": "restarting"}
+    assert body["workers"]["1"]["state"] == "restarting"
+    assert body["workers"]["1"]["last_exit"] == "killed by SIGKILL"
+    assert body["writer"]["rows_written"] == {"trades": 4}
+    code, body = merge_health("ok", [up])
+    assert code == 200 and body["status"] == "ok"
+
+
+# ---- the real processes ------------------------------------------------------------------
+def config_text(root: Path, feeds: list[dict[str, Any]], workers: int | str = 2) -> str:
+    out = [f'[storage]\nroot = "{root}"\nflush_interval_s = 0.3\n',
+           '[journal]\nfsync_interval_s = 0.05\n',
+           f'[service]\nworkers = {json.dumps(workers)}\nshutdown_timeout_s = 10.0\n',
+           '[health]\nlisten = "127.0.0.1:0"\n', '[log]\nlevel = "info"\nformat = "json"\n']
+    for f in feeds:
+        out.append("[[feeds]]")
+        for k, v in f.items():
+            out.append(f"{k} = {json.dumps(v)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def feed(sim: SimServer, name: str, symbols: list[str], channels: list[str],
+         **keys: Any) -> dict[str, Any]:
+    return {"name": name, "exchange": sim.exchange, "url": sim.url, "rest_url": sim.rest_url,
+            "symbols": symbols, "channels": channels, **keys}
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    def _get() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+    return await asyncio.to_thread(_get)
+
+
+class Supervisor:
+    """The real `ingestd --config` process with workers; its (and its workers') log lines."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.logs: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def spawn(cls, cfg: Path, env: dict[str, str] | None = None) -> Supervisor:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ingestd", "--config", str(cfg),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            if line.startswith(b"{"):
+                self.logs.append(json.loads(line))
+
+    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e["event"] == event
+                and all(e.get(k) == v for k, v in match.items())]
+
+    async def wait_log(self, event: str, timeout_s: float = 30.0, **match: Any
+                       ) -> dict[str, Any]:
+        return await until(lambda: (self.events(event, **match) or [None])[0],
+                           timeout_s, f"log {event} {match}")
+
+    async def port(self) -> int:
+        start = await self.wait_log("starting", mode="supervisor")
+        return int(start["health"].rsplit(":", 1)[1])
+
+    async def health(self) -> dict[str, Any]:
+        return json.loads((await http_get(await self.port(), "/health"))[1])
+
+    async def finish(self, timeout_s: float = 30.0) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout_s)
+        await self._reader
+        return code
+
+
+async def until(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise TimeoutError(f"waited {timeout_s} s for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def health_when(sup: Supervisor, cond: Callable[[dict[str, Any]], bool],
+                      timeout_s: float, what: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        h = await sup.health()
+        return h if cond(h) else None
+    result: dict[str, Any] = await until(check, timeout_s, what)
+    return result
+
+
+def all_streaming(names: set[str], min_messages: int = 1) -> Callable[[dict[str, Any]], bool]:
+    def cond(h: dict[str, Any]) -> bool:
+        return set(h["feeds"]) == names and all(
+            f["state"] == "streaming" and f["messages"] >= min_messages
+            for f in h["feeds"].values()) and h["status"] == "ok"
+    return cond
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def unique_trades(root: Path) -> pl.DataFrame:
+    trades = read_table(root, "trades")
+    keys = trades.select("exchange", "symbol", "trade_id")
+    assert keys.n_unique() == trades.height, "a trade was stored twice"
+    return trades
+
+
+async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    messages: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def collect() -> None:
+        while True:
+            messages.append((await loop.sock_recv(notify, 4096)).decode())
+
+    collector = asyncio.create_task(collect())
+    sims = {"a": SimServer("binance", rate_msgs_s=80, live=True, venue=GenBinanceVenue(1)),
+            "b": SimServer("okx", rate_msgs_s=80, live=True, venue=GenOkxVenue(1)),
+            "c": SimServer("bybit-linear", rate_msgs_s=80, live=True,
+                           venue=GenBybitVenue(1)),
+            "d": SimServer("binance", rate_msgs_s=80, live=True, venue=GenBinanceVenue(2))}
+    for s in sims.values():
+        await s.start()
+    feeds = [feed(sims["a"], "a", ["ZILUSDT", "DENTUSDT"], ["trades"], trade_stream="aggTrade"),
+             feed(sims["b"], "b", ["BTC-USDT", "UNI-USD-SWAP"], ["trades", "book"]),
+             feed(sims["c"], "c", ["BTCUSDT", "ETHUSDT"], ["trades"])]
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(config_text(root, feeds))
+    sup = await Supervisor.spawn(cfg, {"NOTIFY_SOCKET": str(notify_path),
+                                       "WATCHDOG_USEC": "1000000"})
+    try:
+        h = await health_when(sup, all_streaming({"a", "b", "c"}, 5), 60, "every feed")
+        workers = h["workers"]
+        assert set(workers) == {"0", "1"}
+        assert sorted(n for w in workers.values() for n in w["feeds"]) == ["a", "b", "c"]
+        assert all(w["state"] == "running" and w["feeds"] for w in workers.values())
+        for name, f in h["feeds"].items():
+            assert name in workers[str(f["worker"])]["feeds"]
+        assert (await http_get(await sup.port(), "/livez"))[0] == 200
+        assert (await http_get(await sup.port(), "/readyz"))[0] == 200
+
+        # /metrics: one exposition over both workers, parseable, a worker label each.
+        code, text = await http_get(await sup.port(), "/metrics")
+        assert code == 200
+        fams = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        up = {(s.labels["feed"], s.labels["worker"]): s.value
+              for s in fams["ingestd_feed_up"].samples}
+        assert up == {(n, str(f["worker"])): 1.0 for n, f in h["feeds"].items()}
+        assert {s.labels["worker"]: s.value for s in fams["ingestd_worker_up"].samples} \
+            == {"0": 1.0, "1": 1.0}
+        assert {s.labels["worker"] for s in fams["ingestd_rows_written"].samples} <= {"0", "1"}
+        assert len(fams["ingestd_info"].samples) == 2
+
+        # kill -9 the worker that runs "b": it is replaced, its feeds stream again.
+        victim = str(h["feeds"]["b"]["worker"])
+        old_pid = workers[victim]["pid"]
+        b_connections = sims["b"].connections
+        os.kill(old_pid, signal.SIGKILL)
+        down = await health_when(sup, lambda h: h["workers"][victim]["state"] != "running",
+                                 10, "the dead worker seen")
+        assert down["status"] in ("degraded", "ok") and down["feeds"]["b"]["worker"] == int(victim)
+        h = await health_when(
+            sup, lambda h: all_streaming({"a", "b", "c"}, 3)(h)
+            and h["workers"][victim]["pid"] != old_pid, 60, "the worker replaced")
+        assert h["workers"][victim]["restarts"] == 1
+        assert h["workers"][victim]["last_exit"] == "killed by SIGKILL"
+        assert sims["b"].connections > b_connections
+        died = sup.events("worker_died", worker=int(victim))
+        assert died and died[0]["exit"] == "killed by SIGKILL"
+        recovered = await sup.wait_log("recovered_from_journal", worker=int(victim))
+        assert recovered["journals"] == 1
+
+        # SIGHUP adding a feed: it starts on one worker; the others keep their connections.
+        a_connections = sims["a"].connections
+        cfg.write_text(config_text(root, [*feeds, feed(sims["d"], "d", ["MANAUSDT"],
+                                                       ["trades"], trade_stream="aggTrade")]))
+        sup.proc.send_signal(signal.SIGHUP)
+        reloaded = await sup.wait_log("reloaded", added=["d"])
+        assert reloaded["moved"] == [] and reloaded["removed"] == []
+        h = await health_when(sup, all_streaming({"a", "b", "c", "d"}, 3), 60, "feed d")
+        assert sims["a"].connections == a_connections
+        # An invalid config is rejected and nothing changes.
+        cfg.write_text("[storage]\nroot = 5\n")
+        sup.proc.send_signal(signal.SIGHUP)
+        rejected = await sup.wait_log("reload_rejected")
+        assert any("storage.root" in p for p in rejected["problems"])
+        assert set((await sup.health())["feeds"]) == {"a", "b", "c", "d"}
+        pids = [w["pid"] for w in h["workers"].values()]
+
+        # SIGTERM: every worker drains, the supervisor exits 0.
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.finish() == 0
+        assert not any(alive(p) for p in pids)
+        assert len(sup.events("stopped")) == 3           # two workers and the supervisor
+    finally:
+        if sup.proc.returncode is None:
+            sup.proc.kill()
+            await sup.proc.wait()
+        for s in sims.values():
+            await s.stop()
+        collector.cancel()
+        notify.close()
+    # Rows of every feed landed, each trade once (the killed worker's journal replayed).
+    trades = unique_trades(root)
+    by_symbol = set(trades["symbol"].unique())
+    assert {"ZILUSDT", "DENTUSDT", "BTC-USDT", "UNI-USD-SWAP", "BTCUSDT", "ETHUSDT",
+            "MANAUSDT"} <= by_symbol
+    events = read_table(root, "events")
+    connected = events.filter(pl.col("event") == "connected")
+    assert set(connected["feed"].unique()) == {"a", "b", "c", "d"}
+    assert connected.filter(pl.col("feed") == "b").height >= 2   # before and after the kill
+    assert read_table(root, "book").height > 0
+    assert not list((root / ".journal").iterdir())               # everything committed
+    # sd_notify came from the supervisor only: READY once every worker was ready, the
+    # watchdog while all were alive, STOPPING at the end.
+    ready = [m for m in messages if "READY=1" in m and "MAINPID=" in m]
+    assert ready and f"MAINPID={sup.proc.pid}" in ready[0]
+    assert "2/2 workers running" in ready[0]
+    assert any("WATCHDOG=1" in m for m in messages)
+    assert any("RELOADING=1" in m for m in messages)
+    assert any("STOPPING=1" in m for m in messages)
+    assert not any("MAINPID=" in m and f"MAINPID={sup.proc.pid}" not in m for m in messages)
+
+
+async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
+        tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    sims = {"a": SimServer("binance", rate_msgs_s=100, live=True, venue=GenBinanceVenue(3)),
+            "b": SimServer("okx", rate_msgs_s=100, live=True, venue=GenOkxVenue(3))}
+    for s in sims.values():
+        await s.start()
+    feeds = [feed(sims["a"], "a", ["ZILUSDT", "DENTUSDT", "MANAUSDT"], ["trades"],
+                  trade_stream="aggTrade"),
+             feed(sims["b"], "b", ["BTC-USDT", "UNI-USD-SWAP"], ["trades"])]
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(config_text(root, feeds))
+    try:
+        sup = await Supervisor.spawn(cfg)
+        h = await health_when(sup, all_streaming({"a", "b"}, 20), 60, "both feeds")
+        pids = [w["pid"] for w in h["workers"].values()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        sup.proc.kill()
+        await sup.finish()
+        await until(lambda: not any(alive(p) for p in pids), 10, "workers gone")
+        journals = list((root / ".journal").iterdir())
+        assert len(journals) == 2                         # one per killed worker
+        # A new supervisor: its workers adopt the dead journals (each exactly once).
+        sup2 = await Supervisor.spawn(cfg)
+        await health_when(sup2, all_streaming({"a", "b"}, 3), 60, "both feeds again")
+        recovered = sup2.events("journal_recovered")
+        assert sorted(e["journal"] for e in recovered) == sorted(j.name for j in journals)
+        sup2.proc.send_signal(signal.SIGTERM)
+        assert await sup2.finish() == 0
+    finally:
+        for s in sims.values():
+            await s.stop()
+    trades = unique_trades(root)
+    assert {"ZILUSDT", "BTC-USDT"} <= set(trades["symbol"].unique())
+    assert not list((root / ".journal").iterdir())
