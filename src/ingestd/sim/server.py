@@ -3,7 +3,12 @@
 Owns: the listening socket (port 0 by default), routing plain HTTP GETs to the venue's
 REST handler and upgrades to its WebSocket protocol, pacing of served frames
 (`rate_msgs_s`), the record of every frame sent per connection (so tests can prove
-nothing is missing or doubled), and injected faults (`Faults`).
+nothing is missing or doubled), when each connection opened and ended, and injected
+faults: `Faults` on the WebSocket side, raw frames sent on purpose (`inject`: malformed
+or oversized frames), and broken REST answers (`rest_faults`, served by
+sim/faults.py's listener on its own port). In live mode an `EndlessVenue`
+(sim/generate.py) is published for as long as the server runs (until
+`stop_publishing`), each subscription starting with the venue's `join` frames.
 
 Must not: know any venue's message formats (sim/venues/ does), or be imported by the
 daemon's hot path (the daemon only ever sees it as a remote server).
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +29,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ingestd.sim.endless import EndlessVenue
+from ingestd.sim.faults import RestFaults, RestListener
 from ingestd.sim.merge import merge_streams
 from ingestd.sim.venues import VENUES, Venue
 
@@ -126,7 +134,14 @@ class SimConn:
         publishes them (live mode: every connection sees the same frames at the same
         time, so a client that reconnects misses what was published meanwhile)."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self.server._live_subscribe(set(keys), queue)
+        keys = set(keys)
+        venue = self.server.venue
+        if isinstance(venue, EndlessVenue):
+            # Snapshots of the book as published so far, then every later frame: taken
+            # and subscribed in one step of the loop, so nothing falls in between.
+            for frame in venue.join(sorted(keys)):
+                queue.put_nowait(frame)
+        self.server._live_subscribe(keys, queue)
         try:
             while True:
                 await self.send(await queue.get())
@@ -159,9 +174,10 @@ class SimConn:
 class SimServer:
     def __init__(self, exchange: str, *, rate_msgs_s: float | None = None,
                  faults: Faults | None = None, record: bool = True, live: bool = False,
-                 host: str = "127.0.0.1", port: int = 0, **venue_options: Any) -> None:
+                 host: str = "127.0.0.1", port: int = 0, venue: Venue | None = None,
+                 rest_faults: RestFaults | None = None, **venue_options: Any) -> None:
         self.exchange = exchange
-        self.venue: Venue = VENUES[exchange](**venue_options)
+        self.venue: Venue = venue if venue is not None else VENUES[exchange](**venue_options)
         self.rate_msgs_s = rate_msgs_s
         self.faults = faults or Faults()
         self.record = record
@@ -172,6 +188,16 @@ class SimServer:
         self.handshake_times: list[float] = []   # loop time of every WebSocket handshake
         self.connections = 0
         self.rest_requests: list[str] = []
+        # Broken REST answers: served by a raw listener on its own port (`rest_url`).
+        self.rest_faults = rest_faults
+        self._rest_listener: RestListener | None = None
+        # Wall-clock time (time.time()) each connection opened / ended, by conn id.
+        self.conn_opened: dict[int, float] = {}
+        self.conn_ended: dict[int, float] = {}
+        self.open_conns: dict[int, SimConn] = {}
+        # Frames sent on purpose by `inject`: (wall time, conn id, frame).
+        self.injected: list[tuple[float, int, bytes]] = []
+        self._publishing = True
         self._ids = itertools.count(1)
         self._server: Server | None = None
         self._conns: set[ServerConnection] = set()
@@ -189,8 +215,35 @@ class SimServer:
     def _live_unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
         self._live_subs.pop(queue, None)
 
+    def stop_publishing(self) -> None:
+        """Live mode: publish nothing more (an endless timeline ends here)."""
+        self._publishing = False
+
+    async def _publish_endless(self, venue: EndlessVenue) -> None:
+        """Publish generated frames at the server's rate until `stop_publishing`. A frame
+        is generated when it is due and published in the same step, so a `join` snapshot
+        always matches what was published before it."""
+        await self._first_subscriber.wait()
+        loop = asyncio.get_running_loop()
+        rate = self.rate_msgs_s or 1000.0
+        t0 = loop.time()
+        for i in itertools.count():
+            delay = t0 + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not self._publishing:
+                return
+            key, frame = venue.next_frame()
+            self.published += 1
+            for queue, keys in list(self._live_subs.items()):
+                if key in keys:
+                    queue.put_nowait(frame)
+
     async def _publish(self) -> None:
         """Publish the venue's timeline once, starting when the first client subscribes."""
+        if isinstance(self.venue, EndlessVenue):
+            await self._publish_endless(self.venue)
+            return
         timeline = self.venue.timeline()
         await self._first_subscriber.wait()
         loop = asyncio.get_running_loop()
@@ -215,7 +268,22 @@ class SimServer:
 
     @property
     def rest_url(self) -> str:
+        if self._rest_listener is not None:
+            return f"http://{self.host}:{self._rest_listener.port}"
         return f"http://{self.host}:{self.port}"
+
+    async def inject(self, frame: bytes) -> list[int]:
+        """Send `frame` as a text frame on every open connection now (a malformed or
+        oversized frame, on purpose); recorded in `injected`. Returns the conn ids."""
+        sent = []
+        for conn_id, conn in list(self.open_conns.items()):
+            try:
+                await conn.ws.send(frame.decode("utf-8", "replace"), text=True)
+            except ConnectionClosed:
+                continue
+            self.injected.append((time.time(), conn_id, frame))
+            sent.append(conn_id)
+        return sent
 
     async def start(self) -> SimServer:
         self._server = await serve(self._handler, self.host, self.port,
@@ -223,6 +291,9 @@ class SimServer:
                                    compression=None, max_size=2**24, ping_interval=None)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
+        if self.rest_faults is not None:
+            self._rest_listener = RestListener(self._rest_answer, self.rest_faults, self.host)
+            await self._rest_listener.start()
         if self.live:
             self._publisher = asyncio.create_task(self._publish())
         return self
@@ -235,6 +306,8 @@ class SimServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self._rest_listener is not None:
+            await self._rest_listener.stop()
 
     async def __aenter__(self) -> SimServer:
         return await self.start()
@@ -265,6 +338,10 @@ class SimServer:
             return Response(f.handshake_status, "Refused", headers, b"simulated refusal\n")
         return None
 
+    def _rest_answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, bytes] | None:
+        self.rest_requests.append(path)
+        return self.venue.rest(path, query)
+
     def _rest(self, request: Request) -> Response:
         parts = urlsplit(request.path)
         self.rest_requests.append(request.path)
@@ -283,6 +360,8 @@ class SimServer:
         conn = SimConn(self, ws, next(self._ids))
         self.connections += 1
         self._conns.add(ws)
+        self.conn_opened[conn.conn_id] = time.time()
+        self.open_conns[conn.conn_id] = conn
         f = self.faults
         hit = f.applies_to(conn.conn_id)
         try:
@@ -299,6 +378,8 @@ class SimServer:
             pass
         finally:
             self._conns.discard(ws)
+            self.open_conns.pop(conn.conn_id, None)
+            self.conn_ended[conn.conn_id] = time.time()
 
 
 __all__ = ["Faults", "SimConn", "SimServer", "merge_streams"]
