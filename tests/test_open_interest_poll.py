@@ -24,11 +24,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.clock import SYSTEM_CLOCK
 from ingestd.exchanges.base import RestRequest
 from ingestd.feed.polls import RATE_LIMIT_PAUSE_S, Poller, PollSchedule
 from ingestd.feed.rest import RestAnswer
+from ingestd.metrics import exposition, registry_for
 from ingestd.sim import SimServer
 from ingestd.sim.recorded import frames
 from ingestd.sim.venues.binance import BinanceUsdmVenue
@@ -201,7 +203,17 @@ async def test_open_interest_lands_in_derivatives_and_failures_are_events(
                         channels=["derivatives", "liquidations"], rest_url=faulty.url,
                         poll_interval_s=0.5, rest_timeout_s=0.3)
         cfg = make_config(root, [feed])
-        await run_daemon(cfg, lambda d: faulty.oi_answers.count(200) >= 5, timeout_s=30)
+        daemon = await run_daemon(cfg, lambda d: faulty.oi_answers.count(200) >= 5,
+                                  timeout_s=30)
+    # Counted per outcome (ingestd_polls_total); the garbage 200 is a parse error.
+    st = daemon.feed_stats[feed["name"]]
+    assert (st.polls["http_429"], st.polls["http_500"], st.polls["timeout"]) == (1, 1, 1)
+    assert st.polls["ok"] >= 5 and st.parse_errors["DecodeError"] == 1
+    families = {f.name: f for f in text_string_to_metric_families(
+        exposition(registry_for(daemon.stats_snapshot)).decode())}
+    exported = {m.labels["outcome"]: m.value for m in families["ingestd_polls"].samples
+                if m.name == "ingestd_polls_total"}
+    assert exported == {k: float(v) for k, v in st.polls.items()}
     derivs = read_table(root, "derivatives")
     rows = list(derivs.iter_rows(named=True))
     # One row per recorded answer (ts_event = its `time`): the same answer polled again

@@ -59,6 +59,9 @@ class SnapshotCollector(Collector):
                                     labels=[*labels, "reason"])
         rows = CounterMetricFamily("ingestd_rows", "rows handed to the writer",
                                    labels=[*labels, "table"])
+        polls = CounterMetricFamily("ingestd_polls", "periodic REST poll answers, by "
+                                    "outcome (ok, http_<status>, timeout, ...)",
+                                    labels=[*labels, "outcome"])
         for st in snap.feeds:
             lv = [st.name, st.exchange]
             up.add_metric(lv, 1.0 if st.state == "streaming" else 0.0)
@@ -78,8 +81,10 @@ class SnapshotCollector(Collector):
                 drops.add_metric([*lv, reason], n)
             for table, n in sorted(st.rows):
                 rows.add_metric([*lv, table], n)
+            for outcome, n in sorted(st.polls):
+                polls.add_metric([*lv, outcome], n)
         yield from (up, breaker, age, frames, nbytes, reconnects, gaps, resyncs, stale, unknown,
-                    errors, drops, rows)
+                    errors, drops, rows, polls)
 
         q = snap.queue
         yield GaugeMetricFamily("ingestd_queue_depth", "messages queued for the writer",

@@ -45,6 +45,7 @@ class FeedStats:
     unknown_messages: int = 0
     drops: Counter[str] = field(default_factory=Counter)      # rows/frames dropped, by reason
     last_error: str | None = None
+    polls: Counter[str] = field(default_factory=Counter)      # REST poll answers, by outcome
 
 
 @dataclass(slots=True)
@@ -143,6 +144,7 @@ class FeedSnapshot(msgspec.Struct, frozen=True):
     unknown_messages: int
     drops: Counts
     last_error: str | None
+    polls: Counts = ()                  # periodic REST poll answers by outcome (feed/polls.py)
 
 
 class QueueSnapshot(msgspec.Struct, frozen=True):
@@ -219,7 +221,7 @@ def feed_snapshot(st: FeedStats, now_mono: float) -> FeedSnapshot:
         last_message_age_s=_age(now_mono, st.last_message_mono), connects=st.connects,
         reconnects=st.reconnects, gaps=st.gaps, resyncs=st.resyncs, stale=st.stale,
         parse_errors=_counts(st.parse_errors), unknown_messages=st.unknown_messages,
-        drops=_counts(st.drops), last_error=st.last_error)
+        drops=_counts(st.drops), last_error=st.last_error, polls=_counts(st.polls))
 
 
 def queue_snapshot(st: QueueStats) -> QueueSnapshot:

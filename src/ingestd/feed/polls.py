@@ -9,9 +9,11 @@ RATE_LIMIT_PAUSE_MAX_S), and `Poller`, the task that runs the cycle: one request
 at a time, each fetched with feed/rest.py under the feed's `rest_timeout_s`, and every
 answer - success, HTTP error, garbage or no answer at all - handed to the reader's one REST
 ingest path (journal it as a REST record, `codec.on_rest`, hand the rows on), so crash
-recovery replays polled answers exactly. Counts answers by outcome (`counts`) and logs
-failures at a bounded rate (one line per outcome class per LOG_EVERY_S, with the number
-suppressed).
+recovery replays polled answers exactly. Counts answers by outcome (`counts`, the feed's
+`FeedStats.polls`, exported as `ingestd_polls_total`: `ok` for an HTTP 200 - the codec
+judges its body, a garbage one is a parse error -, `http_<status>`, or rest.py's error
+class such as `timeout`) and logs failures at a bounded rate (one line per outcome class
+per LOG_EVERY_S, with the number suppressed).
 
 When: the reader runs a Poller only while a session is connected (a helper task of the
 session, like the watchdog). Polled values merge into what the stream sends; a venue that
@@ -98,7 +100,7 @@ class Poller:
 
     def __init__(self, requests: Sequence[RestRequest], interval_s: float, *,
                  deadline_s: float, clock: Clock, ingest: Ingest, log: Any,
-                 fetch: Fetch = http_get) -> None:
+                 counts: Counter[str] | None = None, fetch: Fetch = http_get) -> None:
         self.requests = tuple(requests)
         self.schedule = PollSchedule(interval_s, len(self.requests))
         self.deadline_s = deadline_s
@@ -106,7 +108,8 @@ class Poller:
         self.ingest = ingest
         self.fetch = fetch
         self.log = log
-        self.counts: Counter[str] = Counter()  # answers by outcome
+        # Answers by outcome (the reader passes its FeedStats.polls: ingestd_polls_total).
+        self.counts: Counter[str] = Counter() if counts is None else counts
         self._index = 0                        # the next request of the cycle
         self._log_limit = RateLimit(LOG_EVERY_S)
 

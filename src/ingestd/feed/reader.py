@@ -138,7 +138,8 @@ class FeedReader:
         # Periodic REST polls (feed/polls.py), run while a session is connected.
         self.poller: Poller | None = Poller(
             polls, interval_s, deadline_s=feed.rest_timeout_s, clock=clock,
-            ingest=self._poll_answer, log=self.log) if polls and interval_s > 0 else None
+            ingest=self._poll_answer, log=self.log, counts=self.stats.polls,
+        ) if polls and interval_s > 0 else None
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
