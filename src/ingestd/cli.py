@@ -230,10 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "replay":
         return _replay(cfg, args.config, args.out, args.since, args.until)
     if command == "compact":
-        from ingestd.sink.compact import CompactionBusy, compact
+        from ingestd.sink.compact import CompactionBusy, compact_storage
 
         try:
-            r = compact(Path(cfg.storage.root), args.before, wait=args.wait)
+            r = compact_storage(cfg.storage, args.before, wait=args.wait)
+        except ValueError as e:
+            print(str(e), file=sys.stderr)
+            return EX_CONFIG
         except CompactionBusy as e:
             print(f"ingestd compact: {e}; nothing done (exit {EX_TEMPFAIL}): retry later, "
                   "or pass --wait to wait for it", file=sys.stderr)

@@ -25,6 +25,14 @@ in batches: row count, order (every row's key >= the previous one's) and an
 order-independent fingerprint of every column (sums of polars row hashes) equal to the
 inputs' - sorted and the same multiset of rows is the sorted merge of the inputs.
 
+The output keeps the inputs' timestamp unit (`timestamp_unit = "us"` files stay us; ns
+when a partition mixes both, which is exact).
+
+Delta tables (`format = "delta"`, local or object store: `compact_delta`) are compacted by
+Delta itself: optimize (bin-packing of the closed days' partitions), a checkpoint, expired
+log cleanup, vacuum (files out of the table, past the retention). `compact_storage` is
+what `ingestd compact` runs: it picks by `[storage]`.
+
 Must not: run on the event loop (blocking), delete an input before the output is
 verified and durable, touch today's partition, or load a whole partition into memory.
 """
@@ -48,7 +56,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
-from ingestd.schema import SCHEMAS, TABLES
+from ingestd.config import StorageConfig
+from ingestd.schema import TABLES, schema_for
 from ingestd.sink.fsutil import fsync_dir
 from ingestd.sink.parquet import COVERAGE_KEY, DICTIONARY_COLUMNS, Staging
 
@@ -350,6 +359,16 @@ def _cursor(path: Path, schema: pa.Schema, batch_rows: int) -> _Cursor:
     return _Cursor(_read_batches(path, schema, batch_rows))
 
 
+def _finest_unit(files: list[Path]) -> str:
+    """The timestamp unit of the output: the files' own ("ns", or "us" when written with
+    `timestamp_unit = "us"`); "ns" when they differ (us -> ns is exact, ns -> us is not)."""
+    units = set()
+    for f in files:
+        ts = pq.read_schema(f).field("ts_recv").type
+        units.add(ts.unit if pa.types.is_timestamp(ts) else "ns")
+    return "us" if units == {"us"} else "ns"
+
+
 def compact_partition(root: Path, partition: Path, table_name: str,
                       row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
                       run_rows: int = DEFAULT_RUN_ROWS,
@@ -367,7 +386,7 @@ def compact_partition(root: Path, partition: Path, table_name: str,
                                      own.path)
         finally:
             own.close()
-    schema = SCHEMAS[table_name]
+    schema = schema_for(table_name, _finest_unit(files))
     meta = dict(schema.metadata or {})
     coverage = _merge_coverage([pq.read_schema(f).metadata for f in files])
     if coverage:
@@ -472,3 +491,69 @@ def compact(root: Path, before_date: str | None = None,
         finally:
             staging.close()
     return result
+
+
+# ---- Delta tables (`format = "delta"`) ------------------------------------------------------
+@dataclass
+class DeltaCompactResult(CompactResult):
+    tables: int = 0
+    checkpoints: int = 0
+    vacuumed_files: int = 0
+
+
+def compact_delta(storage: StorageConfig, before_date: str | None = None,
+                  vacuum_retention_hours: int | None = None,
+                  target_size_bytes: int | None = None) -> DeltaCompactResult:
+    """Every ingestd Delta table under `storage.root` (local or object store): optimize
+    (bin-packing compaction of the closed days' partitions, `date` < `before_date`,
+    default today UTC: small files of one partition become few large ones, the rows
+    unchanged), a checkpoint (readers replay no long log), expired log files cleaned up,
+    then vacuum: files no longer in the table (the compacted-away ones, and data files of
+    commits that failed) deleted once older than `vacuum_retention_hours` - default the
+    table's `delta.deletedFileRetentionDuration`, 7 days. Never shorter while daemons
+    write: a file written for a commit still in flight would be deleted under it.
+
+    Safe while daemons append: Delta's optimistic concurrency makes appends and the
+    compaction's commit both succeed (they touch different files)."""
+    from ingestd.sink.delta import delta_tables, storage_options
+
+    result = DeltaCompactResult()
+    cutoff = before_date or datetime.now(UTC).strftime("%Y-%m-%d")
+    for name, table in delta_tables(storage.root, storage_options(storage)).items():
+        result.tables += 1
+        metrics = table.optimize.compact(partition_filters=[("date", "<", cutoff)],
+                                         target_size=target_size_bytes)
+        removed = int(metrics.get("numFilesRemoved", 0))
+        if removed:
+            result.partitions += int(metrics.get("partitionsOptimized", 0))
+            result.files_in += removed
+            result.files_out += int(metrics.get("numFilesAdded", 0))
+        table.create_checkpoint()
+        result.checkpoints += 1
+        table.cleanup_metadata()
+        deleted = table.vacuum(retention_hours=vacuum_retention_hours, dry_run=False,
+                               enforce_retention_duration=vacuum_retention_hours is None)
+        result.vacuumed_files += len(deleted)
+        result.rows += table.count()
+        log.info("delta_compacted", table=name, files_in=removed,
+                 files_out=int(metrics.get("numFilesAdded", 0)), vacuumed=len(deleted),
+                 version=table.version())
+    return result
+
+
+def compact_storage(storage: StorageConfig, before_date: str | None = None,
+                    wait: bool = False,
+                    vacuum_retention_hours: int | None = None) -> CompactResult:
+    """`ingestd compact` for `[storage]`: Delta tables (local or object store), or the
+    Parquet layout under a local root. One run per local directory at a time (the lock
+    lives in `storage.local_path`)."""
+    if storage.format == "delta":
+        lock_dir = Path(storage.local_path)
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with compaction_lock(lock_dir, wait):
+            return compact_delta(storage, before_date, vacuum_retention_hours)
+    if storage.is_remote:
+        raise ValueError("ingestd compact: Parquet under an object-store root is not "
+                         "compacted (use format = \"delta\" for compaction there)")
+    return compact(Path(storage.root.removeprefix("file://")), before_date, wait=wait)
+
