@@ -316,3 +316,33 @@ async def test_kill_9_then_restart_commits_every_journaled_trade_once(
     # Nothing else: every stored trade was journaled by the first process or received by
     # the second.
     assert set(got) <= set(journaled) | set(after)
+
+
+async def test_one_commit_per_table_per_flush_carries_every_due_partition(root: Path) -> None:
+    """Two venues (two `exchange` partitions of `trades`): the writer hands every due
+    partition of a table to one Delta commit, so commits per table are bounded by the
+    flush interval, not by the number of partitions."""
+    async with SimServer("binance", rate_msgs_s=400) as spot, \
+            SimServer("binance-usdm", rate_msgs_s=400) as usdm:
+        feeds = [feed_for(spot, name="spot", symbols=TRADE_SYMBOLS, channels=["trades"],
+                          trade_stream="aggTrade"),
+                 feed_for(usdm, name="usdm", symbols=["SUSHIUSDT", "AKROUSDT", "KEEPUSDT",
+                                                      "CTKUSDT", "BTCUSDT", "XRPUSDT"],
+                          channels=["trades"], trade_stream="aggTrade")]
+        cfg = make_config(root, feeds, storage={"format": "delta", "flush_interval_s": 0.3})
+        daemon = await run_daemon(
+            cfg, lambda d: all(f["name"] in d.feed_stats for f in feeds)
+            and d.feed_stats["spot"].messages >= 145 and d.feed_stats["usdm"].messages >= 91,
+            timeout_s=60)
+    trades = read_delta(root, "trades")
+    assert Counter(trade_ids(trades)) == Counter(sent_trades(spot) + sent_trades(usdm))
+    commits = []
+    for entry in sorted((root / "trades" / "_delta_log").glob("*.json")):
+        actions = [json.loads(line) for line in entry.read_text().splitlines()]
+        adds = [a["add"] for a in actions if "add" in a]
+        if adds:
+            commits.append({a["partitionValues"]["exchange"] for a in adds})
+    assert {"binance", "binance-usdm"} in commits, "no commit held both partitions"
+    # Fewer commits than partitions committed (one commit per partition would be equal).
+    assert len(commits) < sum(len(c) for c in commits)
+    assert daemon.writer_stats.rows_written["trades"] == trades.height

@@ -326,6 +326,14 @@ class Writer:
         # commit starts.
         lead_s = min(self.batcher.flush_interval_s / 2, self._tick_s + self._commit_s_ewma)
         keys = self.batcher.partitions() if force else self.batcher.due(now, lead_s)
+        if len(keys) > 1 and hasattr(self.publisher, "publish_many"):
+            # One commit per table for everything due (Delta: bounds the commit rate).
+            by_table: dict[str, list[PartitionKey]] = {}
+            for key in keys:
+                by_table.setdefault(key[0], []).append(key)
+            for group in by_table.values():
+                self._start_group(group)
+            keys = []
         for key in keys:
             self._start_commit(key)
         if self._rejects:
@@ -364,6 +372,37 @@ class Writer:
         self._inflight.add(fut)
         self._inflight_batches[fut] = batch
         fut.add_done_callback(lambda f: self._commit_done(f, batch, key, started))
+
+    def _start_group(self, keys: list[PartitionKey]) -> None:
+        """Partitions of one table committed at once (`publish_many`); each batch's
+        outcome is then handled as its own commit's would be."""
+        if self.clock.monotonic() < self._retry_at_mono:
+            return
+        loop = asyncio.get_running_loop()
+        batches = [self.batcher.take(key) for key in keys]
+        parts: list[asyncio.Future[Committed]] = [loop.create_future() for _ in batches]
+        for part, batch in zip(parts, batches, strict=True):
+            self._inflight_batches[part] = batch
+        started = self.clock.monotonic()
+        fut = loop.run_in_executor(self._executor, self.publisher.publish_many,  # type: ignore[attr-defined]
+                                   batches)
+        self._inflight.add(fut)
+
+        def done(f: asyncio.Future[list[Committed]]) -> None:
+            self._inflight.discard(f)
+            exc = None if f.cancelled() else f.exception()
+            delay_s = self._retry_delay_s
+            for i, (part, batch, key) in enumerate(zip(parts, batches, keys, strict=True)):
+                if exc is not None or f.cancelled():
+                    part.set_exception(exc or asyncio.CancelledError())
+                else:
+                    part.set_result(f.result()[i])
+                self._commit_done(part, batch, key, started)
+            if exc is not None or f.cancelled():  # one failed commit: back off once
+                self._retry_at_mono = self.clock.monotonic() + delay_s
+                self._retry_delay_s = min(RETRY_MAX_S, delay_s * 2)
+
+        fut.add_done_callback(done)
 
     def _commit_done(self, fut: asyncio.Future[Committed], batch: Batch, key: PartitionKey,
                      started_mono: float) -> None:
