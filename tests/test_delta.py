@@ -1,7 +1,5 @@
-"""`format = "delta"`: Delta Lake tables appended to exactly once, by one daemon or several.
-
-Local tables here; the same against a real S3 server (SeaweedFS) in test_delta_s3.py.
-"""
+"""`format = "delta"`: Delta Lake tables appended to exactly once, by one daemon or several,
+on a local root and on a real S3 server (SeaweedFS on loopback: tests/s3server.py)."""
 
 from __future__ import annotations
 
@@ -346,3 +344,84 @@ async def test_one_commit_per_table_per_flush_carries_every_due_partition(root: 
     # Fewer commits than partitions committed (one commit per partition would be equal).
     assert len(commits) < sum(len(c) for c in commits)
     assert daemon.writer_stats.rows_written["trades"] == trades.height
+
+
+# ---- compaction --------------------------------------------------------------------------------
+def _publish_days(pub: DeltaPublisher, days: list[str], batches_per_day: int) -> None:
+    seq = 1
+    for day in days:
+        for _ in range(batches_per_day):
+            pub.publish(trades_batch("inst1/a", [seq, seq + 1, seq + 2], date=day))
+            seq += 3
+
+
+def _all_rows(df: pl.DataFrame) -> list[tuple[Any, ...]]:
+    return sorted(df.select(sorted(df.columns)).iter_rows())
+
+
+def test_ingestd_compact_on_a_local_delta_table_keeps_every_row(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    pub = DeltaPublisher(storage(root), root, "inst1")
+    pub.open()
+    try:
+        _publish_days(pub, ["2026-11-30", "2026-12-01"], 6)
+    finally:
+        pub.close()
+    before = read_delta(root, "trades")
+    files_before = len(DeltaTable(str(root / "trades")).file_uris())
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(f'[storage]\nroot = "{root}"\nformat = "delta"\n\n[[feeds]]\nname = "f"\n'
+                   'exchange = "binance"\nsymbols = ["BTCUSDT"]\nchannels = ["trades"]\n')
+    run = subprocess.run([sys.executable, "-m", "ingestd", "compact", "--config", str(cfg),
+                          "--before", "2026-12-01"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    table = DeltaTable(str(root / "trades"))
+    # 2026-11-30 (before the cutoff) became one file; 2026-12-01 was left as it was.
+    assert files_before == 12 and len(table.file_uris()) == 1 + 6
+    assert (root / "trades" / "_delta_log" / "_last_checkpoint").exists()
+    assert _all_rows(read_delta(root, "trades")) == _all_rows(before)
+    assert "compacted 1 partition(s): 6 files -> 1" in run.stdout
+    # The transaction versions (recovery's watermarks) survive the compaction.
+    assert table.transaction_version(
+        app_id("inst1/a", "trades", "binance", "2026-12-01")) == 36
+
+
+def test_compact_on_an_s3_delta_table_optimizes_checkpoints_vacuums(
+        tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingestd.sink.compact import compact_storage
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    cfg = storage(f"s3://{s3_bucket}/lake", local_dir=str(tmp_path / "local"),
+                  options=s3_server.options)
+    pub = DeltaPublisher(cfg, tmp_path / "local", "inst1")
+    pub.open()
+    try:
+        _publish_days(pub, ["2026-11-30", "2026-12-01"], 5)
+    finally:
+        pub.close()
+    uri = f"s3://{s3_bucket}/lake/trades"
+    opts = s3_server.storage_options()
+    before = read_delta(f"s3://{s3_bucket}/lake", "trades", **opts)
+    fs = s3_server.filesystem()
+
+    def data_objects() -> int:
+        from pyarrow import fs as pafs
+
+        infos = fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/lake/trades", recursive=True))
+        return sum(1 for i in infos if i.path.endswith(".parquet")
+                   and "_delta_log" not in i.path)
+
+    assert data_objects() == 10
+    result = compact_storage(cfg, "2026-12-02", vacuum_retention_hours=0)
+    assert result.files_in == 10 and result.files_out == 2
+    table = DeltaTable(uri, storage_options=opts)
+    assert len(table.file_uris()) == 2
+    # Vacuum deleted the compacted-away objects: only the table's two files are left.
+    assert data_objects() == 2
+    assert fs.get_file_info(f"{s3_bucket}/lake/trades/_delta_log/_last_checkpoint").is_file
+    assert _all_rows(read_delta(f"s3://{s3_bucket}/lake", "trades", **opts)) == \
+        _all_rows(before)
