@@ -158,6 +158,7 @@ class Supervisor:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.logs: list[dict[str, Any]] = []
+        self.garbled: list[bytes] = []
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -171,8 +172,10 @@ class Supervisor:
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         async for line in self.proc.stdout:
-            if line.startswith(b"{"):
+            try:
                 self.logs.append(json.loads(line))
+            except ValueError:
+                self.garbled.append(line)   # e.g. two processes' lines interleaved
 
     def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
         return [e for e in self.logs if e["event"] == event
@@ -335,6 +338,7 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
         assert await sup.finish() == 0
         assert not any(alive(p) for p in pids)
         assert len(sup.events("stopped")) == 3           # two workers and the supervisor
+        assert sup.garbled == []                          # one whole JSON object per line
     finally:
         if sup.proc.returncode is None:
             sup.proc.kill()
@@ -400,3 +404,53 @@ async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
     trades = unique_trades(root)
     assert {"ZILUSDT", "BTC-USDT"} <= set(trades["symbol"].unique())
     assert not list((root / ".journal").iterdir())
+
+
+async def test_sighup_changing_the_worker_count_moves_feeds_without_overlap(
+        tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    sims = {"a": SimServer("binance", rate_msgs_s=60, live=True, venue=GenBinanceVenue(4)),
+            "b": SimServer("okx", rate_msgs_s=60, live=True, venue=GenOkxVenue(4)),
+            "c": SimServer("bybit-linear", rate_msgs_s=60, live=True,
+                           venue=GenBybitVenue(4))}
+    for s in sims.values():
+        await s.start()
+    feeds = [feed(sims["a"], "a", ["ZILUSDT", "DENTUSDT"], ["trades"], trade_stream="aggTrade"),
+             feed(sims["b"], "b", ["BTC-USDT", "UNI-USD-SWAP"], ["trades"]),
+             feed(sims["c"], "c", ["BTCUSDT", "ETHUSDT"], ["trades"])]
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(config_text(root, feeds, workers=2))
+    try:
+        sup = await Supervisor.spawn(cfg)
+        before = await health_when(sup, all_streaming({"a", "b", "c"}, 3), 60, "three feeds")
+        # 2 -> 3 workers: feeds move (to the new worker, or between the others) only
+        # after the worker that loses them has stopped them.
+        cfg.write_text(config_text(root, feeds, workers=3))
+        sup.proc.send_signal(signal.SIGHUP)
+        grown = await sup.wait_log("reloaded", workers=3)
+        assert grown["moved"] and grown["previous_workers"] == 2
+        h = await health_when(sup, lambda h: all_streaming({"a", "b", "c"}, 1)(h)
+                              and len(h["workers"]) == 3, 60, "three workers")
+        assert sorted(len(w["feeds"]) for w in h["workers"].values()) == [1, 1, 1]
+        moved = {n for n in h["feeds"]
+                 if h["feeds"][n]["worker"] != before["feeds"][n]["worker"]}
+        assert moved == set(grown["moved"])
+        # 3 -> 1: two workers retire; the one left runs every feed.
+        cfg.write_text(config_text(root, feeds, workers=1))
+        sup.proc.send_signal(signal.SIGHUP)
+        await sup.wait_log("reloaded", workers=1)
+        h = await health_when(sup, lambda h: all_streaming({"a", "b", "c"}, 1)(h)
+                              and list(h["workers"]) == ["0"], 60, "one worker")
+        assert h["workers"]["0"]["feeds"] == ["a", "b", "c"]
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.finish() == 0
+    finally:
+        for s in sims.values():
+            await s.stop()
+    unique_trades(root)
+    # A moved feed was stopped (disconnected) before it connected again elsewhere.
+    events = read_table(root, "events").filter(pl.col("feed").is_in(grown["moved"]))
+    for name in grown["moved"]:
+        seq = events.filter(pl.col("feed") == name).sort("recv_seq")["event"].to_list()
+        conn = [e for e in seq if e in ("connected", "disconnected")]
+        assert conn[:3] == ["connected", "disconnected", "connected"], conn

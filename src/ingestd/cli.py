@@ -111,7 +111,7 @@ def _worker(args: argparse.Namespace) -> int:
     from ingestd.config import ConfigError
     from ingestd.daemon import HealthBindError
     from ingestd.logs import configure
-    from ingestd.worker import read_plan, run_worker
+    from ingestd.worker import read_plan, run_worker, whole_line_stdout
 
     if args.worker_plan is None or args.supervisor_pid is None or args.workers is None:
         print("ingestd: --worker-index is internal (the supervisor starts workers)",
@@ -123,6 +123,7 @@ def _worker(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ingestd: worker {args.worker_index}: {e.problems[0]}", file=sys.stderr)
         return EX_CONFIG
+    whole_line_stdout()
     configure(plan.config.log.level, plan.config.log.format)
     sys.setswitchinterval(0.001)
     try:
@@ -138,7 +139,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _supervise(cfg: Config, config_path: str) -> int:
     """`[service] workers` > 1: the supervisor of the worker processes."""
+    from ingestd.logs import configure
     from ingestd.supervisor import HealthBindError, Supervisor
+    from ingestd.worker import whole_line_stdout
+
+    whole_line_stdout()
+    configure(cfg.log.level, cfg.log.format)
 
     async def _main() -> int:
         return await Supervisor(cfg, config_path=config_path).run()

@@ -242,7 +242,6 @@ class Supervisor:
         or START_TIMEOUT_S passed."""
         rfd, wfd = os.pipe()
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
         try:
             w.proc = await asyncio.create_subprocess_exec(
                 *self._argv(w, wfd), pass_fds=(wfd,), preexec_fn=_child_after_fork,

@@ -31,8 +31,10 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import io
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,22 @@ def share_of(plan: Plan, index: int) -> Config:
         cfg, feeds=tuple(f for f in cfg.feeds if f.name in mine),
         health=HealthConfig(listen="127.0.0.1:0"),
         service=msgspec.structs.replace(cfg.service, workers=1))
+
+
+def whole_line_stdout() -> None:
+    """Make every log line one write(2) to stdout. The supervisor and its workers share
+    one stdout (a pipe to journald): with PYTHONUNBUFFERED (the systemd unit sets it),
+    print() writes a line and its newline separately, and lines of two processes
+    interleave. A buffered stdout flushed per line (structlog flushes each) writes both
+    at once; lines up to PIPE_BUF (4 KiB) are then atomic on a pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - no real stdout
+        return
+    sys.stdout.flush()
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False),
+                                                    buffer_size=1 << 16),
+                                  encoding="utf-8", errors="backslashreplace")
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> bool:
@@ -229,4 +247,5 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
 
 
 __all__ = ["PLAN_VERSION", "Plan", "WorkerDaemon", "plan_path", "plan_summary",
-           "read_plan", "run_worker", "set_pdeathsig", "share_of", "write_plan"]
+           "read_plan", "run_worker", "set_pdeathsig", "share_of", "whole_line_stdout",
+           "write_plan"]
