@@ -159,6 +159,14 @@ class SentLog(list[Sent]):
                 self.trades.append((d["instId"], str(d["tradeId"]), t, item.conn_id))
 
 
+def die_with_parent() -> None:
+    """In the daemon's child process: SIGKILL it if the soak dies (no orphan daemons)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def rss_kb(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -226,7 +234,7 @@ class Soak:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ingestd", "--config", str(self.cfg),
             stdout=log, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
         log.close()
 
     async def sample_rss(self, stop: asyncio.Event, every: float) -> None:

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(240)   # a 120 s run, its start and its analysis
 def test_soak_smoke(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = subprocess.run(
