@@ -321,7 +321,7 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
         cfg.write_text(config_text(root, [*feeds, feed(sims["d"], "d", ["MANAUSDT"],
                                                        ["trades"], trade_stream="aggTrade")]))
         sup.proc.send_signal(signal.SIGHUP)
-        reloaded = await sup.wait_log("reloaded", added=["d"])
+        reloaded = await sup.wait_log("reloaded", added=["d"], workers=2)  # the supervisor's
         assert reloaded["moved"] == [] and reloaded["removed"] == []
         h = await health_when(sup, all_streaming({"a", "b", "c", "d"}, 3), 60, "feed d")
         assert sims["a"].connections == a_connections
@@ -389,6 +389,9 @@ async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
         sup.proc.kill()
         await sup.finish()
         await until(lambda: not any(alive(p) for p in pids), 10, "workers gone")
+        # PR_SET_PDEATHSIG killed them, not the fallback watch of the parent pid (which
+        # logs `supervisor_gone` before it exits).
+        assert not sup.events("supervisor_gone")
         journals = list((root / ".journal").iterdir())
         assert len(journals) == 2                         # one per killed worker
         # A new supervisor: its workers adopt the dead journals (each exactly once).

@@ -48,13 +48,7 @@ from ingestd.assign import assign, worker_count
 from ingestd.checks import load_config
 from ingestd.clock import SYSTEM_CLOCK, Clock
 from ingestd.config import Config, ConfigError
-from ingestd.health_proxy import (
-    Fetched,
-    ProxyServer,
-    WorkerClient,
-    WorkerView,
-    all_live,
-)
+from ingestd.health_proxy import Fetched, ProxyServer, WorkerClient, WorkerView
 from ingestd.notify import Notifier
 from ingestd.ratelimit_shared import reset_limits
 from ingestd.worker import PLAN_VERSION, Plan, plan_path, write_plan
@@ -350,19 +344,28 @@ class Supervisor:
         period = min(POLL_S, n.watchdog_s / 2) if n.watchdog_s else POLL_S
         since_status = 0.0
         while True:
-            fetched = await self._poll()
+            await self._poll()
             if self.state == "starting" and not self._stop.is_set() and self.workers \
                     and all(w.ready for w in self.workers.values()):
                 self.state = "ok"
                 log.info("ready", workers=len(self.workers), health=self.health_port)
                 n.ready(self.status_line())
-            if n.watchdog_s and all_live(fetched) and len(fetched) == len(self.workers):
+            if n.watchdog_s and self.progressing():
                 n.watchdog()
             since_status += period
             if since_status >= 10.0:
                 since_status = 0.0
                 n.status(self.status_line())
             await asyncio.sleep(period)
+
+    def progressing(self) -> bool:
+        """Every worker process is alive and either answers /livez with 200 or is still
+        starting (a restarted worker's journal recovery runs before it serves): what
+        WATCHDOG=1 stands for. A dead worker waiting for its restart stops the watchdog
+        (RESTART_MAX_S stays below systemd's WatchdogSec)."""
+        return bool(self.workers) and all(
+            w.alive and (w.live if w.state == "running" else w.state == "starting")
+            for w in self.workers.values())
 
     # ---- SIGHUP ----------------------------------------------------------------------------
     async def reload(self) -> bool:
