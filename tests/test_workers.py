@@ -457,3 +457,47 @@ async def test_sighup_changing_the_worker_count_moves_feeds_without_overlap(
         seq = events.filter(pl.col("feed") == name).sort("recv_seq")["event"].to_list()
         conn = [e for e in seq if e in ("connected", "disconnected")]
         assert conn[:3] == ["connected", "disconnected", "connected"], conn
+
+
+async def test_second_signal_forces_every_worker_out_and_the_journals_keep_it(
+        tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    sims = {"a": SimServer("binance", rate_msgs_s=100, live=True, venue=GenBinanceVenue(5)),
+            "b": SimServer("okx", rate_msgs_s=100, live=True, venue=GenOkxVenue(5))}
+    for s in sims.values():
+        await s.start()
+    feeds = [feed(sims["a"], "a", ["ZILUSDT", "DENTUSDT"], ["trades"], trade_stream="aggTrade"),
+             feed(sims["b"], "b", ["BTC-USDT", "UNI-USD-SWAP"], ["trades"])]
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(config_text(root, feeds).replace("flush_interval_s = 0.3",
+                                                    "flush_interval_s = 30"))
+    try:
+        sup = await Supervisor.spawn(cfg)
+        h = await health_when(sup, all_streaming({"a", "b"}, 20), 60, "both feeds")
+        pids = [w["pid"] for w in h["workers"].values()]
+        # Trades cannot be committed (a file sits where the table directory goes): the
+        # drain keeps retrying until a second signal ends it.
+        (root / "trades").write_text("in the way")
+        sup.proc.send_signal(signal.SIGTERM)
+        await sup.wait_log("shutdown_requested", reason="SIGTERM")
+        sup.proc.send_signal(signal.SIGTERM)
+        t0 = asyncio.get_running_loop().time()
+        assert await sup.finish() == 130
+        assert asyncio.get_running_loop().time() - t0 < 5.0
+        assert not any(alive(p) for p in pids)
+        assert len(sup.events("forced_exit")) == 3        # the supervisor and both workers
+        assert not list(root.glob("trades/**/*.parquet"))
+        # Fixed disk, a new start: the workers' journals are replayed into Parquet.
+        (root / "trades").unlink()
+        sup2 = await Supervisor.spawn(cfg)
+        await health_when(sup2, all_streaming({"a", "b"}, 1), 60, "both feeds again")
+        recovered = sup2.events("recovered_from_journal")
+        assert sum(e["journals"] for e in recovered) == 2
+        assert sum(e["rows_committed"] for e in recovered) >= 40
+        sup2.proc.send_signal(signal.SIGTERM)
+        assert await sup2.finish() == 0
+    finally:
+        for s in sims.values():
+            await s.stop()
+    trades = unique_trades(root)
+    assert {"ZILUSDT", "BTC-USDT"} <= set(trades["symbol"].unique())
