@@ -332,6 +332,12 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
         assert any("storage.root" in p for p in rejected["problems"])
         assert set((await sup.health())["feeds"]) == {"a", "b", "c", "d"}
         pids = [w["pid"] for w in h["workers"].values()]
+        # `ingestd status` renders the supervisor's /health, workers included.
+        status = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "ingestd", "status", "--url",
+            f"http://127.0.0.1:{await sup.port()}/health"], capture_output=True, text=True)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "status: ok" in status.stdout and "worker 1: running" in status.stdout
 
         # SIGTERM: every worker drains, the supervisor exits 0.
         sup.proc.send_signal(signal.SIGTERM)

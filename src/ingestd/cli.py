@@ -226,6 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         feeds = ", ".join(f"{f.name} ({f.exchange}: {len(f.symbols)} symbols)"
                           for f in cfg.feeds)
         print(f"{args.config}: OK - {len(cfg.feeds)} feed(s): {feeds}")
+        from ingestd.assign import assignment_of, wants_supervisor
+
+        if wants_supervisor(cfg):
+            for i, names in enumerate(assignment_of(cfg)):
+                print(f"  worker {i}: {', '.join(names) or '(idle)'}")
         return EX_OK
 
     if command == "status":

@@ -45,6 +45,10 @@ def render(body: dict[str, Any]) -> str:
                  f"last commit {_age(w.get('last_commit_age_s'))} ago")
     if w.get("last_error"):
         lines.append(f"writer error: {w['last_error']}")
+    for index, wk in sorted(body.get("workers", {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"worker {index}: {wk.get('state')} (pid {wk.get('pid')}, restarts "
+                     f"{wk.get('restarts')}, last exit {wk.get('last_exit') or '-'}): "
+                     f"{', '.join(wk.get('feeds', []))}")
     j = body.get("journal")
     if j:
         lines.append(f"journal: {'ok' if j['healthy'] else 'FAILING'}; last fsync "
