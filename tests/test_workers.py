@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -364,6 +365,11 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
     assert connected.filter(pl.col("feed") == "b").height >= 2   # before and after the kill
     assert read_table(root, "book").height > 0
     assert not list((root / ".journal").iterdir())               # everything committed
+    # Both processes that ran feed "b" took their connection slots from the shared
+    # per-venue limiter file (OKX: 3 per second), not from a limiter of their own.
+    body = (root / ".limits" / "okx.slots").read_bytes()
+    slots = struct.unpack_from("<3d", body, 32)
+    assert sum(1 for t in slots if t != float("-inf")) == min(3, sims["b"].connections) >= 2
     # sd_notify came from the supervisor only: READY once every worker was ready, the
     # watchdog while all were alive, STOPPING at the end.
     ready = [m for m in messages if "READY=1" in m and "MAINPID=" in m]
