@@ -25,13 +25,13 @@ import polars as pl
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingestd.assign import assign, feed_weight
+from ingestd.assign import assign, feed_weight, wants_supervisor, worker_count
 from ingestd.config import FeedConfig
 from ingestd.health_proxy import Fetched, WorkerView, merge_health
 from ingestd.ratelimit_shared import SharedConnectLimiter, reset_limits
 from ingestd.sim import SimServer
 from ingestd.sim.generate import GenBinanceVenue, GenBybitVenue, GenOkxVenue
-from tests.support import read_table
+from tests.support import make_config, read_table
 
 
 # ---- the assignment --------------------------------------------------------------------
@@ -65,6 +65,18 @@ def test_more_workers_than_feeds_leaves_some_idle_and_one_worker_takes_all() -> 
     feeds = [_feed("a"), _feed("b")]
     assert sorted(n for s in assign(feeds, 5) for n in s) == ["a", "b"]
     assert assign(feeds, 1) == [["a", "b"]]
+
+
+def test_auto_is_one_worker_per_usable_cpu_and_never_more_than_feeds(tmp_path: Path) -> None:
+    feeds = [{"name": f"f{i}", "exchange": "binance", "symbols": ["BTCUSDT"],
+              "channels": ["trades"]} for i in range(64)]
+    auto = make_config(tmp_path, feeds, service={"workers": "auto"})
+    assert worker_count(auto) == min(64, len(os.sched_getaffinity(0)))
+    assert wants_supervisor(auto) == (len(os.sched_getaffinity(0)) > 1)
+    few = make_config(tmp_path, feeds[:3], service={"workers": 8})
+    assert worker_count(few) == 3 and wants_supervisor(few)
+    one = make_config(tmp_path, feeds, service={"workers": 1})
+    assert worker_count(one) == 1 and not wants_supervisor(one)
 
 
 # ---- the cross-process connection limiter ----------------------------------------------
