@@ -51,7 +51,7 @@ from ingestd.config import Config, ConfigError
 from ingestd.health_proxy import Fetched, ProxyServer, WorkerClient, WorkerView
 from ingestd.notify import Notifier
 from ingestd.ratelimit_shared import reset_limits
-from ingestd.worker import PLAN_VERSION, Plan, plan_path, write_plan
+from ingestd.worker import PLAN_VERSION, Plan, plan_path, remove_stale_plans, write_plan
 
 log = structlog.get_logger("ingestd.supervisor")
 
@@ -135,7 +135,7 @@ class Supervisor:
         self.clock = clock
         self.python = python or sys.executable
         self.local_dir = Path(cfg.storage.local_path)
-        self.plan_file = plan_path(self.local_dir)
+        self.plan_file = plan_path(self.local_dir, os.getpid())
         self.generation = 0
         self.workers: dict[int, Worker] = {}
         self.state = "starting"
@@ -477,6 +477,7 @@ class Supervisor:
         if install_signals:
             self._install_signals()
         await asyncio.to_thread(reset_limits, self.local_dir)
+        await asyncio.to_thread(remove_stale_plans, self.local_dir)
         n = worker_count(self.cfg)
         target = assign(self.cfg.feeds, n)
         await self._write_plan(self.cfg, target)
@@ -507,6 +508,8 @@ class Supervisor:
             await self._proxy.stop()
         if install_signals:
             self._remove_signals()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.plan_file.unlink, missing_ok=True)
         log.info("stopped", exit_code=self.exit_code,
                  workers={str(w.index): w.last_exit for w in self.workers.values()})
         return self.exit_code

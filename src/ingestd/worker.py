@@ -1,14 +1,15 @@
 """One worker process of a supervisor (`[service] workers > 1`): the daemon over a share of
 the feeds.
 
-Owns: the plan file `<local_dir>/.workers/plan.json` that the supervisor writes (the
-validated config and the feed names of each worker index; `write_plan`/`read_plan`), and
-the worker's run: `run_worker` builds a `WorkerDaemon` - the ordinary `Daemon` over this
-index's feeds, its health server on a private loopback port (reported to the supervisor
-through the inherited pipe `--worker-port-fd`), no sd_notify of its own, the per-venue
-connection limiters shared by every worker of the host (ratelimit_shared.py) - and runs it
-until it ends. A SIGHUP reloads from the plan, never from the config file: the supervisor
-validates the file, writes the plan, then signals the workers whose share changed.
+Owns: the plan file `<local_dir>/.workers/plan-<supervisor pid>.json` that the
+supervisor writes (the validated config and the feed names of each worker index;
+`write_plan`/`read_plan`), and the worker's run: `run_worker` builds a `WorkerDaemon` -
+the ordinary `Daemon` over this index's feeds, its health server on a private loopback
+port (reported to the supervisor through the inherited pipe `--worker-port-fd`), no
+sd_notify of its own, the per-venue connection limiters shared by every worker of the
+host (ratelimit_shared.py) - and runs it until it ends. A SIGHUP reloads from the plan,
+never from the config file: the supervisor validates the file, writes the plan, then
+signals the workers whose share changed.
 
 Dying with the supervisor: the supervisor sets `prctl(PR_SET_PDEATHSIG, SIGKILL)` in the
 child right after fork (`set_pdeathsig`); the worker sets it again at start (harmless) and
@@ -53,7 +54,6 @@ from ingestd.sink.state import load_feed_state, save_feed_states
 log = structlog.get_logger("ingestd.worker")
 
 WORKERS_DIR = ".workers"
-PLAN_FILE = "plan.json"
 PLAN_VERSION = 1
 PARENT_CHECK_S = 0.5
 PR_SET_PDEATHSIG = 1
@@ -68,8 +68,34 @@ class Plan(msgspec.Struct, frozen=True):
     assignment: list[list[str]]
 
 
-def plan_path(local_dir: Path) -> Path:
-    return local_dir / WORKERS_DIR / PLAN_FILE
+def plan_path(local_dir: Path, supervisor_pid: int) -> Path:
+    """The plan of one supervisor (its pid in the name: two supervisors given one
+    local_dir by mistake never read each other's plans)."""
+    return local_dir / WORKERS_DIR / f"plan-{supervisor_pid}.json"
+
+
+def remove_stale_plans(local_dir: Path) -> int:
+    """Delete the plans of supervisors that are gone (blocking); how many."""
+    d = local_dir / WORKERS_DIR
+    if not d.is_dir():
+        return 0
+    removed = 0
+    for p in d.glob("plan-*.json"):
+        pid = p.stem.removeprefix("plan-")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_plan(path: Path, plan: Plan) -> None:
@@ -240,12 +266,6 @@ async def run_worker(config_path: str, index: int, workers: int, plan_file: Path
                 close()
 
 
-def plan_summary(plan: Plan) -> dict[str, Any]:
-    """A log-friendly view of a plan (feed names per worker)."""
-    return {"generation": plan.generation,
-            "assignment": {str(i): names for i, names in enumerate(plan.assignment)}}
-
-
-__all__ = ["PLAN_VERSION", "Plan", "WorkerDaemon", "plan_path", "plan_summary",
-           "read_plan", "run_worker", "set_pdeathsig", "share_of", "whole_line_stdout",
+__all__ = ["PLAN_VERSION", "Plan", "WorkerDaemon", "plan_path", "read_plan",
+           "remove_stale_plans", "run_worker", "set_pdeathsig", "share_of", "whole_line_stdout",
            "write_plan"]
