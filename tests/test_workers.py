@@ -17,7 +17,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +175,15 @@ class Supervisor:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def spawn(cls, cfg: Path, env: dict[str, str] | None = None) -> Supervisor:
+    async def spawn(cls, cfg: Path, spawned: list[Supervisor],
+                    env: dict[str, str] | None = None) -> Supervisor:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ingestd", "--config", str(cfg),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        return cls(proc)
+        sup = cls(proc)
+        spawned.append(sup)
+        return sup
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -210,6 +213,18 @@ class Supervisor:
         code = await asyncio.wait_for(self.proc.wait(), timeout_s)
         await self._reader
         return code
+
+
+@pytest.fixture
+async def spawned() -> AsyncIterator[list[Supervisor]]:
+    """Every supervisor a test starts; one still running when the test ends (it failed)
+    is killed -9, and its workers die with it (PR_SET_PDEATHSIG)."""
+    sups: list[Supervisor] = []
+    yield sups
+    for sup in sups:
+        if sup.proc.returncode is None:
+            sup.proc.kill()
+            await sup.proc.wait()
 
 
 async def until(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -259,7 +274,8 @@ def unique_trades(root: Path) -> pl.DataFrame:
     return trades
 
 
-async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> None:
+async def test_workers_share_feeds_restart_reload_and_drain(
+        tmp_path: Path, spawned: list[Supervisor]) -> None:
     root = tmp_path / "data"
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -285,8 +301,8 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
              feed(sims["c"], "c", ["BTCUSDT", "ETHUSDT"], ["trades"])]
     cfg = tmp_path / "feeds.toml"
     cfg.write_text(config_text(root, feeds))
-    sup = await Supervisor.spawn(cfg, {"NOTIFY_SOCKET": str(notify_path),
-                                       "WATCHDOG_USEC": "1000000"})
+    sup = await Supervisor.spawn(cfg, spawned, {"NOTIFY_SOCKET": str(notify_path),
+                                                "WATCHDOG_USEC": "1000000"})
     try:
         h = await health_when(sup, all_streaming({"a", "b", "c"}, 5), 60, "every feed")
         workers = h["workers"]
@@ -359,9 +375,6 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
         assert len(sup.events("stopped")) == 3           # two workers and the supervisor
         assert sup.garbled == []                          # one whole JSON object per line
     finally:
-        if sup.proc.returncode is None:
-            sup.proc.kill()
-            await sup.proc.wait()
         for s in sims.values():
             await s.stop()
         collector.cancel()
@@ -394,7 +407,7 @@ async def test_workers_share_feeds_restart_reload_and_drain(tmp_path: Path) -> N
 
 
 async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
-        tmp_path: Path) -> None:
+        tmp_path: Path, spawned: list[Supervisor]) -> None:
     root = tmp_path / "data"
     sims = {"a": SimServer("binance", rate_msgs_s=100, live=True, venue=GenBinanceVenue(3)),
             "b": SimServer("okx", rate_msgs_s=100, live=True, venue=GenOkxVenue(3))}
@@ -406,7 +419,7 @@ async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
     cfg = tmp_path / "feeds.toml"
     cfg.write_text(config_text(root, feeds))
     try:
-        sup = await Supervisor.spawn(cfg)
+        sup = await Supervisor.spawn(cfg, spawned)
         h = await health_when(sup, all_streaming({"a", "b"}, 20), 60, "both feeds")
         pids = [w["pid"] for w in h["workers"].values()]
         assert len(pids) == 2 and all(alive(p) for p in pids)
@@ -419,7 +432,7 @@ async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
         journals = list((root / ".journal").iterdir())
         assert len(journals) == 2                         # one per killed worker
         # A new supervisor: its workers adopt the dead journals (each exactly once).
-        sup2 = await Supervisor.spawn(cfg)
+        sup2 = await Supervisor.spawn(cfg, spawned)
         await health_when(sup2, all_streaming({"a", "b"}, 3), 60, "both feeds again")
         recovered = sup2.events("journal_recovered")
         assert sorted(e["journal"] for e in recovered) == sorted(j.name for j in journals)
@@ -434,7 +447,7 @@ async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
 
 
 async def test_sighup_changing_the_worker_count_moves_feeds_without_overlap(
-        tmp_path: Path) -> None:
+        tmp_path: Path, spawned: list[Supervisor]) -> None:
     root = tmp_path / "data"
     sims = {"a": SimServer("binance", rate_msgs_s=60, live=True, venue=GenBinanceVenue(4)),
             "b": SimServer("okx", rate_msgs_s=60, live=True, venue=GenOkxVenue(4)),
@@ -448,7 +461,7 @@ async def test_sighup_changing_the_worker_count_moves_feeds_without_overlap(
     cfg = tmp_path / "feeds.toml"
     cfg.write_text(config_text(root, feeds, workers=2))
     try:
-        sup = await Supervisor.spawn(cfg)
+        sup = await Supervisor.spawn(cfg, spawned)
         before = await health_when(sup, all_streaming({"a", "b", "c"}, 3), 60, "three feeds")
         # 2 -> 3 workers: feeds move (to the new worker, or between the others) only
         # after the worker that loses them has stopped them.
@@ -484,7 +497,7 @@ async def test_sighup_changing_the_worker_count_moves_feeds_without_overlap(
 
 
 async def test_second_signal_forces_every_worker_out_and_the_journals_keep_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, spawned: list[Supervisor]) -> None:
     root = tmp_path / "data"
     sims = {"a": SimServer("binance", rate_msgs_s=100, live=True, venue=GenBinanceVenue(5)),
             "b": SimServer("okx", rate_msgs_s=100, live=True, venue=GenOkxVenue(5))}
@@ -496,7 +509,7 @@ async def test_second_signal_forces_every_worker_out_and_the_journals_keep_it(
     cfg.write_text(config_text(root, feeds).replace("flush_interval_s = 0.3",
                                                     "flush_interval_s = 30"))
     try:
-        sup = await Supervisor.spawn(cfg)
+        sup = await Supervisor.spawn(cfg, spawned)
         h = await health_when(sup, all_streaming({"a", "b"}, 20), 60, "both feeds")
         pids = [w["pid"] for w in h["workers"].values()]
         # Trades cannot be committed (a file sits where the table directory goes): the
@@ -513,7 +526,7 @@ async def test_second_signal_forces_every_worker_out_and_the_journals_keep_it(
         assert not list(root.glob("trades/**/*.parquet"))
         # Fixed disk, a new start: the workers' journals are replayed into Parquet.
         (root / "trades").unlink()
-        sup2 = await Supervisor.spawn(cfg)
+        sup2 = await Supervisor.spawn(cfg, spawned)
         await health_when(sup2, all_streaming({"a", "b"}, 1), 60, "both feeds again")
         recovered = sup2.events("recovered_from_journal")
         assert sum(e["journals"] for e in recovered) == 2

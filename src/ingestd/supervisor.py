@@ -180,9 +180,11 @@ class Supervisor:
     # ---- signals ---------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
-            log.info("shutdown_requested", reason=reason)
+            # State first, log second: a log write that fails (stdout gone) must not
+            # keep the supervisor from stopping.
             self.state = "stopping"
             self._stop.set()
+            log.info("shutdown_requested", reason=reason)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
