@@ -258,22 +258,28 @@ class Supervisor:
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(rfd, "rb", 0))
-        try:
-            line = await asyncio.wait_for(reader.readline(), START_TIMEOUT_S)
-        except TimeoutError:
-            line = b""
-            log.error("worker_start_slow", worker=w.index, pid=w.proc.pid,
-                      timeout_s=START_TIMEOUT_S, detail="starting the next worker anyway")
-        finally:
+        proc = w.proc
+        read = asyncio.ensure_future(reader.readline())
+
+        def served(task: asyncio.Future[bytes]) -> None:
             transport.close()
-        if line.strip().isdigit() and w.alive:
-            w.port = int(line)
-            w.state = "running"
-            log.info("worker_serving", worker=w.index, pid=w.proc.pid, port=w.port)
-            if w.generation != self.generation:
-                # A reload wrote a newer plan while it started: make it read that one.
-                w.proc.send_signal(signal.SIGHUP)
-                w.generation = self.generation
+            line = b"" if task.cancelled() or task.exception() else task.result()
+            if line.strip().isdigit() and w.proc is proc and proc.returncode is None:
+                w.port = int(line)
+                w.state = "running" if w.state == "starting" else w.state
+                log.info("worker_serving", worker=w.index, pid=proc.pid, port=w.port)
+                if w.generation != self.generation and w.state == "running":
+                    # A reload wrote a newer plan while it started: make it read that one.
+                    proc.send_signal(signal.SIGHUP)
+                    w.generation = self.generation
+
+        read.add_done_callback(served)
+        done, _ = await asyncio.wait({read}, timeout=START_TIMEOUT_S)
+        if not done:
+            # Its port is taken whenever it comes (the read goes on); the next worker
+            # starts meanwhile.
+            log.error("worker_start_slow", worker=w.index, pid=proc.pid,
+                      timeout_s=START_TIMEOUT_S, detail="starting the next worker anyway")
 
     async def _keep(self, w: Worker) -> None:
         """Run worker `w` until shutdown or retirement, restarting it when it dies."""
