@@ -179,7 +179,8 @@ class Daemon:
             state=self.state, now_mono=self.clock.monotonic(), loop_lag_s=self.loop_lag_s,
             loop_lag_max_s=self.loop_lag_max_s, feeds=self.feed_stats.values(),
             queue=self.queue_stats, writer=self.writer_stats,
-            journal=None if self.journal is None else self.journal.stats)
+            journal=None if self.journal is None else self.journal.stats,
+            store=self.publisher.store_stats)
 
     # ---- control ---------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:

@@ -1,8 +1,9 @@
 """Health, readiness, liveness and metrics over HTTP (GET only), bound to `[health] listen`.
 
 Owns: the endpoint shapes and status codes of the contract -
-  /health   JSON status of every feed, the queue and the writer; 200 when every feed is
-            streaming and the writer is committing, 503 otherwise
+  /health   JSON status of every feed, the queue, the writer and (object-store root) the
+            store; 200 when every feed is streaming, the writer is committing and the
+            store is reachable, 503 otherwise
   /livez    200 while the event loop and the writer make progress
   /readyz   200 once started and not stopping
   /metrics  Prometheus text format
@@ -81,10 +82,26 @@ def health_snapshot(src: SnapshotLike) -> tuple[int, dict[str, Any]]:
             "segments_deleted": js.segments_deleted,
         }
         writer_ok = writer_ok and js.healthy
+    store: dict[str, Any] | None = None
+    store_ok = True
+    if snap.store is not None:
+        ss = snap.store
+        store = {
+            "url": ss.url,
+            "state": ss.state,
+            "last_error": ss.last_error,
+            "files_waiting": ss.files_waiting,
+            "bytes_waiting": ss.bytes_waiting,
+            "files_uploaded": ss.files_uploaded,
+            "upload_failures": ss.upload_failures,
+            "last_upload_age_s": _round(ss.last_upload_age_s),
+        }
+        # Rows still commit locally, but nothing reaches the root: degraded.
+        store_ok = ss.state != "unreachable"
     if snap.state in ("starting", "stopping"):
         status = snap.state
     else:
-        status = "ok" if all_streaming and writer_ok else "degraded"
+        status = "ok" if all_streaming and writer_ok and store_ok else "degraded"
     q = snap.queue
     body = {
         "status": status,
@@ -97,6 +114,7 @@ def health_snapshot(src: SnapshotLike) -> tuple[int, dict[str, Any]]:
                    "last_commit_age_s": _round(w.last_commit_age_s),
                    "last_error": w.last_error},
         "journal": journal,
+        "store": store,
         "event_loop_lag_s": round(snap.loop_lag_s, 6),
     }
     return (200 if status == "ok" else 503), body

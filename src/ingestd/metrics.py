@@ -1,7 +1,7 @@
 """Prometheus exposition of ingestd's counters (prometheus_client, custom collector).
 
 Owns: the `ingestd_*` metric families, built at scrape time from one frozen
-`DaemonSnapshot` (feeds, queue, writer, journal, event loop) taken from the snapshot
+`DaemonSnapshot` (feeds, queue, writer, journal, object store, event loop) taken from the snapshot
 source the daemon hands over, so the hot path only bumps plain integers.
 
 Must not: keep state of its own, import the daemon, or be called per message.
@@ -168,6 +168,31 @@ class SnapshotCollector(Collector):
             yield CounterMetricFamily("ingestd_raw_deleted",
                                       "kept raw segments deleted by age or size cap",
                                       value=js.raw_deleted)
+
+        ss = snap.store
+        if ss is not None:
+            yield GaugeMetricFamily("ingestd_store_up",
+                                    "1 unless the object store is unreachable (uploads fail)",
+                                    value=0.0 if ss.state == "unreachable" else 1.0)
+            yield GaugeMetricFamily("ingestd_store_files_waiting",
+                                    "committed files waiting in the local outbox for upload",
+                                    value=ss.files_waiting)
+            yield GaugeMetricFamily("ingestd_store_bytes_waiting",
+                                    "bytes waiting in the local outbox for upload",
+                                    value=ss.bytes_waiting)
+            yield CounterMetricFamily("ingestd_store_files_uploaded",
+                                      "files uploaded to the object store",
+                                      value=ss.files_uploaded)
+            yield CounterMetricFamily("ingestd_store_uploaded_bytes",
+                                      "bytes uploaded to the object store",
+                                      value=ss.bytes_uploaded)
+            yield CounterMetricFamily("ingestd_store_upload_failures",
+                                      "failed upload attempts (each retried with backoff)",
+                                      value=ss.upload_failures)
+            if ss.last_upload_age_s is not None:
+                yield GaugeMetricFamily("ingestd_store_last_upload_age_seconds",
+                                        "seconds since the last successful upload",
+                                        value=max(0.0, ss.last_upload_age_s))
 
 
 def _le(bound: float) -> str:

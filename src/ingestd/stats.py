@@ -90,7 +90,6 @@ class StoreStats:
     bytes_uploaded: int = 0
     upload_failures: int = 0              # failed upload attempts (each retried)
     last_upload_mono: float | None = None
-    oldest_waiting_age_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -186,6 +185,18 @@ class JournalSnapshot(msgspec.Struct, frozen=True):
     raw_deleted: int                    # kept raw segments deleted by age or size cap
 
 
+class StoreSnapshot(msgspec.Struct, frozen=True):
+    url: str
+    state: str                          # ok | unreachable | starting
+    last_error: str | None
+    files_waiting: int
+    bytes_waiting: int
+    files_uploaded: int
+    bytes_uploaded: int
+    upload_failures: int
+    last_upload_age_s: float | None     # None: nothing uploaded yet
+
+
 class DaemonSnapshot(msgspec.Struct, frozen=True):
     state: str                          # starting | ok | stopping
     loop_lag_s: float
@@ -194,6 +205,7 @@ class DaemonSnapshot(msgspec.Struct, frozen=True):
     queue: QueueSnapshot
     writer: WriterSnapshot
     journal: JournalSnapshot | None     # None: journal disabled
+    store: StoreSnapshot | None = None  # None: the root is local
 
 
 SnapshotSource = Callable[[], DaemonSnapshot]
@@ -266,7 +278,8 @@ def journal_snapshot(st: JournalStatsLike, now_mono: float) -> JournalSnapshot:
 
 def daemon_snapshot(*, state: str, now_mono: float, loop_lag_s: float, loop_lag_max_s: float,
                     feeds: Iterable[FeedStats], queue: QueueStats, writer: WriterStats,
-                    journal: JournalStatsLike | None) -> DaemonSnapshot:
+                    journal: JournalStatsLike | None,
+                    store: StoreStats | None = None) -> DaemonSnapshot:
     """Copy the live counters into one frozen snapshot; every age is `now_mono` minus
     the counter's monotonic timestamp."""
     return DaemonSnapshot(
@@ -274,4 +287,14 @@ def daemon_snapshot(*, state: str, now_mono: float, loop_lag_s: float, loop_lag_
         feeds=tuple(sorted((feed_snapshot(f, now_mono) for f in feeds),
                            key=lambda f: f.name)),
         queue=queue_snapshot(queue), writer=writer_snapshot(writer, now_mono),
-        journal=None if journal is None else journal_snapshot(journal, now_mono))
+        journal=None if journal is None else journal_snapshot(journal, now_mono),
+        store=None if store is None else store_snapshot(store, now_mono))
+
+
+def store_snapshot(st: StoreStats, now_mono: float) -> StoreSnapshot:
+    return StoreSnapshot(
+        url=st.url, state=st.state, last_error=st.last_error,
+        files_waiting=st.files_waiting, bytes_waiting=st.bytes_waiting,
+        files_uploaded=st.files_uploaded, bytes_uploaded=st.bytes_uploaded,
+        upload_failures=st.upload_failures,
+        last_upload_age_s=_age(now_mono, st.last_upload_mono))

@@ -152,7 +152,7 @@ def unique_name(batch: Batch) -> str:
 def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
            metadata: dict[str, str] | None = None, *,
            fsync_dir: Callable[[Path], None] = fsutil.fsync_dir,
-           unit: str = "ns") -> Committed:
+           unit: str = "ns", suffix: str = "") -> Committed:
     """Write `batch` as one Parquet file and atomically publish it. `staging` is this
     process's own directory under `<root>/.staging/` (see `Staging`); `fsync_dir` is the
     directory sync step (injectable, e.g. to produce a failing one).
@@ -161,7 +161,8 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     visible but the directory sync after the rename failed: the caller must not commit
     the rows again, only retry `fsync_dir(committed.path.parent)`. Raises any other
     OSError when nothing became visible (the staging file is removed). `unit` is the
-    timestamp unit of the columns (`storage.effective_unit`)."""
+    timestamp unit of the columns (`storage.effective_unit`); `suffix` is appended to the
+    published name (an object store's outbox marks its files `.pending`)."""
     table = batch_table(batch, unit)
     extra = dict(metadata or {})
     if batch.coverage:
@@ -183,7 +184,7 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
             size = f.tell()
         final_dir = partition_dir(root, batch.table, batch.exchange, batch.date)
         _ensure_dir(final_dir, root, fsync_dir)
-        final = final_dir / name
+        final = final_dir / (name + suffix)
         os.rename(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -71,7 +71,8 @@ class CoverageLookup(Protocol):
 class Publisher(Protocol):
     """See the module docstring for the contract of each member."""
 
-    unit: str
+    @property
+    def unit(self) -> str: ...
 
     @property
     def staging_dir(self) -> Path: ...
@@ -161,8 +162,9 @@ def make_publisher(storage: StorageConfig, local_dir: Path, instance: str) -> Pu
         publisher: Publisher = delta.DeltaPublisher(storage, local_dir, instance)
         return publisher
     if storage.is_remote:
-        raise ValueError(f"storage.root: {storage.root!r}: object-store roots are not "
-                         "built yet")
+        from ingestd.sink.objstore import ObjectStoreParquetPublisher
+
+        return ObjectStoreParquetPublisher(storage, local_dir, instance)
     return LocalParquetPublisher(Path(storage.root.removeprefix("file://")),
                                  compression=storage.compression, unit=unit,
                                  local_dir=local_dir)

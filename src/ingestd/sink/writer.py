@@ -520,7 +520,8 @@ class Writer:
                 break
             await asyncio.sleep(self._retry_delay_s)
         self._executor.shutdown(wait=False)  # nothing is pending any more
-        self.publisher.close()
+        # Blocking (an object store's uploader gets a short budget to empty its outbox).
+        await asyncio.to_thread(self.publisher.close)
         if self.trace is not None:
             self.trace.dump()
 
