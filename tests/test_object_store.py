@@ -414,6 +414,9 @@ async def test_kill_9_mid_upload_then_restart_no_duplicate_nothing_lost(
     assert proc2.returncode == 0, b"".join(logs2.text[-30:]).decode()
     recovered = [e for e in logs2.lines if e["event"] == "recovered_from_journal"]
     assert len(recovered) == 1 and recovered[0]["journals"] == 1
+    # Recovery found rows of the journal already committed (uploaded or in the outbox)
+    # and skipped them.
+    assert recovered[0]["rows_already_committed"] > 0
     trades = read_s3_table(fs, bucket, "trades")
     ids = list(zip(trades["symbol"], trades["trade_id"], strict=True))
     assert len(ids) == len(set(ids)), "a trade is stored twice"
@@ -449,3 +452,28 @@ channels = ["trades"]
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 78, r.stdout + r.stderr
     assert "storage.local_dir" in r.stdout + r.stderr
+
+
+def test_an_http_endpoint_without_allow_http_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(f"""
+[storage]
+root = "s3://bucket/prefix"
+local_dir = "{tmp_path / 'local'}"
+
+[storage.options]
+endpoint_url = "http://127.0.0.1:9"
+
+[health]
+listen = "127.0.0.1:0"
+
+[[feeds]]
+name = "spot"
+exchange = "binance"
+symbols = ["BTCUSDT"]
+channels = ["trades"]
+""")
+    r = subprocess.run([sys.executable, "-m", "ingestd", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert "allow_http" in r.stderr and "Traceback" not in r.stderr

@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HealthBindError as e:
         print(f"ingestd: {args.config}: {e}", file=sys.stderr)
         return EX_FATAL
+    except UnusableRoot as e:  # the storage the daemon builds (e.g. the store's client)
+        print(f"ingestd: {args.config}: {e}", file=sys.stderr)
+        return EX_CONFIG
     except KeyboardInterrupt:  # pragma: no cover - signals are handled in the loop
         return EX_FATAL
 

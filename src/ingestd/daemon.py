@@ -142,7 +142,10 @@ class Daemon:
                                    keep_raw_max_bytes=jc.keep_raw_max_bytes,
                                    max_pending_bytes=jc.max_pending_bytes)
         self.instance = self.journal.instance if self.journal else uuid.uuid4().hex
-        self.publisher = make_publisher(cfg.storage, self.local_dir, self.instance)
+        try:
+            self.publisher = make_publisher(cfg.storage, self.local_dir, self.instance)
+        except ValueError as e:  # e.g. an http endpoint without allow_http
+            raise UnusableRoot(str(e)) from None
         self.writer = Writer(self.local_dir, self.queue,
                              flush_interval_s=cfg.storage.flush_interval_s,
                              flush_max_rows=cfg.storage.flush_max_rows,
