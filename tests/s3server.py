@@ -19,6 +19,7 @@ S3FileSystem for reading back.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import json
@@ -68,6 +69,13 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+# PR_SET_PDEATHSIG fires when the THREAD that forked the child ends, not the process:
+# every `weed` is started from this one thread, which lives as long as the process (a
+# test may start the server from a short-lived worker thread, e.g. asyncio.to_thread).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="s3server-spawner")
 
 
 def _die_with_parent() -> None:
@@ -149,9 +157,10 @@ class S3Server:
             return
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child's lifetime
         try:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                         preexec_fn=_die_with_parent)
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, self.args, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.workdir,
+                preexec_fn=_die_with_parent).result()
         finally:
             log.close()
         self.starts += 1

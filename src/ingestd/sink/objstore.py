@@ -46,6 +46,7 @@ before its object and its index line exist.
 
 from __future__ import annotations
 
+import heapq
 import os
 import random
 import shutil
@@ -88,6 +89,7 @@ PENDING_SUFFIX = ".pending"
 UPLOAD_RETRY_MIN_S = 0.5
 UPLOAD_RETRY_MAX_S = 30.0
 PRUNE_INTERVAL_S = 300.0
+UPLOADERS = 4
 # On a clean shutdown, the uploader gets this long to empty the outbox (if the store is
 # up); what is left is uploaded at the next start.
 CLOSE_UPLOAD_S = 2.0
@@ -228,14 +230,39 @@ class Outbox:
         fsutil.fsync_dir(self.path)
 
 
-def oldest_journal_ns(local_dir: Path, cache: dict[Path, int]) -> int | None:
+def _first_ts(segment: Path, scratch: Path) -> int | None:
+    """The earliest receive time among a segment's first records (None: none timed yet).
+    Reads a growing head of the file (a segment starts with every codec's checkpoint,
+    which may be large) into `scratch`, never the whole segment at once unless needed;
+    a head cut mid-record reads as a torn tail."""
+    size = segment.stat().st_size
+    for head in (1 << 20, 32 << 20, size):
+        n = min(head, size)
+        with open(segment, "rb") as f:
+            data = f.read(n)
+        scratch.write_bytes(data)
+        try:
+            records, _end, _torn = read_segment(scratch)
+        finally:
+            scratch.unlink(missing_ok=True)
+        stamps = [r.ts for r in records if r.ts]
+        if stamps:
+            return min(stamps)
+        if n >= size:
+            return None
+    return None
+
+
+def oldest_journal_ns(local_dir: Path, cache: dict[Path, int], scratch_dir: Path) -> int | None:
     """The receive time of the oldest record in any journal under `local_dir` (None: no
-    journal). Reads the oldest segment of each journal once (`cache`: segments are
-    append-only, their first records never change)."""
+    journal, or none has a timed record yet). Reads the head of each journal's oldest
+    segment once (`cache`: segments are append-only, their first records never change);
+    `scratch_dir` is where the head is copied to be read."""
     base = local_dir / JOURNAL_DIR
     if not base.is_dir():
         return None
     oldest: int | None = None
+    seen: set[Path] = set()
     for d in base.iterdir():
         if not d.is_dir():
             continue
@@ -243,17 +270,19 @@ def oldest_journal_ns(local_dir: Path, cache: dict[Path, int]) -> int | None:
         if not segments:
             continue
         first = segments[0]
+        seen.add(first)
         ts = cache.get(first)
         if ts is None:
             try:
-                records, _end, _torn = read_segment(first)
+                found = _first_ts(first, scratch_dir / f"head-{uuid.uuid4().hex}.tmp")
             except FileNotFoundError:
                 continue
-            stamps = [r.ts for r in records if r.ts]
-            if not stamps:
+            if found is None:
                 continue  # nothing timed yet (a new segment): nothing older in it
-            ts = cache[first] = min(stamps)
+            ts = cache[first] = found
         oldest = ts if oldest is None else min(oldest, ts)
+    for gone in set(cache) - seen:
+        del cache[gone]
     return oldest
 
 
@@ -310,6 +339,51 @@ class OutboxCoverage:
 # ---- the publisher ----------------------------------------------------------------------
 
 
+class Pending:
+    """The files waiting for upload, oldest name first (names start with their first
+    ts_recv), with the ones an uploader holds. Not thread-safe: used under the
+    publisher's lock."""
+
+    def __init__(self) -> None:
+        self.items: dict[Path, tuple[Outbox, int]] = {}   # file -> (its outbox, size)
+        self.bytes = 0
+        self._heap: list[tuple[str, Path]] = []
+        self._inflight: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, path: Path, box: Outbox, size: int) -> None:
+        if path in self.items:
+            return
+        self.items[path] = (box, size)
+        self.bytes += size
+        heapq.heappush(self._heap, (path.name, path))
+
+    def take(self) -> tuple[Path, Outbox] | None:
+        """The oldest file no uploader holds (now held), or None."""
+        while self._heap:
+            _, path = heapq.heappop(self._heap)
+            if path in self.items and path not in self._inflight:
+                self._inflight.add(path)
+                return path, self.items[path][0]
+        return None
+
+    def done(self, path: Path) -> None:
+        self._inflight.discard(path)
+        item = self.items.pop(path, None)
+        if item is not None:
+            self.bytes -= item[1]
+
+    def retry(self, path: Path) -> None:
+        self._inflight.discard(path)
+        if path in self.items:
+            heapq.heappush(self._heap, (path.name, path))
+
+    def holds(self, box: Outbox) -> bool:
+        return any(b is box for b, _ in self.items.values())
+
+
 class ObjectStoreParquetPublisher:
     """`format = "parquet"` on an object-store root (see the module docstring)."""
 
@@ -318,6 +392,7 @@ class ObjectStoreParquetPublisher:
                  retry_min_s: float = UPLOAD_RETRY_MIN_S,
                  retry_max_s: float = UPLOAD_RETRY_MAX_S,
                  close_upload_s: float = CLOSE_UPLOAD_S,
+                 uploaders: int | None = None,
                  fsync_dir: Callable[[Path], None] = fsutil.fsync_dir,
                  monotonic: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
@@ -326,6 +401,7 @@ class ObjectStoreParquetPublisher:
         self.instance = instance or uuid.uuid4().hex
         self.unit = storage.effective_unit
         self.compression = storage.compression
+        self.is_s3 = storage.root.partition("://")[0] in ("s3", "s3a")
         if filesystem is None:
             filesystem, path = open_store(storage)
             base_path = path if base_path is None else base_path
@@ -334,6 +410,10 @@ class ObjectStoreParquetPublisher:
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
         self.close_upload_s = close_upload_s
+        # Uploads at once: one PUT's latency (tens of ms on a cloud store) must not bound
+        # the files per second a writer commits.
+        self.uploaders = max(1, uploaders if uploaders is not None else int(
+            storage.options.get("upload_concurrency", UPLOADERS)))
         self.fsync_dir = fsync_dir
         self.monotonic = monotonic
         self.rng = rng or random.Random()
@@ -343,11 +423,13 @@ class ObjectStoreParquetPublisher:
         self.stats = StoreStats(url=storage.root)
         self._adopted: dict[Path, tuple[Outbox, int]] = {}   # dead outboxes we hold
         self._own_lock_fd: int | None = None
-        self._queue: dict[Path, tuple[Outbox, int]] = {}     # pending file -> (box, size)
+        self._pending = Pending()
         self._cond = threading.Condition()
+        # Serializes index appends and rewrites (a prune must never drop an append).
+        self._index_lock = threading.Lock()
         self._stop = False
         self._draining_until: float | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._journal_cache: dict[Path, int] = {}
         self._last_prune_mono = 0.0
 
@@ -362,7 +444,7 @@ class ObjectStoreParquetPublisher:
 
     def open(self) -> int:
         """Staging, our outbox (locked), dead processes' outboxes adopted, every pending
-        file queued, the index pruned, and the uploader started."""
+        file queued, the index pruned, and the uploaders started."""
         removed = self.staging.open()
         self.own.files.mkdir(parents=True, exist_ok=True)
         self._own_lock_fd = try_lock_dir(self.own.path)
@@ -378,37 +460,42 @@ class ObjectStoreParquetPublisher:
             for box in [self.own] + [b for b, _ in self._adopted.values()]:
                 for p in box.pending():
                     try:
-                        self._queue[p] = (box, p.stat().st_size)
+                        self._pending.add(p, box, p.stat().st_size)
                     except FileNotFoundError:
                         continue
             self._count_waiting()
         self._prune()
-        if self._queue:
+        if self._pending:
             log.info("outbox_pending", files=self.stats.files_waiting,
                      bytes=self.stats.bytes_waiting, adopted_outboxes=len(self._adopted))
-        self._thread = threading.Thread(target=self._run, name="ingestd-uploader",
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
+                                          name=f"ingestd-uploader-{i}")
+                         for i in range(self.uploaders)]
+        for t in self._threads:
+            t.start()
         return removed
 
     def close(self) -> None:
-        """Give the uploader `close_upload_s` to empty the outbox (when the store is up),
-        then stop it; what is left stays pending for the next start."""
-        thread = self._thread
-        if thread is None:
+        """Give the uploaders `close_upload_s` to empty the outbox (unless the store is
+        unreachable), then stop them; what is left stays pending for the next start."""
+        if not self._threads:
             return
         with self._cond:
             self._draining_until = self.monotonic() + (
                 0.0 if self.stats.state == "unreachable" else self.close_upload_s)
             self._cond.notify_all()
-        thread.join(self.close_upload_s + 1.0)
+        deadline = self.monotonic() + self.close_upload_s + 1.0
+        for t in self._threads:
+            t.join(max(0.0, deadline - self.monotonic()))
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        thread.join(10.0)   # an upload in flight; else it ends with the process
-        if thread.is_alive():
+        deadline = self.monotonic() + 10.0   # uploads in flight; else they end with us
+        for t in self._threads:
+            t.join(max(0.0, deadline - self.monotonic()))
+        if any(t.is_alive() for t in self._threads):
             log.warning("uploader_still_running", detail="an upload did not end in time")
-        self._thread = None
+        self._threads = []
         self.staging.close()
         for _box, fd in self._adopted.values():
             os.close(fd)
@@ -423,9 +510,8 @@ class ObjectStoreParquetPublisher:
         done = commit(self.own.files, self.staging.path, batch, self.compression,
                       fsync_dir=self.fsync_dir, unit=self.unit, suffix=PENDING_SUFFIX)
         with self._cond:
-            self._queue[done.path] = (self.own, done.bytes)
-            self.stats.files_waiting += 1
-            self.stats.bytes_waiting += done.bytes
+            self._pending.add(done.path, self.own, done.bytes)
+            self._count_waiting()
             self._cond.notify_all()
         return done
 
@@ -435,12 +521,12 @@ class ObjectStoreParquetPublisher:
     def coverage(self) -> CoverageLookup:
         return OutboxCoverage(self.outbox_base)
 
-    # ---- the uploader ---------------------------------------------------------------------
+    # ---- the uploaders --------------------------------------------------------------------
     def wait_uploaded(self, timeout_s: float) -> bool:
         """Block until nothing is pending (tests, tools); False on timeout."""
         deadline = self.monotonic() + timeout_s
         with self._cond:
-            while self._queue:
+            while self._pending:
                 left = deadline - self.monotonic()
                 if left <= 0:
                     return False
@@ -448,21 +534,21 @@ class ObjectStoreParquetPublisher:
         return True
 
     def _count_waiting(self) -> None:
-        self.stats.files_waiting = len(self._queue)
-        self.stats.bytes_waiting = sum(size for _, size in self._queue.values())
+        self.stats.files_waiting = len(self._pending)
+        self.stats.bytes_waiting = self._pending.bytes
 
     def _stopping(self) -> bool:
         """(Holding the lock.) Stop now, or the shutdown's upload budget is spent."""
         if self._stop:
             return True
         until = self._draining_until
-        return until is not None and (not self._queue or self.monotonic() >= until)
+        return until is not None and (not self._pending or self.monotonic() >= until)
 
     def _prune_due(self) -> bool:
         return self.monotonic() - self._last_prune_mono >= PRUNE_INTERVAL_S
 
     def _probe(self) -> None:
-        """One request at start, so the state says early whether the store answers."""
+        """One cheap request, so the state says whether the store answers."""
         try:
             self.fs.get_file_info(self.base_path or "/")
         except Exception as e:
@@ -474,50 +560,51 @@ class ObjectStoreParquetPublisher:
                          by="probe")
                 self.stats.state = "ok"
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
+        """One uploader. Number 0 also probes the store (at start, and while it is
+        unreachable with nothing to upload) and prunes the index."""
         delay_s = self.retry_min_s
-        self._probe()
+        if index == 0:
+            self._probe()
         while True:
-            if self._prune_due():
+            if index == 0 and self._prune_due():
                 self._prune()
             with self._cond:
-                while not self._queue and not self._stopping() and not self._prune_due() \
-                        and self.stats.state != "unreachable":
+                while True:
+                    if self._stopping():
+                        return
+                    item = self._pending.take()
+                    if item is not None:
+                        break
+                    if index == 0 and (self._prune_due() or (
+                            self.stats.state == "unreachable" and not self._pending)):
+                        break
                     self._cond.wait(1.0)
-                if self._stopping():
-                    return
-                if not self._queue and self.stats.state == "unreachable":
+                if item is None and self.stats.state == "unreachable" and not self._pending:
                     # Nothing to upload: probe again after the backoff, so the state
                     # turns back to ok when the store does.
-                    self._cond.wait_for(lambda: self._stopping() or bool(self._queue),
+                    self._cond.wait_for(lambda: self._stopping() or bool(self._pending),
                                         timeout=self.rng.uniform(0.0, delay_s))
-                    if not self._queue and not self._stopping():
-                        probe = True
-                    else:
-                        continue
-                elif not self._queue:
-                    continue  # time to prune
-                else:
-                    probe = False
-                    # The oldest pending file first (names start with their first ts_recv).
-                    path = min(self._queue, key=lambda p: p.name)
-                    box = self._queue[path][0]
-            if probe:
-                self._probe()
-                delay_s = self.retry_min_s if self.stats.state == "ok" \
-                    else min(self.retry_max_s, delay_s * 2)
+            if item is None:
+                if self.stats.state == "unreachable" and not self._pending:
+                    self._probe()
+                    delay_s = self.retry_min_s if self.stats.state == "ok" \
+                        else min(self.retry_max_s, delay_s * 2)
                 continue
+            path, box = item
             try:
                 self._upload(path, box)
             except FileNotFoundError:
                 # Uploaded by an earlier owner of this outbox meanwhile (adoption race):
                 # its index line exists.
                 with self._cond:
-                    self._queue.pop(path, None)
+                    self._pending.done(path)
                     self._count_waiting()
                     self._cond.notify_all()
                 continue
             except Exception as e:
+                with self._cond:
+                    self._pending.retry(path)
                 self._failed(e, delay_s)
                 # Full jitter, capped exponential backoff; a stop ends the wait.
                 with self._cond:
@@ -530,8 +617,10 @@ class ObjectStoreParquetPublisher:
         entry = box.entry(path)
         data = path.read_bytes()
         key = f"{self.base_path}/{entry.rel}" if self.base_path else entry.rel
-        parent = key.rpartition("/")[0]
-        self.fs.create_dir(parent, recursive=True)
+        if not self.is_s3:
+            # S3 has no directories (creating them would add marker objects); others
+            # (e.g. a hierarchical-namespace ABFS account) may need the parents.
+            self.fs.create_dir(key.rpartition("/")[0], recursive=True)
         # One write of the whole file, then close: a PutObject (or a multipart upload
         # completed at close). Nothing is visible until close succeeds.
         with self.fs.open_output_stream(key) as out:
@@ -539,11 +628,12 @@ class ObjectStoreParquetPublisher:
         info = self.fs.get_file_info(key)
         if info.size != len(data):
             raise OSError(f"uploaded {key} has {info.size} bytes, expected {len(data)}")
-        box.append_uploaded(entry)
+        with self._index_lock:
+            box.append_uploaded(entry)
         path.unlink()
         now = self.monotonic()
         with self._cond:
-            self._queue.pop(path, None)
+            self._pending.done(path)
             self._count_waiting()
             st = self.stats
             st.files_uploaded += 1
@@ -556,42 +646,47 @@ class ObjectStoreParquetPublisher:
             self._cond.notify_all()
 
     def _failed(self, e: Exception, delay_s: float) -> None:
-        st = self.stats
-        st.upload_failures += 1
-        st.last_error = describe_error(e)
-        if st.state != "unreachable":
+        with self._cond:
+            st = self.stats
+            st.upload_failures += 1
+            st.last_error = describe_error(e)
+            if st.state == "unreachable":
+                log.debug("upload_failed", error=st.last_error, retry_in_s=round(delay_s, 3))
+                return
             st.state = "unreachable"
-            log.error("store_unreachable", url=st.url, error=st.last_error,
-                      files_waiting=st.files_waiting, bytes_waiting=st.bytes_waiting,
-                      retry_in_s=round(delay_s, 3))
-        else:
-            log.debug("upload_failed", error=st.last_error, retry_in_s=round(delay_s, 3))
+        log.error("store_unreachable", url=st.url, error=st.last_error,
+                  files_waiting=st.files_waiting, bytes_waiting=st.bytes_waiting,
+                  retry_in_s=round(delay_s, 3))
 
     # ---- index pruning ----------------------------------------------------------------------
     def _prune(self) -> None:
         """Drop index entries no journal on disk can need; remove adopted outboxes that
         hold nothing any more."""
         self._last_prune_mono = self.monotonic()
-        oldest = oldest_journal_ns(self.local_dir, self._journal_cache)
+        try:
+            oldest = oldest_journal_ns(self.local_dir, self._journal_cache, self.staging.path)
+        except OSError as e:
+            log.warning("outbox_index_prune_failed", error=str(e))
+            return
         horizon = (time.time_ns() if oldest is None else oldest) - FILE_AGE_MARGIN_NS
-        live = {p for p in self._journal_cache if p.exists()}
-        self._journal_cache = {p: ts for p, ts in self._journal_cache.items() if p in live}
         for box in [self.own] + [b for b, _ in self._adopted.values()]:
-            entries = box.uploaded()
-            keep = [e for e in entries if e.committed_ns >= horizon]
-            if len(keep) != len(entries):
-                try:
-                    box.rewrite_index(keep)
-                except OSError as e:
-                    log.warning("outbox_index_prune_failed", error=str(e))
-                    continue
-            if box is not self.own and not keep:
-                with self._cond:
-                    if any(b is box for b, _ in self._queue.values()):
+            with self._index_lock:
+                entries = box.uploaded()
+                keep = [e for e in entries if e.committed_ns >= horizon]
+                if len(keep) != len(entries):
+                    try:
+                        box.rewrite_index(keep)
+                    except OSError as e:
+                        log.warning("outbox_index_prune_failed", error=str(e))
                         continue
+            if box is self.own or keep:
+                continue
+            with self._cond:
+                if self._pending.holds(box):
+                    continue
                 _, fd = self._adopted.pop(box.path)
-                shutil.rmtree(box.path, ignore_errors=True)
-                os.close(fd)
+            shutil.rmtree(box.path, ignore_errors=True)
+            os.close(fd)
 
 
 __all__ = ["ObjectStoreParquetPublisher", "OutboxCoverage", "open_store"]
