@@ -8,7 +8,9 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +31,16 @@ from ingestd.config import Config
 from ingestd.daemon import Daemon
 from ingestd.schema import SCHEMAS
 from ingestd.sim import SimServer
+from ingestd.sink.batcher import NS_PER_DAY
 from ingestd.sink.journal import FRAME, FRAMES, iter_segments, read_segment
-from ingestd.sink.objstore import OUTBOX_DIR, PENDING_SUFFIX, ObjectStoreParquetPublisher
+from ingestd.sink.objstore import (
+    OUTBOX_DIR,
+    PENDING_SUFFIX,
+    ObjectStoreParquetPublisher,
+    OutboxCoverage,
+    oldest_journal_ns,
+)
+from ingestd.sink.recovery import recover
 from tests.exchanges.test_binance import SPOT_BOOK
 from tests.s3server import S3Server
 from tests.support import feed_for, make_config
@@ -477,3 +487,130 @@ channels = ["trades"]
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 78, r.stdout + r.stderr
     assert "allow_http" in r.stderr and "Traceback" not in r.stderr
+
+
+def store_config(bucket: str, local: Path, endpoint: str) -> Config:
+    return make_config(local, [{"name": "spot", "exchange": "binance",
+                                "symbols": ["ZILUSDT"], "channels": ["trades"]}],
+                       storage={"root": f"s3://{bucket}/{PREFIX}", "local_dir": str(local),
+                                "options": {"endpoint_url": endpoint, "region": "us-east-1",
+                                            "allow_http": True}})
+
+
+def count_rows(fs: pafs.FileSystem, bucket: str, table: str) -> int:
+    return read_s3_table(fs, bucket, table).height
+
+
+def test_recovery_through_the_store_commits_each_row_once(
+        s3_env: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    """A dead journal replayed while the store is down lands in the outbox; replaying it
+    again skips every row (the pending files' footers), and again after the upload (the
+    uploaded index): the bucket holds each row once."""
+    from tests.test_journal import write_dead_journal
+
+    server, bucket = s3_env, s3_bucket
+    fs = server.filesystem()
+    local = tmp_path / "local"
+    journal = local / ".journal" / "deadbeef0001"
+    n = write_dead_journal(journal, "json")
+    shutil.copytree(journal, tmp_path / "copy")
+    pub = ObjectStoreParquetPublisher(store_config(bucket, local, server.endpoint).storage,
+                                      local, "live", retry_max_s=0.5)
+    pub.open()
+    try:
+        server.kill()
+        first = recover(local, "zstd", pub.staging_dir, publisher=pub)
+        assert (first.rows_committed, first.rows_already_committed) == (n, 0)
+        assert not journal.exists()
+        assert pub.stats.files_waiting >= 1
+        shutil.copytree(tmp_path / "copy", journal)   # as if it died before the delete
+        second = recover(local, "zstd", pub.staging_dir, publisher=pub)
+        assert (second.rows_committed, second.rows_already_committed) == (0, n)
+        server.start()
+        assert pub.wait_uploaded(60)
+        assert pub.stats.state == "ok"
+        shutil.copytree(tmp_path / "copy", journal)
+        third = recover(local, "zstd", pub.staging_dir, publisher=pub)
+        assert (third.rows_committed, third.rows_already_committed) == (0, n)
+    finally:
+        server.start()
+        pub.close()
+    assert count_rows(fs, bucket, "trades") == n
+
+
+DEAD_PUBLISHER = """
+import os, sys
+from pathlib import Path
+from ingestd.config import parse_config
+from ingestd.schema import TradesBlock
+from ingestd.sink.batcher import NS_PER_DAY, Batch, day_to_date
+from ingestd.sink.objstore import ObjectStoreParquetPublisher
+
+local, endpoint, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cfg = parse_config({"storage": {"root": "s3://bucket/md/v1", "local_dir": str(local),
+                    "options": {"endpoint_url": endpoint, "allow_http": True}},
+                    "feeds": [{"name": "spot", "exchange": "binance", "symbols": ["ZILUSDT"],
+                               "channels": ["trades"]}]})
+pub = ObjectStoreParquetPublisher(cfg.storage, local, "deadinstance")
+pub.open()
+t0 = 1_700_000_000_000_000_000
+block = TradesBlock()
+for i in range(n):
+    block.add("ZILUSDT", t0 + i, t0 + i, t0 + i, str(i), "buy", 0.1, 1.0)
+pub.publish(Batch("trades", "binance", day_to_date(t0 // NS_PER_DAY), [block], n,
+                  {"deadinstance/spot": [t0, t0 + n - 1]}, first_ts_recv_ns=t0))
+print("published", flush=True)
+os._exit(0)  # dies with its file pending: the store it was given never answers
+"""
+
+
+def test_a_dead_process_outbox_is_adopted_uploaded_and_pruned(
+        s3_env: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    server, bucket = s3_env, s3_bucket
+    fs = server.filesystem()
+    local = tmp_path / "local"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-c", DEAD_PUBLISHER, str(local),
+                        f"http://127.0.0.1:{closed_port}", "50"],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, **server.env})
+    assert r.returncode == 0 and "published" in r.stdout, r.stderr
+    dead = local / OUTBOX_DIR / "deadinstance"
+    (pending,) = dead.rglob(f"*{PENDING_SUFFIX}")
+    # Recovery sees the dead process's committed rows while they wait.
+    cov = OutboxCoverage(local / OUTBOX_DIR)
+    day = 1_700_000_000_000_000_000 // NS_PER_DAY
+    cov.load("trades", "binance", day, "deadinstance/", 1_700_000_000_000_000_000)
+    assert cov.covers("deadinstance/spot", "trades", "binance", day,
+                      1_700_000_000_000_000_010)
+    # Written two hours ago: once uploaded, no journal on disk can need its coverage.
+    old_s = time.time() - 7200
+    os.utime(pending, (old_s, old_s))
+    pub = ObjectStoreParquetPublisher(store_config(bucket, local, server.endpoint).storage,
+                                      local, "live", prune_interval_s=0.05)
+    pub.open()
+    try:
+        assert pub.wait_uploaded(60)
+        deadline = time.monotonic() + 30
+        while dead.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not dead.exists(), "the adopted outbox is removed once nothing needs it"
+    finally:
+        pub.close()
+    names = [Path(i.path).name for i in objects(fs, bucket)]
+    assert names == [pending.name.removesuffix(PENDING_SUFFIX)]
+    assert count_rows(fs, bucket, "trades") == 50
+
+
+def test_the_oldest_journal_time_bounds_the_index(tmp_path: Path) -> None:
+    from tests.test_journal import write_dead_journal
+
+    local = tmp_path / "local"
+    assert oldest_journal_ns(local, {}, tmp_path) is None
+    write_dead_journal(local / ".journal" / "deadbeef0001", "json")
+    cache: dict[Path, int] = {}
+    assert oldest_journal_ns(local, cache, tmp_path) == 1_700_000_000_000_000_000
+    assert list(cache.values()) == [1_700_000_000_000_000_000]
+    assert not list(tmp_path.glob("head-*"))  # the scratch copy is gone

@@ -393,6 +393,7 @@ class ObjectStoreParquetPublisher:
                  retry_max_s: float = UPLOAD_RETRY_MAX_S,
                  close_upload_s: float = CLOSE_UPLOAD_S,
                  uploaders: int | None = None,
+                 prune_interval_s: float = PRUNE_INTERVAL_S,
                  fsync_dir: Callable[[Path], None] = fsutil.fsync_dir,
                  monotonic: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
@@ -410,6 +411,7 @@ class ObjectStoreParquetPublisher:
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
         self.close_upload_s = close_upload_s
+        self.prune_interval_s = prune_interval_s
         # Uploads at once: one PUT's latency (tens of ms on a cloud store) must not bound
         # the files per second a writer commits.
         self.uploaders = max(1, uploaders if uploaders is not None else int(
@@ -545,7 +547,7 @@ class ObjectStoreParquetPublisher:
         return until is not None and (not self._pending or self.monotonic() >= until)
 
     def _prune_due(self) -> bool:
-        return self.monotonic() - self._last_prune_mono >= PRUNE_INTERVAL_S
+        return self.monotonic() - self._last_prune_mono >= self.prune_interval_s
 
     def _probe(self) -> None:
         """One cheap request, so the state says whether the store answers."""
