@@ -181,14 +181,14 @@ def _replay(cfg: Config, config_path: str, out: str, since: str | None,
         return EX_USAGE
     configure(cfg.log.level, cfg.log.format)
     try:
-        r = replay(Path(cfg.storage.root), Path(out), since_ns=since_ns, until_ns=until_ns,
+        r = replay(Path(cfg.storage.local_path), Path(out), since_ns=since_ns, until_ns=until_ns,
                    compression=cfg.storage.compression,
                    flush_max_rows=cfg.storage.flush_max_rows, progress=terminal_progress())
     except ReplayError as e:
         print(f"ingestd replay: {config_path}: {e}", file=sys.stderr)
         return EX_CONFIG
     if not r.segments:
-        print(f"ingestd replay: no kept raw frames under {cfg.storage.root}/.raw for that "
+        print(f"ingestd replay: no kept raw frames under {cfg.storage.local_path}/.raw for that "
               "window (set [journal] keep_raw_days to keep them)", file=sys.stderr)
         return EX_FATAL
     print(f"replayed {r.segments} segment(s) of {r.journals} journal(s): {r.records} "
