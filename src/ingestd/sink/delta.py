@@ -76,6 +76,8 @@ MAX_COMMIT_RETRIES: Final = 100
 TABLE_CONFIGURATION: Final[dict[str, str | None]] = {
     "delta.setTransactionRetentionDuration": "interval 30 days",
 }
+# Reads of a table that say it does not exist before recovery believes them.
+NOT_FOUND_TRIES: Final = 4
 # Backoff while a failed commit's outcome cannot be read from the store.
 VERIFY_MIN_S: Final = 0.5
 VERIFY_MAX_S: Final = 10.0
@@ -323,12 +325,26 @@ class DeltaCoverage:
              min_ts_ns: int) -> None:
         if table in self._tables:
             return
-        try:
-            self._tables[table] = DeltaTable(table_uri(self.root, table),
-                                             storage_options=self.options)
-            self.tables_read += 1
-        except TableNotFoundError:
-            self._tables[table] = None  # nothing committed to it yet
+        uri = table_uri(self.root, table)
+        delay_s = 0.2
+        for attempt in range(NOT_FOUND_TRIES):
+            try:
+                self._tables[table] = DeltaTable(uri, storage_options=self.options)
+                self.tables_read += 1
+                return
+            except TableNotFoundError:
+                # "Not found" must be true, not a read that lagged behind a commit (seen
+                # once on SeaweedFS right after two writers' checkpoint): taken as nothing
+                # committed, it would replay committed rows. A table whose log has files
+                # is asked again; if it still cannot be read, recovery stops loudly.
+                if not DeltaTable.is_deltatable(uri, storage_options=self.options):
+                    self._tables[table] = None  # no such table: nothing committed yet
+                    return
+                if attempt + 1 < NOT_FOUND_TRIES:
+                    time.sleep(delay_s)
+                    delay_s = min(2.0, delay_s * 2)
+        raise DeltaCommitError(f"{uri}: a Delta table that cannot be read now; recovery "
+                               "cannot tell what is committed")
 
     def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
         from ingestd.sink.batcher import day_to_date
