@@ -338,6 +338,7 @@ async def test_workers_share_feeds_restart_reload_and_drain(
             sup, lambda h: all_streaming({"a", "b", "c"}, 3)(h)
             and h["workers"][victim]["pid"] != old_pid, 60, "the worker replaced")
         assert h["workers"][victim]["restarts"] == 1
+        assert h["workers"][victim]["feeds"] == workers[victim]["feeds"]   # the same share
         assert h["workers"][victim]["last_exit"] == "killed by SIGKILL"
         assert sims["b"].connections > b_connections
         died = sup.events("worker_died", worker=int(victim))
@@ -436,6 +437,11 @@ async def test_kill_9_of_the_supervisor_leaves_no_worker_and_a_restart_recovers(
         await health_when(sup2, all_streaming({"a", "b"}, 3), 60, "both feeds again")
         recovered = sup2.events("journal_recovered")
         assert sorted(e["journal"] for e in recovered) == sorted(j.name for j in journals)
+        # The first worker adopted both journals; the other worker's feeds' codec states
+        # (trade de-duplication, last recv_seq) were handed on to it through .state/.
+        assert {e["worker"] for e in recovered} == {0}
+        handed = sup2.events("foreign_states_saved", worker=0)
+        assert handed and handed[0]["feeds"] == h["workers"]["1"]["feeds"]
         sup2.proc.send_signal(signal.SIGTERM)
         assert await sup2.finish() == 0
     finally:
