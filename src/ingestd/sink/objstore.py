@@ -3,7 +3,8 @@ locally, upload in the background, exactly once across `kill -9`.
 
 Owns: the object-store client (pyarrow.fs: `S3FileSystem` from `[storage.options]`, others
 through `FileSystem.from_uri`; credentials only from the store's standard environment),
-the local outbox, the uploader thread (capped exponential backoff with full jitter), the
+the local outbox, the uploader threads (`upload_concurrency` at once, oldest file first;
+capped exponential backoff with full jitter), the
 index of uploaded files' coverage, the store's state for /health and /metrics, and the
 recovery coverage over all of it.
 
@@ -39,7 +40,7 @@ with backoff, and the store's state says so. The outbox is bounded only by the l
 when it is full, the commit fails and the writer's existing disk-full path applies (rows
 stay buffered and in the journal, intake applies backpressure).
 
-Must not: run on the event loop (every method blocks; the uploader is its own thread),
+Must not: run on the event loop (every method blocks; the uploaders are threads),
 log or store credentials, publish a file under a second key, or delete a local copy
 before its object and its index line exist.
 """
@@ -66,7 +67,7 @@ from pyarrow import fs as pafs
 
 from ingestd.config import StorageConfig
 from ingestd.sink import fsutil
-from ingestd.sink.batcher import Batch
+from ingestd.sink.batcher import Batch, day_to_date
 from ingestd.sink.fsutil import try_lock_dir
 from ingestd.sink.journal import JOURNAL_DIR, iter_segments, read_segment
 from ingestd.sink.parquet import (
@@ -307,7 +308,7 @@ class OutboxCoverage:
         if not self.base.is_dir():
             return
         outboxes = [Outbox(d) for d in sorted(self.base.iterdir()) if d.is_dir()]
-        part = f"{table}/exchange={exchange}/"
+        part = f"{table}/exchange={exchange}/date={day_to_date(day)}/"
         for box in outboxes:
             for p in box.pending():
                 rel = box.rel(p)
