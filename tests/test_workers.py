@@ -544,3 +544,61 @@ async def test_second_signal_forces_every_worker_out_and_the_journals_keep_it(
             await s.stop()
     trades = unique_trades(root)
     assert {"ZILUSDT", "BTC-USDT"} <= set(trades["symbol"].unique())
+
+
+async def test_a_feed_moved_by_a_reload_keeps_its_trade_ids_across_workers(
+        tmp_path: Path, spawned: list[Supervisor]) -> None:
+    """The worker that loses a feed saves its codec state when it stops it; the worker
+    that gains it starts from that state, so a venue that replays recent trades on
+    subscribe (Coinbase; the recorded simulator replays its whole timeline) stores none
+    of them twice."""
+    def shape(name: str) -> FeedConfig:
+        return _feed(name, symbols=2)
+
+    # A feed name that moves when the worker count goes from 2 to 3 (the assignment is
+    # a pure function of names and weights).
+    others = [shape("x"), shape("y")]
+    name = next(n for n in (f"cb{i}" for i in range(100))
+                if _worker_of(n, [*others, shape(n)], 2) != _worker_of(n, [*others, shape(n)], 3))
+    root = tmp_path / "data"
+    cb = SimServer("coinbase", rate_msgs_s=100)
+    sims = {"x": SimServer("binance", rate_msgs_s=40, live=True, venue=GenBinanceVenue(6)),
+            "y": SimServer("okx", rate_msgs_s=40, live=True, venue=GenOkxVenue(6))}
+    for s in (cb, *sims.values()):
+        await s.start()
+    feeds = [feed(sims["x"], "x", ["ZILUSDT", "DENTUSDT"], ["trades"], trade_stream="aggTrade"),
+             feed(sims["y"], "y", ["BTC-USDT", "UNI-USD-SWAP"], ["trades"]),
+             feed(cb, name, ["BTC-USD", "ETH-USD"], ["trades"])]
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(config_text(root, feeds, workers=2))
+    try:
+        sup = await Supervisor.spawn(cfg, spawned)
+        await health_when(sup, all_streaming({"x", "y", name}, 1), 60, "three feeds")
+        # The recording is sent whole on each connection: wait until all of it was.
+        streams = cb.venue.streams  # type: ignore[attr-defined]
+        await until(lambda: streams and streams[0].finished, 30, "the first recording")
+        before = await health_when(sup, lambda h: h["writer"]["buffered_rows"] == 0, 30,
+                                   "the first recording committed")
+        cfg.write_text(config_text(root, feeds, workers=3))
+        sup.proc.send_signal(signal.SIGHUP)
+        reloaded = await sup.wait_log("reloaded", workers=3)
+        assert name in reloaded["moved"]
+        await until(lambda: len(streams) >= 2 and streams[1].finished, 30,
+                    "the recording replayed to the worker that took the feed")
+        h = await health_when(sup, lambda h: h["feeds"][name]["state"] == "streaming"
+                              and h["feeds"][name]["worker"]
+                              != before["feeds"][name]["worker"]
+                              and h["feeds"][name]["drops"] > 0, 30,
+                              "the moved feed dropping the replayed trades")
+        assert h["feeds"][name]["drops"] > 0
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.finish() == 0
+    finally:
+        for s in (cb, *sims.values()):
+            await s.stop()
+    trades = unique_trades(root)
+    assert trades.filter(pl.col("exchange") == "coinbase").height > 0
+
+
+def _worker_of(name: str, feeds: list[FeedConfig], workers: int) -> int:
+    return next(i for i, share in enumerate(assign(feeds, workers)) if name in share)
