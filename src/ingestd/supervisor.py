@@ -441,6 +441,9 @@ class Supervisor:
                 w = self.workers.pop(i)
                 if w.keeper is not None:
                     await asyncio.gather(w.keeper, return_exceptions=True)
+        if self._stop.is_set():
+            log.warning("reload_abandoned", detail="shutdown began during the reload")
+            return
         # Phase 2: workers take what they gain; new workers start.
         await self._write_plan(new, target)
         gaining = {i for i in range(min(old_n, new_n)) if target[i] != self.workers[i].feeds}
