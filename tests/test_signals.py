@@ -70,3 +70,29 @@ async def test_sigterm_commits_every_received_row(tmp_path: Path) -> None:
     assert [str(d["a"]) for d in sent if d.get("e") == "aggTrade"] == trades["trade_id"].to_list()
     assert [float(d["b"]) for d in sent if "e" not in d] == quotes["bid_price"].to_list()
     assert {entry["event"] for entry in logs} >= {"starting", "shutdown_requested", "stopped"}
+
+
+async def test_sigterm_stops_the_daemon_when_its_stdout_is_gone(tmp_path: Path) -> None:
+    """The log line of a shutdown request fails (the reader of stdout went away): the
+    daemon still stops. It used to log before setting its stop flag and ran on."""
+    root = tmp_path / "data"
+    async with SimServer("binance", rate_msgs_s=50) as sim:
+        cfg = tmp_path / "feeds.toml"
+        cfg.write_text(CONFIG.format(root=root, url=sim.url, rest=sim.rest_url))
+        read_fd, write_fd = os.pipe()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ingestd", "--config", str(cfg),
+            stdout=write_fd, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        os.close(write_fd)
+        def until_connected() -> None:
+            with os.fdopen(read_fd, "rb") as out:
+                for line in out:
+                    if b'"feed_connected"' in line:
+                        return
+
+        await asyncio.wait_for(asyncio.to_thread(until_connected), timeout=30)
+        # The pipe's only reader is closed: every later write to stdout fails (EPIPE).
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=30)
+    assert proc.returncode is not None

@@ -188,9 +188,11 @@ class Daemon:
     # ---- control ---------------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
-            log.info("shutdown_requested", reason=reason)
+            # Stop first, then log: a log line that fails (stdout gone) must not keep the
+            # daemon running.
             self.state = "stopping"
             self._stop.set()
+            log.info("shutdown_requested", reason=reason)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
