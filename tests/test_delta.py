@@ -82,6 +82,8 @@ def test_schema_is_the_contract_in_microseconds_plus_the_date_partition(tmp_path
         pub.close()
     assert done.rows == 3
     table = DeltaTable(str(tmp_path / "data" / "trades"))
+    # The bytes are the data file's (a local commit reads its own log entry to fsync it).
+    assert done.bytes == sum(Path(f).stat().st_size for f in table.file_uris())
     assert table.metadata().partition_columns == ["exchange", "date"]
     arrow = table.to_pyarrow_table()
     assert arrow.schema == delta_schema("trades")

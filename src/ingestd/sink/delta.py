@@ -27,6 +27,14 @@ or below it is committed. It stays one because
 Recovery skips a journal row when its `recv_seq` <= that version (`DeltaCoverage`) and
 commits the rest through `publish` with the dead instance's feed keys.
 
+Durability: delta-rs does not fsync a local table's files, so after a local commit its
+data files, their directories, the log entry and `_delta_log/` are fsync'd before
+`publish` returns (only then may the journal drop the rows); if that fails the commit is
+visible, so `PublishedNotDurable` is raised (never committed again; `sync_durable`
+retries). A power cut between delta-rs's writes and that fsync may still leave the log
+entry durable and a data file not - the window is a few milliseconds. On an object store
+a commit is durable when its PUT returns.
+
 Concurrency: several daemons (hosts) append to one table; delta-rs's optimistic
 concurrency retries a commit whose version another writer took (appends never conflict
 logically), at most `MAX_COMMIT_RETRIES` times. On S3 the store's conditional PUT
@@ -46,12 +54,15 @@ writer does), or commit a row whose `recv_seq` is at or below its app id's versi
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, cast
+from urllib.parse import unquote
 
+import orjson
 import pyarrow as pa
 import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
@@ -59,8 +70,9 @@ from deltalake.exceptions import TableNotFoundError
 
 from ingestd.config import StorageConfig
 from ingestd.schema import SCHEMA_VERSION, schema_for
+from ingestd.sink import fsutil
 from ingestd.sink.batcher import Batch
-from ingestd.sink.parquet import Committed, Staging, batch_table
+from ingestd.sink.parquet import Committed, PublishedNotDurable, Staging, batch_table
 from ingestd.stats import StoreStats
 
 log = structlog.get_logger("ingestd.delta")
@@ -171,6 +183,7 @@ class DeltaPublisher:
         self._failed_lo: dict[str, int] = {}
         self._closing = threading.Event()
         self._stats = StoreStats(url=storage.root) if storage.is_remote else None
+        self._local = not storage.is_remote
         self.commits = 0
         self.commit_failures = 0
 
@@ -195,7 +208,21 @@ class DeltaPublisher:
         return self.publish_many([batch])[0]
 
     def sync_durable(self, dirs: list[Path]) -> dict[Path, str | None]:
-        return {d: None for d in dirs}  # a Delta commit is durable when it returns
+        """After `PublishedNotDurable` (local tables): sync the table's directories."""
+        out: dict[Path, str | None] = {}
+        for d in dirs:
+            try:
+                if self._local:
+                    for sub in [d / "_delta_log", *d.glob("exchange=*/date=*")]:
+                        for f in sub.iterdir():
+                            if f.is_file():
+                                _fsync_file(f)
+                        fsutil.fsync_dir(sub)
+                    fsutil.fsync_dir(d)
+                out[d] = None
+            except OSError as e:
+                out[d] = f"{type(e).__name__}: {e}"
+        return out
 
     def coverage(self) -> DeltaCoverage:
         return DeltaCoverage(self.root, self.options)
@@ -234,6 +261,16 @@ class DeltaPublisher:
                 raise DeltaCommitError(f"delta commit to {table} failed: {error}") from e
             log.warning("delta_commit_landed_despite_error", table=table, error=error)
         self.commits += 1
+        sizes: dict[tuple[str, str], int] = {}
+        uri = table_uri(self.root, table)
+        if self._local:
+            try:
+                sizes = self._make_durable(table, self._table(table).version())
+            except OSError as e:
+                # Committed (visible): never again. Only the sync is retried; until then
+                # the journal keeps the rows.
+                raise PublishedNotDurable(
+                    Committed(Path(uri), data.num_rows, data.nbytes), e) from e
         for a, (lo, hi) in txns.items():
             self._versions[a] = max(hi, self._versions.get(a, hi))
             failed = self._failed_lo.get(a)
@@ -246,9 +283,35 @@ class DeltaPublisher:
             self._stats.last_upload_mono = time.monotonic()
         log.debug("delta_committed", table=table, rows=data.num_rows, partitions=len(batches),
                   seconds=round(time.monotonic() - started, 4))
-        uri = table_uri(self.root, table)
         return [Committed(Path(uri) / f"exchange={b.exchange}" / f"date={b.date}", p.num_rows,
-                          p.nbytes) for b, p in zip(batches, parts, strict=True)]
+                          sizes.get((b.exchange, b.date), p.nbytes))
+                for b, p in zip(batches, parts, strict=True)]
+
+    def _make_durable(self, table: str, version: int) -> dict[tuple[str, str], int]:
+        """fsync what a local commit wrote (delta-rs does not): its data files, their
+        directories, the log entry and `_delta_log/`, before the journal lets the rows go.
+        Returns the bytes it added per (exchange, date)."""
+        base = Path(table_uri(self.root, table))
+        entry = base / "_delta_log" / f"{version:020d}.json"
+        sizes: dict[tuple[str, str], int] = {}
+        dirs: set[Path] = set()
+        for line in entry.read_bytes().splitlines():
+            add = orjson.loads(line).get("add")
+            if add is None:
+                continue
+            path = base / unquote(add["path"])
+            _fsync_file(path)
+            dirs.add(path.parent)
+            pv = add.get("partitionValues", {})
+            key = (str(pv.get("exchange")), str(pv.get("date")))
+            sizes[key] = sizes.get(key, 0) + int(add.get("size", 0))
+        for d in dirs:
+            fsutil.fsync_dir(d)
+            fsutil.fsync_dir(d.parent)  # the date= directory may be new
+            fsutil.fsync_dir(d.parent.parent)
+        _fsync_file(entry)
+        fsutil.fsync_dir(entry.parent)
+        return sizes
 
     def _transactions(self, batches: Iterable[Batch]) -> dict[str, tuple[int, int]]:
         """App id -> (lowest, highest) recv_seq of the rows committed for it."""
@@ -303,6 +366,14 @@ class DeltaPublisher:
             if any(landed) and not all(landed):
                 log.error("delta_commit_partly_visible", table=table)  # cannot happen
             return all(landed) and bool(landed)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DeltaCoverage:
