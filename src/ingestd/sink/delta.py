@@ -404,10 +404,10 @@ class DeltaCoverage:
                 self.tables_read += 1
                 return
             except TableNotFoundError:
-                # "Not found" must be true, not a read that lagged behind a commit (seen
-                # once on SeaweedFS right after two writers' checkpoint): taken as nothing
-                # committed, it would replay committed rows. A table whose log has files
-                # is asked again; if it still cannot be read, recovery stops loudly.
+                # "Not found" must be true, not a listing that failed or lagged: taken as
+                # nothing committed, it would replay committed rows. A table whose log
+                # has files is asked again; if it still cannot be read, recovery stops
+                # loudly (the journal is set aside, never replayed twice).
                 if not DeltaTable.is_deltatable(uri, storage_options=self.options):
                     self._tables[table] = None  # no such table: nothing committed yet
                     return
