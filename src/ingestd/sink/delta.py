@@ -240,6 +240,7 @@ class DeltaPublisher:
         parts = [batch_arrow(b) for b in batches]
         data = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
         started = time.monotonic()
+        landed_despite_error = False
         try:
             dtable = self._table(table)
             if data.num_rows:
@@ -260,12 +261,18 @@ class DeltaPublisher:
                           partitions=len(batches), error=error)
                 raise DeltaCommitError(f"delta commit to {table} failed: {error}") from e
             log.warning("delta_commit_landed_despite_error", table=table, error=error)
+            landed_despite_error = True
         self.commits += 1
         sizes: dict[tuple[str, str], int] = {}
         uri = table_uri(self.root, table)
         if self._local:
             try:
-                sizes = self._make_durable(table, self._table(table).version())
+                if landed_despite_error:  # our version is unknown: sync the whole table
+                    errors = [e for e in self.sync_durable([Path(uri)]).values() if e]
+                    if errors:
+                        raise OSError(errors[0])
+                else:
+                    sizes = self._make_durable(table, self._table(table).version())
             except OSError as e:
                 # Committed (visible): never again. Only the sync is retried; until then
                 # the journal keeps the rows.
