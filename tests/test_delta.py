@@ -620,3 +620,110 @@ def _try_publish(pub: DeltaPublisher, batch: Batch) -> object:
         return pub.publish(batch)
     except DeltaCommitError as e:
         return e
+
+
+class AnswerDroppingProxy:
+    """A loopback TCP proxy in front of the S3 server that, once armed, forwards the next
+    PUT of a Delta log entry (`_delta_log/<version>.json`) but never returns the store's
+    answer: the commit lands, the client sees a broken connection."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.armed = threading.Event()
+        self.dropped = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            swallow = threading.Event()
+            threading.Thread(target=self._up, args=(client, upstream, swallow),
+                             daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, swallow),
+                             daemon=True).start()
+
+    def _up(self, client: Any, upstream: Any, swallow: Any) -> None:
+        import re
+
+        while data := _recv(client):
+            if self.armed.is_set() and re.search(rb"PUT \S*_delta_log/\d+\.json", data):
+                self.armed.clear()
+                swallow.set()
+            try:
+                upstream.sendall(data)
+            except OSError:
+                return
+
+    def _down(self, upstream: Any, client: Any, swallow: Any) -> None:
+        while data := _recv(upstream):
+            if swallow.is_set():  # the store answered the PUT: drop it, cut the client
+                import socket
+
+                self.dropped += 1
+                for s in (client, upstream):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+                return
+            try:
+                client.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _recv(sock: Any) -> bytes:
+    try:
+        return bytes(sock.recv(65536))
+    except OSError:
+        return b""
+
+
+def test_a_commit_whose_answer_is_lost_is_not_committed_twice(
+        tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store writes the log entry but its answer never arrives (a proxy drops it):
+    delta-rs reports a failure (or retries into its own commit); the publisher reads the
+    table, sees its transaction version there, and reports success - the rows are in the
+    table once, and the next batch follows."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    proxy = AnswerDroppingProxy(s3_server.port)
+    try:
+        cfg = storage(f"s3://{s3_bucket}/lake", local_dir=str(tmp_path / "local"),
+                      options={**s3_server.options,
+                               "endpoint_url": f"http://127.0.0.1:{proxy.port}"})
+        pub = DeltaPublisher(cfg, tmp_path / "local", "inst1")
+        pub.open()
+        try:
+            pub.publish(trades_batch("inst1/a", [1, 2]))
+            proxy.armed.set()
+            done = pub.publish(trades_batch("inst1/a", [3, 4]))
+            assert proxy.dropped == 1 and done.rows == 2
+            pub.publish(trades_batch("inst1/a", [5]))
+        finally:
+            pub.close()
+    finally:
+        proxy.close()
+    opts = s3_server.storage_options()
+    trades = read_delta(f"s3://{s3_bucket}/lake", "trades", **opts)
+    assert trades["recv_seq"].to_list() == [1, 2, 3, 4, 5]
+    table = DeltaTable(f"s3://{s3_bucket}/lake/trades", storage_options=opts)
+    assert table.transaction_version(app_id("inst1/a", "trades", "binance", "2026-12-03")) == 5
