@@ -326,11 +326,14 @@ class Writer:
         # commit starts.
         lead_s = min(self.batcher.flush_interval_s / 2, self._tick_s + self._commit_s_ewma)
         keys = self.batcher.partitions() if force else self.batcher.due(now, lead_s)
-        if len(keys) > 1 and hasattr(self.publisher, "publish_many"):
-            # One commit per table for everything due (Delta: bounds the commit rate).
+        if keys and hasattr(self.publisher, "publish_many"):
+            # A table with a due partition commits all its partitions at once (Delta: at
+            # most one commit per table per flush interval, however many partitions).
+            tables = {key[0] for key in keys}
             by_table: dict[str, list[PartitionKey]] = {}
-            for key in keys:
-                by_table.setdefault(key[0], []).append(key)
+            for key in self.batcher.partitions():
+                if key[0] in tables:
+                    by_table.setdefault(key[0], []).append(key)
             for group in by_table.values():
                 self._start_group(group)
             keys = []
