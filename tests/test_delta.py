@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pytest
+import structlog.testing
 from deltalake import DeltaTable, write_deltalake
 
 from ingestd.config import parse_config
@@ -727,3 +728,47 @@ def test_a_commit_whose_answer_is_lost_is_not_committed_twice(
     assert trades["recv_seq"].to_list() == [1, 2, 3, 4, 5]
     table = DeltaTable(f"s3://{s3_bucket}/lake/trades", storage_options=opts)
     assert table.transaction_version(app_id("inst1/a", "trades", "binance", "2026-12-03")) == 5
+
+
+def test_recovery_waits_for_an_unreachable_store_never_taking_it_for_no_table(
+        tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery asks the table what is committed; with the store down that read fails -
+    which must never mean "no table, nothing committed" (every row would be replayed
+    twice). It waits for the store, then answers from the table."""
+    import threading
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    cfg = storage(f"s3://{s3_bucket}/lake", local_dir=str(tmp_path / "local"),
+                  options={**s3_server.options, "timeout": "2s", "connect_timeout": "1s"})
+    pub = DeltaPublisher(cfg, tmp_path / "local", "dead1")
+    pub.open()
+    try:
+        pub.publish(trades_batch("dead1/a", [1, 2, 3]))
+    finally:
+        pub.close()
+    cov = DeltaPublisher(cfg, tmp_path / "local", "new1").coverage()
+    day = (dt.date(2026, 12, 3) - dt.date(1970, 1, 1)).days
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            cov.load("trades", "binance", day, "dead1/", 0)
+        except BaseException as e:
+            errors.append(e)
+
+    s3_server.kill()
+    with structlog.testing.capture_logs() as logs:
+        try:
+            worker = threading.Thread(target=load)
+            worker.start()
+            # Down: the read fails and recovery keeps asking (the store stays down).
+            while not any(e["event"] == "delta_recovery_store_unreachable" for e in logs):
+                assert worker.is_alive() and not errors
+                worker.join(0.05)
+        finally:
+            s3_server.start()
+        worker.join(60)
+    assert not worker.is_alive() and not errors
+    assert cov.covers("dead1/a", "trades", "binance", day, 3)
+    assert not cov.covers("dead1/a", "trades", "binance", day, 4)

@@ -66,7 +66,7 @@ import orjson
 import pyarrow as pa
 import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from ingestd.config import StorageConfig
 from ingestd.schema import SCHEMA_VERSION, schema_for
@@ -88,6 +88,8 @@ MAX_COMMIT_RETRIES: Final = 100
 TABLE_CONFIGURATION: Final[dict[str, str | None]] = {
     "delta.setTransactionRetentionDuration": "interval 30 days",
 }
+# How long recovery waits for an unreachable store before it sets a journal aside.
+RECOVERY_STORE_WAIT_S: Final = 60.0
 # Reads of a table that say it does not exist before recovery believes them.
 NOT_FOUND_TRIES: Final = 4
 # Backoff while a failed commit's outcome cannot be read from the store.
@@ -405,7 +407,9 @@ class DeltaCoverage:
             return
         uri = table_uri(self.root, table)
         delay_s = 0.2
-        for attempt in range(NOT_FOUND_TRIES):
+        deadline = time.monotonic() + RECOVERY_STORE_WAIT_S
+        attempt = 0
+        while attempt < NOT_FOUND_TRIES:
             try:
                 self._tables[table] = DeltaTable(uri, storage_options=self.options)
                 self.tables_read += 1
@@ -418,9 +422,21 @@ class DeltaCoverage:
                 if not DeltaTable.is_deltatable(uri, storage_options=self.options):
                     self._tables[table] = None  # no such table: nothing committed yet
                     return
-                if attempt + 1 < NOT_FOUND_TRIES:
+                attempt += 1
+                if attempt < NOT_FOUND_TRIES:
                     time.sleep(delay_s)
                     delay_s = min(2.0, delay_s * 2)
+            except (OSError, DeltaError) as e:
+                # The store does not answer (a failed read is never "no table"): wait
+                # for it a while; then recovery stops and sets the journal aside.
+                if time.monotonic() > deadline:
+                    raise DeltaCommitError(f"{uri}: store unreachable during recovery: "
+                                           f"{type(e).__name__}: {e}"[:300]) from e
+                log.warning("delta_recovery_store_unreachable", table=table,
+                            error=f"{type(e).__name__}: {e}"[:200], retry_in_s=delay_s)
+                time.sleep(delay_s)
+                delay_s = min(5.0, delay_s * 2)
+                continue
         raise DeltaCommitError(f"{uri}: a Delta table that cannot be read now; recovery "
                                "cannot tell what is committed")
 
