@@ -109,6 +109,12 @@ def test_versions_are_watermarks_per_feed_table_and_partition(tmp_path: Path) ->
         pub.close()
     table = DeltaTable(str(tmp_path / "data" / "trades"))
     assert table.version() == 2  # create, then one commit per publish call
+    assert table.metadata().configuration["delta.setTransactionRetentionDuration"] == \
+        "interval 30 days"
+    # Each transaction carries its time, so the retention can forget old ones.
+    log = (tmp_path / "data" / "trades" / "_delta_log" / f"{2:020d}.json").read_text()
+    txns = [json.loads(x)["txn"] for x in log.splitlines() if '"txn"' in x]
+    assert txns and all(t["lastUpdated"] > 1_700_000_000_000 for t in txns)
     assert table.transaction_version(app_id("inst1/a", "trades", "binance", "2026-12-03")) == 20
     assert table.transaction_version(app_id("inst1/b", "trades", "binance", "2026-12-03")) == 4
     assert table.transaction_version(app_id("inst1/a", "trades", "binance", "2026-12-04")) == 4

@@ -82,8 +82,9 @@ PARTITION_BY: Final = ["exchange", "date"]
 # Appends never conflict logically: a commit whose version another writer took is
 # retried on top of it, this many times at most (then the writer retries the batch).
 MAX_COMMIT_RETRIES: Final = 100
-# Table properties set when ingestd creates a table. Transaction ids older than this are
-# dropped at checkpoints: a journal left unrecovered longer than that could be replayed
+# Table properties set when ingestd creates a table. Transactions last updated longer ago
+# than this are forgotten (else one per instance, feed, table and day would pile up in
+# every snapshot forever): a journal left unrecovered longer than that could be replayed
 # twice (recovery runs at the next start; a host down for 30 days is out of scope).
 TABLE_CONFIGURATION: Final[dict[str, str | None]] = {
     "delta.setTransactionRetentionDuration": "interval 30 days",
@@ -242,6 +243,7 @@ class DeltaPublisher:
         parts = [batch_arrow(b) for b in batches]
         data = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
         started = time.monotonic()
+        now_ms = time.time_ns() // 1_000_000  # lastUpdated: lets old transactions expire
         landed_despite_error = False
         try:
             dtable = self._table(table)
@@ -250,7 +252,8 @@ class DeltaPublisher:
                     dtable, data, mode="append", partition_by=PARTITION_BY,
                     writer_properties=self._writer_properties,
                     commit_properties=CommitProperties(
-                        app_transactions=[Transaction(a, v) for a, (_, v) in txns.items()],
+                        app_transactions=[Transaction(a, v, now_ms)
+                                          for a, (_, v) in txns.items()],
                         max_commit_retries=MAX_COMMIT_RETRIES,
                         custom_metadata={"ingestd.instance": self.instance}))
         except Exception as e:
