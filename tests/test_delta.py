@@ -778,3 +778,56 @@ def test_recovery_waits_for_an_unreachable_store_never_taking_it_for_no_table(
     assert not worker.is_alive() and not errors
     assert cov.covers("dead1/a", "trades", "binance", day, 3)
     assert not cov.covers("dead1/a", "trades", "binance", day, 4)
+
+
+async def test_the_daemon_rides_out_a_store_outage_with_delta_on_s3(
+        tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store goes down mid-stream: the commit in flight waits (the store shows as
+    unreachable), rows wait in the buffer and the journal; the store comes back: every
+    trade the venue sent is in the table exactly once."""
+    from ingestd.daemon import Daemon
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    uri = f"s3://{s3_bucket}/lake/trades"
+    opts = s3_server.storage_options()
+    async with SimServer("binance", rate_msgs_s=100, live=True,
+                         venue=GenBinanceVenue(seed=3)) as sim:
+        feed = feed_for(sim, name="spot", symbols=TRADE_SYMBOLS, channels=["trades"],
+                        trade_stream="aggTrade")
+        cfg = make_config(tmp_path / "unused", [feed], storage={
+            "root": f"s3://{s3_bucket}/lake", "local_dir": str(tmp_path / "local"),
+            "format": "delta", "flush_interval_s": 0.2,
+            "options": {**s3_server.options, "timeout": "2s", "connect_timeout": "1s"}})
+        daemon = Daemon(cfg)
+        task = asyncio.create_task(daemon.run(install_signals=False))
+        store = daemon.publisher.store_stats
+        assert store is not None
+
+        async def until(cond: Any, what: str, timeout_s: float = 60) -> None:
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while not cond():
+                assert not task.done(), task.result()
+                assert asyncio.get_running_loop().time() < deadline, what
+                await asyncio.sleep(0.05)
+
+        await until(lambda: daemon.writer_stats.rows_written["trades"] >= 20, "first commits")
+        await asyncio.to_thread(s3_server.kill)
+        try:
+            await until(lambda: store.state == "unreachable", "the outage is seen")
+            sent_in_outage = len(sent_trades(sim))
+            await until(lambda: len(sent_trades(sim)) >= sent_in_outage + 30, "trades flow on")
+        finally:
+            await asyncio.to_thread(s3_server.start)
+        await until(lambda: store.state == "ok", "the store is back")
+        written = daemon.writer_stats.rows_written["trades"]
+        await until(lambda: daemon.writer_stats.rows_written["trades"] > written + 10,
+                    "commits resume")
+        sim.stop_publishing()
+        want = Counter(sent_trades(sim))
+        await until(lambda: daemon.writer_stats.rows_written["trades"] >= sum(want.values()),
+                    "everything sent is committed")
+        daemon.request_stop("test done")
+        assert await asyncio.wait_for(task, 60) == 0
+    got = Counter(trade_ids(pl.read_delta(uri, storage_options=opts)))
+    assert got == want
