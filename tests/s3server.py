@@ -109,7 +109,9 @@ class S3Server:
             # One master: a restart waits for its own election (10 s by default).
             "-master.electionTimeout=1s",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-            "-volume.max=50", "-volume.preStopSeconds=0",
+            # Every bucket is a collection that grows several volumes at once: many buckets
+            # per session need many (sparse, 64 MB at most) volumes.
+            "-volume.max=1000", "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",

@@ -91,6 +91,8 @@ UPLOAD_RETRY_MIN_S = 0.5
 UPLOAD_RETRY_MAX_S = 30.0
 PRUNE_INTERVAL_S = 300.0
 UPLOADERS = 4
+# At close, how long uploads in flight may take before the process goes on without them.
+STOP_WAIT_S = 2.0
 # On a clean shutdown, the uploader gets this long to empty the outbox (if the store is
 # up); what is left is uploaded at the next start.
 CLOSE_UPLOAD_S = 2.0
@@ -340,6 +342,13 @@ class OutboxCoverage:
 # ---- the publisher ----------------------------------------------------------------------
 
 
+def _release_after(threads: list[threading.Thread], fds: list[int]) -> None:
+    for t in threads:
+        t.join()
+    for fd in fds:
+        os.close(fd)
+
+
 class Pending:
     """The files waiting for upload, oldest name first (names start with their first
     ts_recv), with the ones an uploader holds. Not thread-safe: used under the
@@ -493,19 +502,24 @@ class ObjectStoreParquetPublisher:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        deadline = self.monotonic() + 10.0   # uploads in flight; else they end with us
+        deadline = self.monotonic() + STOP_WAIT_S
         for t in self._threads:
             t.join(max(0.0, deadline - self.monotonic()))
-        if any(t.is_alive() for t in self._threads):
-            log.warning("uploader_still_running", detail="an upload did not end in time")
-        self._threads = []
-        self.staging.close()
-        for _box, fd in self._adopted.values():
-            os.close(fd)
-        self._adopted.clear()
+        threads, self._threads = self._threads, []
+        fds = [fd for _box, fd in self._adopted.values()]
         if self._own_lock_fd is not None:
-            os.close(self._own_lock_fd)
-            self._own_lock_fd = None
+            fds.append(self._own_lock_fd)
+        self._adopted.clear()
+        self._own_lock_fd = None
+        self.staging.close()
+        if any(t.is_alive() for t in threads):
+            # An upload still in flight (a store that does not answer): the outboxes
+            # stay locked until it ends, so no one else works on them meanwhile.
+            log.warning("uploader_still_running", detail="outboxes unlocked when it ends")
+            threading.Thread(target=_release_after, args=(threads, fds), daemon=True,
+                             name="ingestd-uploader-release").start()
+        else:
+            _release_after([], fds)
 
     def publish(self, batch: Batch) -> Committed:
         """Commit into the outbox (durable: the journal may drop the rows), queue the
