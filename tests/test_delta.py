@@ -831,3 +831,16 @@ async def test_the_daemon_rides_out_a_store_outage_with_delta_on_s3(
         assert await asyncio.wait_for(task, 60) == 0
     got = Counter(trade_ids(pl.read_delta(uri, storage_options=opts)))
     assert got == want
+
+
+def test_ingestd_compact_refuses_parquet_under_an_object_store_root(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(f'[storage]\nroot = "s3://bucket/lake"\nlocal_dir = "{tmp_path}"\n\n'
+                   '[[feeds]]\nname = "f"\nexchange = "binance"\nsymbols = ["BTCUSDT"]\n'
+                   'channels = ["trades"]\n')
+    run = subprocess.run([sys.executable, "-m", "ingestd", "compact", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 78 and "not compacted" in run.stderr
