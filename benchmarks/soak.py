@@ -35,9 +35,12 @@ Checks (exit 1 if one fails):
   codecs count it as `unknown`; whether it is kept raw is shown, not checked).
 - Oversized frames: each injected one ends its connection (a `disconnected` event saying
   "oversized frame").
-- RSS (runs of 10 minutes or more): "flat" = the median RSS of the last quarter of the run
-  is at most 10% above the median of the second quarter (samples within 30 s of a daemon
-  start are left out); the least-squares slope (KiB/min) is reported beside it.
+- RSS, sampled (every duration/300 s, at least 1 s): first/median/last/max over the run,
+  and per daemon lifetime (a kill -9 restarts the process; the 30 s after each start are
+  left out). "Flat" = in the longest lifetime, over the last half of its samples, the
+  highest RSS is at most 5 % above the lowest (judged when that lifetime spans 5 minutes
+  or more; a failure for runs of 10 minutes or more). The least-squares slope (KiB/min)
+  of that lifetime and of its last half are reported beside it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import itertools
 import json
 import os
 import random
@@ -75,6 +79,9 @@ DISCONNECT_WINDOW_S = 2.0
 STALE_S = 3.0
 MAX_FRAME_BYTES = 262144
 CHECKPOINT_EVERY = 20
+RSS_WARMUP_S = 30.0
+RSS_PLATEAU = 0.05
+RSS_MIN_SPAN_S = 300.0
 
 # venue -> feed name, symbols, channels, extra feed keys, publish rate (frames/s)
 FEEDS: dict[str, dict[str, Any]] = {
@@ -604,29 +611,63 @@ class Soak:
         return out
 
     def rss_summary(self) -> dict[str, Any]:
-        if not self.rss:
-            return {"samples": []}
-        starts = [s - (time.time() - (time.monotonic() - self.t0)) for s in self.starts]
-        steady = [(t, kb) for t, kb in self.rss if not any(0 <= t - s < 30 for s in starts)]
-        dur = self.args.duration
-        q2 = [kb for t, kb in steady if dur * 0.25 <= t < dur * 0.5]
-        q4 = [kb for t, kb in steady if t >= dur * 0.75]
-        slope = None
-        if len(steady) >= 3:
-            ts = [t / 60 for t, _ in steady]
-            ks = [kb for _, kb in steady]
-            mt, mk = statistics.fmean(ts), statistics.fmean(ks)
-            var = sum((t - mt) ** 2 for t in ts)
-            slope = round(sum((t - mt) * (k - mk) for t, k in zip(ts, ks, strict=True)) / var,
-                          1) if var else None
-        kbs = [kb for _, kb in steady] or [kb for _, kb in self.rss]
-        flat = None
-        if q2 and q4:
-            flat = statistics.median(q4) <= 1.10 * statistics.median(q2)
-        return {"samples": self.rss, "first_kb": kbs[0], "median_kb": int(statistics.median(kbs)),
-                "last_kb": kbs[-1], "max_kb": max(kbs), "slope_kb_per_min": slope,
-                "q2_median_kb": int(statistics.median(q2)) if q2 else None,
-                "q4_median_kb": int(statistics.median(q4)) if q4 else None, "flat": flat}
+        # Daemon starts on the samples' clock (seconds since the soak began).
+        offset = time.time() - (time.monotonic() - self.t0)
+        return rss_summary(self.rss, [w - offset for w in self.starts], self.now())
+
+
+def slope_per_min(samples: list[tuple[float, int]]) -> float | None:
+    """Least-squares slope of (seconds, KiB) samples, in KiB per minute."""
+    if len(samples) < 3:
+        return None
+    ts = [t / 60 for t, _ in samples]
+    ks = [float(kb) for _, kb in samples]
+    mt, mk = statistics.fmean(ts), statistics.fmean(ks)
+    var = sum((t - mt) ** 2 for t in ts)
+    if not var:
+        return None
+    return round(sum((t - mt) * (k - mk) for t, k in zip(ts, ks, strict=True)) / var, 1)
+
+
+def rss_summary(samples: list[tuple[float, int]], starts: list[float],
+                end: float) -> dict[str, Any]:
+    """RSS of the daemon over the run. A kill -9 restarts the process (and its RSS), so
+    flatness is judged per process lifetime: samples within RSS_WARMUP_S of a start are
+    left out; in the longest lifetime, "flat" = over the last half of its samples, the
+    highest RSS is at most RSS_PLATEAU (5 %) above the lowest. Judged only when that
+    lifetime holds RSS_MIN_SPAN_S (5 minutes) of samples; else None."""
+    if not samples:
+        return {"samples": []}
+    bounds = [*sorted(starts), end + 1]
+    lives = []
+    for a, b in itertools.pairwise(bounds):
+        seg = [(t, kb) for t, kb in samples if a + RSS_WARMUP_S <= t < b]
+        if seg:
+            kbs = [kb for _, kb in seg]
+            lives.append({"from_s": round(a, 1), "to_s": round(min(b, end), 1),
+                          "first_kb": kbs[0], "median_kb": int(statistics.median(kbs)),
+                          "last_kb": kbs[-1], "max_kb": max(kbs),
+                          "slope_kb_per_min": slope_per_min(seg), "_seg": seg})
+    steady = [s for life in lives for s in life["_seg"]] or samples
+    kbs = [kb for _, kb in steady]
+    out: dict[str, Any] = {
+        "samples": samples, "first_kb": kbs[0], "median_kb": int(statistics.median(kbs)),
+        "last_kb": kbs[-1], "max_kb": max(kbs), "flat": None, "lifetimes": lives}
+    if lives:
+        longest = max(lives, key=lambda life: life["_seg"][-1][0] - life["_seg"][0][0])
+        seg = longest["_seg"]
+        span = seg[-1][0] - seg[0][0]
+        mid = (seg[0][0] + seg[-1][0]) / 2
+        half = [(t, kb) for t, kb in seg if t >= mid]
+        lo, hi = min(kb for _, kb in half), max(kb for _, kb in half)
+        out.update(longest_life_s=round(span, 1), plateau_min_kb=lo, plateau_max_kb=hi,
+                   plateau_slope_kb_per_min=slope_per_min(half),
+                   slope_kb_per_min=longest["slope_kb_per_min"])
+        if span >= RSS_MIN_SPAN_S:
+            out["flat"] = hi <= (1 + RSS_PLATEAU) * lo
+    for life in lives:
+        del life["_seg"]
+    return out
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -649,9 +690,11 @@ def summary(r: dict[str, Any]) -> str:
         ("oversized injected / closes", f"{t['oversized_injected']} / {t['oversized_closes']}"),
         ("RSS KiB first/median/last/max", f"{rss.get('first_kb')} / {rss.get('median_kb')} / "
                                           f"{rss.get('last_kb')} / {rss.get('max_kb')}"),
-        ("RSS slope KiB/min; q2/q4 median; flat",
-         f"{rss.get('slope_kb_per_min')}; {rss.get('q2_median_kb')}/{rss.get('q4_median_kb')};"
-         f" {rss.get('flat')}"),
+        ("RSS longest life: s; slope KiB/min", f"{rss.get('longest_life_s')}; "
+                                                f"{rss.get('slope_kb_per_min')}"),
+        ("RSS its last half: min/max KiB; flat", f"{rss.get('plateau_min_kb')} / "
+                                                 f"{rss.get('plateau_max_kb')}; "
+                                                 f"{rss.get('flat')}"),
         ("daemon starts / final exit code", f"{r['daemon_starts']} / {r['final_exit_code']}"),
         ("faults injected", f"{len(r['faults'])} {json.dumps(r['faults_by_kind'])}"),
         ("full disk", "injected" if r["disk_full_injected"] else r["disk_full_note"]),
