@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -33,3 +34,16 @@ def try_lock_dir(d: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def sync_dirs(dirs: list[Path], fsync_dir: Callable[[Path], None]) -> dict[Path, str | None]:
+    """Sync each directory (blocking; worker thread): None where it worked, else why not."""
+    out: dict[Path, str | None] = {}
+    for d in dirs:
+        try:
+            fsync_dir(d)
+        except OSError as e:
+            out[d] = f"{type(e).__name__}: {e}"
+        else:
+            out[d] = None
+    return out

@@ -68,17 +68,17 @@ from pyarrow import fs as pafs
 from ingestd.config import StorageConfig
 from ingestd.sink import fsutil
 from ingestd.sink.batcher import Batch, day_to_date
-from ingestd.sink.fsutil import try_lock_dir
+from ingestd.sink.fsutil import sync_dirs, try_lock_dir
 from ingestd.sink.journal import JOURNAL_DIR, iter_segments, read_segment
 from ingestd.sink.parquet import (
     COVERAGE_KEY,
     FILE_AGE_MARGIN_NS,
     Committed,
     CoverageIndex,
+    CoverageLookup,
     Staging,
     commit,
 )
-from ingestd.sink.publish import CoverageLookup, sync_dirs
 from ingestd.stats import StoreStats
 
 log = structlog.get_logger("ingestd.objstore")

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 import pyarrow as pa
@@ -195,6 +196,23 @@ def commit(root: Path, staging: Path, batch: Batch, compression: str = "zstd",
     except OSError as e:
         raise PublishedNotDurable(done, e) from e
     return done
+
+
+class CoverageLookup(Protocol):
+    """Which recv_seq intervals of which feed key are committed, per (table, exchange,
+    day). `load` before `covers` for that partition."""
+
+    @property
+    def files_read(self) -> int:
+        """Committed files (or commits) read so far."""
+
+    def load(self, table: str, exchange: str, day: int, prefix: str,
+             min_ts_ns: int) -> None:
+        """Index what may hold rows of feed keys starting with `prefix` from a journal
+        whose oldest record was received at `min_ts_ns` (idempotent per partition)."""
+
+    def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
+        """True when a committed file (or commit) holds row `seq` of feed key `feed`."""
 
 
 class Staging:

@@ -45,27 +45,11 @@ from typing import TYPE_CHECKING, Protocol
 from ingestd.config import StorageConfig
 from ingestd.sink import fsutil
 from ingestd.sink.batcher import Batch
-from ingestd.sink.parquet import Committed, LocalCoverage, Staging, commit
+from ingestd.sink.fsutil import sync_dirs
+from ingestd.sink.parquet import Committed, CoverageLookup, LocalCoverage, Staging, commit
 
 if TYPE_CHECKING:
     from ingestd.stats import StoreStats
-
-
-class CoverageLookup(Protocol):
-    """Which recv_seq intervals of which feed key are committed, per (table, exchange,
-    day). `load` before `covers` for that partition."""
-
-    @property
-    def files_read(self) -> int:
-        """Committed files (or commits) read so far."""
-
-    def load(self, table: str, exchange: str, day: int, prefix: str,
-             min_ts_ns: int) -> None:
-        """Index what may hold rows of feed keys starting with `prefix` from a journal
-        whose oldest record was received at `min_ts_ns` (idempotent per partition)."""
-
-    def covers(self, feed: str, table: str, exchange: str, day: int, seq: int) -> bool:
-        """True when a committed file (or commit) holds row `seq` of feed key `feed`."""
 
 
 class Publisher(Protocol):
@@ -89,19 +73,6 @@ class Publisher(Protocol):
     def sync_durable(self, dirs: list[Path]) -> dict[Path, str | None]: ...
 
     def coverage(self) -> CoverageLookup: ...
-
-
-def sync_dirs(dirs: list[Path], fsync_dir: Callable[[Path], None]) -> dict[Path, str | None]:
-    """Sync each directory (blocking; worker thread): None where it worked, else why not."""
-    out: dict[Path, str | None] = {}
-    for d in dirs:
-        try:
-            fsync_dir(d)
-        except OSError as e:
-            out[d] = f"{type(e).__name__}: {e}"
-        else:
-            out[d] = None
-    return out
 
 
 class LocalParquetPublisher:
