@@ -158,7 +158,8 @@ async def test_live_subscription_starts_with_a_snapshot_of_what_was_published() 
             await early.send(json.dumps({"op": "subscribe", "args": [
                 {"channel": "trades", "instId": "BTC-USDT"}]}))
             await early.recv()   # ack; the publisher starts with this first subscriber
-            await asyncio.sleep(0.3)
+            while sim.published < 50:   # frames are flowing before the subscription
+                await asyncio.sleep(0.01)
             async with connect(sim.url + "/ws/v5/public") as ws:
                 await ws.send(json.dumps({"op": "subscribe", "args": [
                     {"channel": "books", "instId": "BTC-USDT"}]}))
