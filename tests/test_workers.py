@@ -135,6 +135,36 @@ def test_health_names_the_worker_that_is_down() -> None:
     assert code == 200 and body["status"] == "ok"
 
 
+def test_health_merges_the_store_of_every_worker() -> None:
+    """Workers on an object-store root: the supervisor's /health has one `store` section,
+    unreachable if any worker's uploads fail, with what waits summed over the workers."""
+    def worker(index: int, state: str, files: int, bytes_: int) -> Fetched:
+        return Fetched(WorkerView(index, "running", 10 + index, 1, [f"f{index}"]),
+                       health_code=200 if state == "ok" else 503, health={
+            "status": "ok" if state == "ok" else "degraded",
+            "feeds": {f"f{index}": {"state": "streaming", "messages": 5}},
+            "queue": {"depth": 0, "capacity": 10, "peak_depth": 0, "dropped": 0},
+            "writer": {"healthy": True, "committing": True, "rows_written": {},
+                       "files_written": 1, "buffered_rows": 0, "flush_errors": 0,
+                       "last_commit_age_s": 0.1, "last_error": None},
+            "journal": None, "event_loop_lag_s": 0.001,
+            "store": {"url": "s3://b/p", "state": state, "last_error":
+                      None if state == "ok" else "connection refused",
+                      "files_waiting": files, "bytes_waiting": bytes_,
+                      "files_uploaded": 7, "upload_failures": 0 if state == "ok" else 3,
+                      "last_upload_age_s": 1.5}}, live=True)
+    code, body = merge_health("ok", [worker(0, "ok", 0, 0), worker(1, "unreachable", 4, 900)])
+    assert code == 503 and body["status"] == "degraded"
+    assert body["store"] == {"url": "s3://b/p", "state": "unreachable",
+                             "last_error": "worker 1: connection refused",
+                             "files_waiting": 4, "bytes_waiting": 900,
+                             "files_uploaded": 14, "upload_failures": 3,
+                             "last_upload_age_s": 1.5}
+    code, body = merge_health("ok", [worker(0, "ok", 1, 10), worker(1, "ok", 2, 20)])
+    assert code == 200 and body["store"]["state"] == "ok"
+    assert body["store"]["files_waiting"] == 3 and body["store"]["last_error"] is None
+
+
 # ---- the real processes ------------------------------------------------------------------
 def config_text(root: Path, feeds: list[dict[str, Any]], workers: int | str = 2) -> str:
     out = [f'[storage]\nroot = "{root}"\nflush_interval_s = 0.3\n',

@@ -196,9 +196,32 @@ def merge_health(state: str, fetched: Sequence[Fetched]) -> tuple[int, dict[str,
             "segments_deleted": sum(j.get("segments_deleted", 0) for j in journals)},
         "event_loop_lag_s": max((b.get("event_loop_lag_s", 0.0) for b in bodies),
                                 default=0.0),
+        "store": _merge_store(fetched),
         "workers": workers,
     }
     return (200 if status == "ok" else 503), body
+
+
+def _merge_store(fetched: Sequence[Fetched]) -> dict[str, Any] | None:
+    """One object-store section over the workers (None: the root is not a store):
+    unreachable if any worker's uploads fail; what waits and what was done, summed."""
+    stores = [(f.view.index, (f.health or {}).get("store")) for f in fetched]
+    found = [(i, s) for i, s in stores if s]
+    if not found:
+        return None
+    errors = [f"worker {i}: {s['last_error']}" for i, s in found if s.get("last_error")]
+    states = {s.get("state") for _, s in found}
+    return {
+        "url": found[0][1].get("url"),
+        "state": "unreachable" if "unreachable" in states
+        else "ok" if states == {"ok"} else sorted(str(x) for x in states)[0],
+        "last_error": errors[0] if errors else None,
+        "files_waiting": sum(s.get("files_waiting", 0) for _, s in found),
+        "bytes_waiting": sum(s.get("bytes_waiting", 0) for _, s in found),
+        "files_uploaded": sum(s.get("files_uploaded", 0) for _, s in found),
+        "upload_failures": sum(s.get("upload_failures", 0) for _, s in found),
+        "last_upload_age_s": _max_age([s.get("last_upload_age_s") for _, s in found]),
+    }
 
 
 def all_live(fetched: Sequence[Fetched]) -> bool:
