@@ -156,26 +156,26 @@ class HealthServer:
         path = request.path.split("?", 1)[0]
         if path == "/health":
             status, body = health_snapshot(self.source())
-            return _json(status, body)
+            return json_response(status, body)
         if path == "/livez":
             ok = writer_progressing(self.source())
-            return _json(200 if ok else 503, {"live": ok})
+            return json_response(200 if ok else 503, {"live": ok})
         if path == "/readyz":
             state = self.source().state
             ready = state not in ("starting", "stopping")
-            return _json(200 if ready else 503, {"ready": ready, "state": state})
+            return json_response(200 if ready else 503, {"ready": ready, "state": state})
         if path == "/metrics":
-            return _response(200, exposition(self._registry), CONTENT_TYPE)
-        return _json(404, {"error": "not found",
+            return http_response(200, exposition(self._registry), CONTENT_TYPE)
+        return json_response(404, {"error": "not found",
                            "endpoints": ["/health", "/livez", "/readyz", "/metrics"]})
 
 
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return _response(status, orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n",
+def json_response(status: int, body: dict[str, Any]) -> Response:
+    return http_response(status, orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n",
                      "application/json")
 
 
-def _response(status: int, body: bytes, content_type: str) -> Response:
+def http_response(status: int, body: bytes, content_type: str) -> Response:
     headers = Headers()
     headers["Content-Type"] = content_type
     headers["Content-Length"] = str(len(body))

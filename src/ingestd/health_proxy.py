@@ -34,10 +34,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from ingestd import __version__
+from ingestd.health import http_response, json_response
 from ingestd.metrics import CONTENT_TYPE
 
 FETCH_TIMEOUT_S = 2.0
@@ -319,36 +319,21 @@ class ProxyServer:
         if path == "/health":
             fetched = await self.client.fetch_all(self.views(), ["/health"])
             status, body = merge_health(self.state(), fetched)
-            return _json(status, body)
+            return json_response(status, body)
         if path == "/livez":
             fetched = await self.client.fetch_all(self.views(), ["/livez"])
             ok = all_live(fetched)
-            return _json(200 if ok else 503, {
+            return json_response(200 if ok else 503, {
                 "live": ok, "workers": {str(f.view.index): f.live for f in fetched}})
         if path == "/readyz":
             state = self.state()
             ready = state not in ("starting", "stopping")
-            return _json(200 if ready else 503, {"ready": ready, "state": state})
+            return json_response(200 if ready else 503, {"ready": ready, "state": state})
         if path == "/metrics":
             fetched = await self.client.fetch_all(self.views(), ["/metrics"])
-            return _response(200, exposition_of(merge_metrics(fetched)), CONTENT_TYPE)
-        return _json(404, {"error": "not found",
+            return http_response(200, exposition_of(merge_metrics(fetched)), CONTENT_TYPE)
+        return json_response(404, {"error": "not found",
                            "endpoints": ["/health", "/livez", "/readyz", "/metrics"]})
-
-
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return _response(status, orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n",
-                     "application/json")
-
-
-def _response(status: int, body: bytes, content_type: str) -> Response:
-    headers = Headers()
-    headers["Content-Type"] = content_type
-    headers["Content-Length"] = str(len(body))
-    headers["Cache-Control"] = "no-store"
-    headers["Connection"] = "close"
-    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(status, "")
-    return Response(status, reason, headers, body)
 
 
 __all__ = ["FETCH_TIMEOUT_S", "Fetched", "ProxyServer", "WorkerClient", "WorkerView",
