@@ -35,12 +35,13 @@ Checks (exit 1 if one fails):
   codecs count it as `unknown`; whether it is kept raw is shown, not checked).
 - Oversized frames: each injected one ends its connection (a `disconnected` event saying
   "oversized frame").
-- RSS, sampled (every duration/300 s, at least 1 s): first/median/last/max over the run,
-  and per daemon lifetime (a kill -9 restarts the process; the 30 s after each start are
-  left out). "Flat" = in the longest lifetime, over the last half of its samples, the
-  highest RSS is at most 5 % above the lowest (judged when that lifetime spans 5 minutes
-  or more; a failure for runs of 10 minutes or more). The least-squares slope (KiB/min)
-  of that lifetime and of its last half are reported beside it.
+- RSS, sampled (every duration/300 s, at least 1 s): first/median/last/max over the run
+  (the 30 s after each daemon start left out), judged in stretches between the two faults
+  that move it on purpose: a kill -9 (a new process) and a full disk (rows held in memory
+  until space returns: RSS steps up to that backlog's high-water mark, each step
+  reported). "Flat" = in every stretch of 3 minutes or more (from 30 s after a start,
+  60 s after a full disk ends), the highest RSS is at most 5 % above the lowest; a
+  failure for runs of 10 minutes or more. Each stretch's least-squares slope is reported.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ MAX_FRAME_BYTES = 262144
 CHECKPOINT_EVERY = 20
 RSS_WARMUP_S = 30.0
 RSS_PLATEAU = 0.05
-RSS_MIN_SPAN_S = 300.0
+RSS_MIN_SPAN_S = 180.0
+RSS_SETTLE_S = 60.0
 
 # venue -> feed name, symbols, channels, extra feed keys, publish rate (frames/s)
 FEEDS: dict[str, dict[str, Any]] = {
@@ -611,9 +613,10 @@ class Soak:
         return out
 
     def rss_summary(self) -> dict[str, Any]:
-        # Daemon starts on the samples' clock (seconds since the soak began).
+        # Daemon starts and full-disk episodes on the samples' clock (s since the start).
         offset = time.time() - (time.monotonic() - self.t0)
-        return rss_summary(self.rss, [w - offset for w in self.starts], self.now())
+        return rss_summary(self.rss, [w - offset for w in self.starts],
+                           [(a - offset, b - offset) for a, b in self.disk_full], self.now())
 
 
 def slope_per_min(samples: list[tuple[float, int]]) -> float | None:
@@ -630,44 +633,52 @@ def slope_per_min(samples: list[tuple[float, int]]) -> float | None:
 
 
 def rss_summary(samples: list[tuple[float, int]], starts: list[float],
-                end: float) -> dict[str, Any]:
-    """RSS of the daemon over the run. A kill -9 restarts the process (and its RSS), so
-    flatness is judged per process lifetime: samples within RSS_WARMUP_S of a start are
-    left out; in the longest lifetime, "flat" = over the last half of its samples, the
-    highest RSS is at most RSS_PLATEAU (5 %) above the lowest. Judged only when that
-    lifetime holds RSS_MIN_SPAN_S (5 minutes) of samples; else None."""
+                disk_full: list[tuple[float, float]], end: float) -> dict[str, Any]:
+    """RSS of the daemon over the run, judged in stretches.
+
+    Two faults move RSS on purpose: a kill -9 restarts the process (RSS starts again),
+    and a full disk makes the daemon hold rows in memory until space returns (RSS steps
+    up to that backlog's high-water mark; reported as `disk_full_steps`). A stretch is the
+    time between such events, without the RSS_WARMUP_S after a start and the
+    RSS_SETTLE_S after a full disk ends. "Flat" = in every stretch of at least
+    RSS_MIN_SPAN_S (3 minutes) of samples, the highest RSS is at most RSS_PLATEAU (5 %)
+    above the lowest: memory does not grow with time or messages. None when no stretch is
+    long enough."""
     if not samples:
         return {"samples": []}
-    bounds = [*sorted(starts), end + 1]
-    lives = []
-    for a, b in itertools.pairwise(bounds):
-        seg = [(t, kb) for t, kb in samples if a + RSS_WARMUP_S <= t < b]
-        if seg:
+    cuts = sorted([(t, RSS_WARMUP_S) for t in starts]
+                  + [(b, RSS_SETTLE_S) for _, b in disk_full]
+                  + [(a, 0.0) for a, _ in disk_full])
+    stretches = []
+    bounds = [*cuts, (end + 1, 0.0)]
+    for (a, skip), (b, _) in itertools.pairwise(bounds):
+        seg = [(t, kb) for t, kb in samples if a + skip <= t < b]
+        if len(seg) >= 2:
             kbs = [kb for _, kb in seg]
-            lives.append({"from_s": round(a, 1), "to_s": round(min(b, end), 1),
-                          "first_kb": kbs[0], "median_kb": int(statistics.median(kbs)),
-                          "last_kb": kbs[-1], "max_kb": max(kbs),
-                          "slope_kb_per_min": slope_per_min(seg), "_seg": seg})
-    steady = [s for life in lives for s in life["_seg"]] or samples
-    kbs = [kb for _, kb in steady]
-    out: dict[str, Any] = {
-        "samples": samples, "first_kb": kbs[0], "median_kb": int(statistics.median(kbs)),
-        "last_kb": kbs[-1], "max_kb": max(kbs), "flat": None, "lifetimes": lives}
-    if lives:
-        longest = max(lives, key=lambda life: life["_seg"][-1][0] - life["_seg"][0][0])
-        seg = longest["_seg"]
-        span = seg[-1][0] - seg[0][0]
-        mid = (seg[0][0] + seg[-1][0]) / 2
-        half = [(t, kb) for t, kb in seg if t >= mid]
-        lo, hi = min(kb for _, kb in half), max(kb for _, kb in half)
-        out.update(longest_life_s=round(span, 1), plateau_min_kb=lo, plateau_max_kb=hi,
-                   plateau_slope_kb_per_min=slope_per_min(half),
-                   slope_kb_per_min=longest["slope_kb_per_min"])
-        if span >= RSS_MIN_SPAN_S:
-            out["flat"] = hi <= (1 + RSS_PLATEAU) * lo
-    for life in lives:
-        del life["_seg"]
-    return out
+            span = seg[-1][0] - seg[0][0]
+            stretches.append({"from_s": round(seg[0][0], 1), "to_s": round(seg[-1][0], 1),
+                              "min_kb": min(kbs), "max_kb": max(kbs),
+                              "growth_pct": round(100 * (max(kbs) / min(kbs) - 1), 2),
+                              "slope_kb_per_min": slope_per_min(seg),
+                              "judged": span >= RSS_MIN_SPAN_S})
+    steps = []
+    for a, b in disk_full:
+        before = [kb for t, kb in samples if a - 30 <= t < a]
+        after = [kb for t, kb in samples if b <= t < b + RSS_SETTLE_S]
+        if before and after:
+            steps.append({"at_s": round(a, 1), "before_kb": before[-1],
+                          "after_max_kb": max(after)})
+    kbs = [kb for t, kb in samples if not any(0 <= t - s < RSS_WARMUP_S for s in starts)]
+    kbs = kbs or [kb for _, kb in samples]
+    judged = [x for x in stretches if x["judged"]]
+    return {"samples": samples, "first_kb": kbs[0], "median_kb": int(statistics.median(kbs)),
+            "last_kb": kbs[-1], "max_kb": max(kbs), "stretches": stretches,
+            "disk_full_steps": steps, "stretches_judged": len(judged),
+            "worst_growth_pct": max((x["growth_pct"] for x in judged), default=None),
+            "worst_slope_kb_per_min": max((x["slope_kb_per_min"] or 0.0 for x in judged),
+                                          default=None),
+            "flat": all(x["growth_pct"] <= 100 * RSS_PLATEAU for x in judged)
+            if judged else None}
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -690,11 +701,12 @@ def summary(r: dict[str, Any]) -> str:
         ("oversized injected / closes", f"{t['oversized_injected']} / {t['oversized_closes']}"),
         ("RSS KiB first/median/last/max", f"{rss.get('first_kb')} / {rss.get('median_kb')} / "
                                           f"{rss.get('last_kb')} / {rss.get('max_kb')}"),
-        ("RSS longest life: s; slope KiB/min", f"{rss.get('longest_life_s')}; "
-                                                f"{rss.get('slope_kb_per_min')}"),
-        ("RSS its last half: min/max KiB; flat", f"{rss.get('plateau_min_kb')} / "
-                                                 f"{rss.get('plateau_max_kb')}; "
-                                                 f"{rss.get('flat')}"),
+        ("RSS stretches judged; worst growth %", f"{rss.get('stretches_judged')}; "
+                                                  f"{rss.get('worst_growth_pct')}"),
+        ("RSS worst slope KiB/min; flat", f"{rss.get('worst_slope_kb_per_min')}; "
+                                          f"{rss.get('flat')}"),
+        ("RSS steps at full disk (KiB)", ", ".join(
+            f"{x['before_kb']}->{x['after_max_kb']}" for x in rss.get("disk_full_steps", []))),
         ("daemon starts / final exit code", f"{r['daemon_starts']} / {r['final_exit_code']}"),
         ("faults injected", f"{len(r['faults'])} {json.dumps(r['faults_by_kind'])}"),
         ("full disk", "injected" if r["disk_full_injected"] else r["disk_full_note"]),
