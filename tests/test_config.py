@@ -186,3 +186,24 @@ def test_cli_unusable_root_exits_78(tmp_path: Path) -> None:
 def test_cli_missing_config_file_exits_78(tmp_path: Path) -> None:
     r = ingestd("--config", str(tmp_path / "missing.toml"))
     assert r.returncode == 78 and "file not found" in r.stderr
+
+
+def test_an_unknown_object_store_option_is_named() -> None:
+    """A misspelt `[storage.options]` key was accepted and silently ignored (the store
+    then used its defaults, e.g. AWS instead of the intended endpoint)."""
+    feed = {"name": "a", "exchange": "binance", "symbols": ["BTCUSDT"], "channels": ["trades"]}
+    storage = {"root": "s3://bucket/p", "local_dir": "/tmp/x",
+               "options": {"endpont_url": "http://127.0.0.1:1"}}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"storage": storage, "feeds": [feed]})
+    assert "storage.options.endpont_url: unknown option" in str(e.value)
+    assert "endpoint_url" in str(e.value)
+    ok = {**storage, "options": {"endpoint_url": "http://127.0.0.1:1", "allow_http": True,
+                                 "region": "us-east-1", "upload_concurrency": 2}}
+    parse_config({"storage": ok, "feeds": [feed]})
+    # Delta passes delta-rs' own object-store keys through.
+    delta = {**ok, "format": "delta", "options": {**ok["options"], "conditional_put": "etag",
+                                                  "aws_s3_allow_unsafe_rename": "true"}}
+    parse_config({"storage": delta, "feeds": [feed]})
+    with pytest.raises(ConfigError):
+        parse_config({"storage": {**delta, "options": {"regoin": "x"}}, "feeds": [feed]})

@@ -250,6 +250,16 @@ _CREDENTIAL_OPTIONS = ("access_key", "secret", "session_token", "password", "tok
                        "account_key", "sas", "client_secret")
 
 
+# What the object-store layer reads from `[storage.options]` (sink/objstore.py, delta.py).
+_STORE_OPTIONS = frozenset({"endpoint_url", "region", "allow_http", "connect_timeout_s",
+                            "request_timeout_s", "upload_concurrency"})
+# delta-rs' own object-store keys, passed through as they are with format = "delta"
+# (its per-store prefixes and the HTTP client's options).
+_DELTA_PASS_THROUGH = ("aws_", "azure_", "google_", "conditional_put", "timeout",
+                       "connect_timeout", "pool_idle_timeout", "pool_max_idle_per_host",
+                       "allow_invalid_certificates", "proxy_url", "user_agent", "http2_only")
+
+
 def _check_storage(storage: StorageConfig) -> list[str]:
     problems: list[str] = []
     if storage.is_remote:
@@ -266,6 +276,15 @@ def _check_storage(storage: StorageConfig) -> list[str]:
     if storage.local_dir is not None and "://" in storage.local_dir:
         problems.append(f"storage.local_dir: {storage.local_dir!r} must be a local directory")
     for key in storage.options:
+        is_known = key in _STORE_OPTIONS or (
+            storage.format == "delta" and key.lower().startswith(_DELTA_PASS_THROUGH))
+        if not is_known and not any(word in key.lower() for word in _CREDENTIAL_OPTIONS):
+            names = ", ".join(sorted(_STORE_OPTIONS))
+            extra = ""
+            if storage.format == "delta":
+                extra = ("; with format = \"delta\" also delta-rs keys (aws_*, azure_*, "
+                         "google_*, conditional_put, timeout, connect_timeout, ...)")
+            problems.append(f"storage.options.{key}: unknown option (known: {names}{extra})")
         if any(word in key.lower() for word in _CREDENTIAL_OPTIONS):
             problems.append(f"storage.options.{key}: credentials are never read from the "
                             "config; set them in the store's standard environment "
